@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random models of every architecture, and the real offline model."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from refusal_lab.models.hooked import HookedChatModel
+from refusal_lab.models.tiny import SUPPORTED_TINY, tiny_model
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(params=SUPPORTED_TINY, scope="session")
+def tiny(request) -> HookedChatModel:
+    """A HookedChatModel around a tiny random model, one per supported architecture."""
+    return HookedChatModel(tiny_model(request.param), name=f"tiny-{request.param}")
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The offline default model (Qwen2.5-Coder-0.5B-Instruct), loaded once per session."""
+    from refusal_lab.models.loading import load_model
+
+    return load_model(None, dtype="float32", device="cpu")
+
+
+def random_batch(model: HookedChatModel, b: int = 3, T: int = 10, pad: int = 2, seed: int = 0):
+    """Random token ids with the first row left-padded by ``pad``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.cfg.d_vocab, (b, T), generator=g)
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[0, :pad] = 0
+    return ids, mask
