@@ -1,0 +1,208 @@
+"""Tests for refusal_lab.metrics against hand computations, with a tiny in-memory tokenizer."""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from refusal_lab.errors import PromptError, RefusalLabError
+from refusal_lab.metrics import (
+    NORMALIZED_METRIC_NOTE,
+    RefusalTokens,
+    default_refusal_token_ids,
+    logit_diff,
+    normalized_patching_metric,
+    propose_token_pair,
+    refusal_log_odds,
+    resolve_refusal_tokens,
+    resolve_single_token,
+)
+
+
+def _make_tokenizer():
+    """Byte-level BPE trained in memory: 'Sorry', 'Sure', 'I', 'As' are single tokens, "I'm" is not."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["Sorry", "Sure", "I", "As", "Certainly", " bomb", " bomb", "Here"] * 30
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tk.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return _make_tokenizer()
+
+
+def _id(tok, s):
+    ids = tok(s, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1
+    return ids[0]
+
+
+# ------------------------------------------------------------------------------- token lookup
+
+
+def test_resolve_single_token(tok):
+    assert tok.decode([resolve_single_token(tok, "Sorry")]) == "Sorry"
+    assert tok.decode([resolve_single_token(tok, "Sure")]) == "Sure"
+    assert tok.decode([resolve_single_token(tok, " bomb")]) == " bomb"
+
+
+def test_resolve_single_token_multi_token_error_lists_pieces(tok):
+    with pytest.raises(PromptError) as ei:
+        resolve_single_token(tok, "I'm")
+    assert str(ei.value).startswith(""""I'm" is 3 tokens ('I', "'", 'm') under this tokenizer""")
+    assert "single-token string such as 'I'" in str(ei.value)
+    # 'bomb' without its leading space is several pieces; the error suggests ' bomb'
+    with pytest.raises(PromptError, match=r"such as ' bomb'"):
+        resolve_single_token(tok, "bomb")
+    with pytest.raises(PromptError):
+        resolve_single_token(tok, "")
+
+
+def test_resolve_refusal_tokens(tok):
+    rt = resolve_refusal_tokens(tok)
+    assert rt == RefusalTokens(_id(tok, "Sorry"), _id(tok, "Sure"), "Sorry", "Sure")
+    with pytest.raises(PromptError, match="same token"):
+        resolve_refusal_tokens(tok, "Sure", "Sure")
+
+
+def test_default_refusal_token_ids_keeps_single_tokens(tok):
+    ids = default_refusal_token_ids(tok)
+    assert ids == sorted({_id(tok, "I"), _id(tok, "Sorry"), _id(tok, "As")})  # "Unfortunately", "I'm": not single
+    with pytest.raises(PromptError):
+        default_refusal_token_ids(tok, ["I'm", "Unfortunately"])
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def test_logit_diff_shapes_and_values():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 7, 50, generator=g)
+    rt = RefusalTokens(3, 11, "Sorry", "Sure")
+    expected = logits[:, -1, 3] - logits[:, -1, 11]
+    assert torch.allclose(logit_diff(logits, rt), expected)
+    assert torch.allclose(logit_diff(logits[:, -1], (3, 11)), expected)
+    bf = logit_diff(logits.to(torch.bfloat16), rt)
+    assert bf.dtype == torch.float32 and bf.shape == (4,)
+    with pytest.raises(PromptError, match="shape"):
+        logit_diff(torch.zeros(50), rt)
+
+
+def _naive_log_odds(logits: torch.Tensor, ids) -> torch.Tensor:
+    p = torch.softmax(logits.double(), -1)[:, ids].sum(-1)
+    return torch.log(p) - torch.log(1 - p)
+
+
+def test_refusal_log_odds_matches_naive_formula():
+    g = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(5, 4, 100, generator=g)
+    ids = [7, 3, 3, 42]  # duplicates count once
+    got = refusal_log_odds(logits, ids)
+    assert got.dtype == torch.float64 and got.shape == (5,)
+    assert torch.allclose(got, _naive_log_odds(logits[:, -1], [3, 7, 42]), atol=1e-10)
+    # float32 and bfloat16 inputs are upcast
+    assert torch.allclose(refusal_log_odds(logits.float(), ids), got)
+
+
+def test_refusal_log_odds_stable_near_certainty():
+    # P(R) = 1 - 2e-100: the naive formula gives +inf, the exact value is 100 - log 2.
+    logits = torch.tensor([[100.0, 0.0, 0.0], [-100.0, 0.0, 0.0]])
+    assert torch.isinf(_naive_log_odds(logits, [0])[0])
+    got = refusal_log_odds(logits, [0])
+    assert math.isclose(got[0].item(), 100 - math.log(2), rel_tol=1e-12)
+    assert math.isclose(got[1].item(), -100 - math.log(2), rel_tol=1e-12)
+
+
+def test_refusal_log_odds_errors():
+    x = torch.zeros(2, 5)
+    with pytest.raises(PromptError, match="empty"):
+        refusal_log_odds(x, [])
+    with pytest.raises(PromptError, match=r"\[0, 5\)"):
+        refusal_log_odds(x, [5])
+    with pytest.raises(PromptError, match="whole vocabulary"):
+        refusal_log_odds(x, range(5))
+
+
+def test_normalized_metric_endpoints_and_types():
+    assert normalized_patching_metric(2.0, 2.0, 6.0) == 0.0
+    assert normalized_patching_metric(6.0, 2.0, 6.0) == 1.0
+    assert normalized_patching_metric(3.0, 2.0, 6.0) == 0.25
+    assert normalized_patching_metric(np.float32(3), 2, 6) == 0.25
+    # per pair (vectors) and with tensors
+    v = torch.tensor([2.0, 6.0, 4.0])
+    out = normalized_patching_metric(v, torch.tensor([2.0, 2.0, 2.0]), torch.tensor([6.0, 6.0, 6.0]))
+    assert torch.allclose(out, torch.tensor([0.0, 1.0, 0.5]))
+    out = normalized_patching_metric(v, 2.0, 6.0)
+    assert isinstance(out, torch.Tensor) and torch.allclose(out, torch.tensor([0.0, 1.0, 0.5]))
+    a = normalized_patching_metric(np.array([1, 2, 3]), np.array([1, 1, 1]), np.array([3, 3, 5]))
+    assert np.allclose(a, [0.0, 0.5, 0.5]) and a.dtype == np.float64
+    ti = normalized_patching_metric(torch.tensor([1, 3]), 1, 3)
+    assert ti.is_floating_point() and torch.allclose(ti, torch.tensor([0.0, 1.0], dtype=ti.dtype))
+    # necessity direction: patching harmless into harmful leaves 1 = unchanged, 0 = removed
+    assert normalized_patching_metric(6.0, 2.0, 6.0) == 1.0
+    assert set(NORMALIZED_METRIC_NOTE) == {"sufficiency", "necessity"}
+
+
+def test_normalized_metric_zero_gap():
+    with pytest.raises(RefusalLabError, match="equal"):
+        normalized_patching_metric(1.0, 2.0, 2.0)
+    out = normalized_patching_metric(np.array([1.0, 2.0]), np.array([2.0, 0.0]), np.array([2.0, 4.0]))
+    assert np.isinf(out[0]) and out[1] == 0.5
+    out = normalized_patching_metric(torch.tensor([2.0]), 2.0, 2.0)
+    assert torch.isnan(out).all()
+
+
+# ------------------------------------------------------------------------------ auto token pair
+
+
+def test_propose_token_pair(tok):
+    V = len(tok)
+    sorry, sure, i_, here = (_id(tok, s) for s in ("Sorry", "Sure", "I", "Here"))
+    harmful = torch.zeros(3, 2, V)
+    harmless = torch.zeros(3, 2, V)
+    # 'I' is likely on both sides (top-1 everywhere) but does not separate them
+    harmful[:, -1, i_] = 9.0
+    harmless[:, -1, i_] = 9.0
+    harmful[:, -1, sorry] = 8.0
+    harmless[:, -1, sorry] = 1.0
+    harmless[:, -1, sure] = 8.0
+    harmful[:, -1, sure] = 2.0
+    harmless[:, -1, here] = 7.5
+    harmful[:, -1, here] = 6.0
+    harmful[:, 0, :] = torch.randn(3, V)  # earlier positions are ignored
+    pair, table = propose_token_pair(tok, harmful, harmless, k=3)
+    assert pair == RefusalTokens(sorry, sure, "Sorry", "Sure")
+    assert len(table) == 6
+    chosen = [r for r in table if r["chosen"]]
+    assert [(r["side"], r["token"]) for r in chosen] == [("harmful", "Sorry"), ("harmless", "Sure")]
+    row = next(r for r in table if r["side"] == "harmful" and r["token"] == "Sorry")
+    h = torch.log_softmax(harmful[0, -1].double(), -1)[sorry].item()
+    s = torch.log_softmax(harmless[0, -1].double(), -1)[sorry].item()
+    assert math.isclose(row["harmful_logprob"], h) and math.isclose(row["diff"], h - s)
+    assert set(row) == {"side", "token_id", "token", "harmful_logprob", "harmless_logprob", "diff", "chosen"}
+
+
+def test_propose_token_pair_identical_sets_is_an_error(tok):
+    x = torch.zeros(2, len(tok))
+    x[:, 5] = 3.0
+    with pytest.raises(PromptError, match="explicitly"):
+        propose_token_pair(tok, x, x, k=1)
