@@ -1,0 +1,163 @@
+"""The ``refusal-lab`` command: ``run``, ``inspect``, ``compare``.
+
+Bad input gets one sentence and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="hub id, local folder or .gguf file (default: the offline Qwen2.5-Coder-0.5B-Instruct)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device-map", help="'auto' to spread layers over several GPUs")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own code (off by default)")
+    p.add_argument("--token", help="Hugging Face token for gated models (or set HF_TOKEN)")
+    p.add_argument("--chat-template", help="a Jinja chat template file, for models without one")
+    p.add_argument("--objects", help="object list: a packaged name (seed_gemma2_replication, arditi_obeso_2023, ...) or a JSON file")
+    p.add_argument("--template", help="instruction template containing {object}")
+    p.add_argument("--mode", choices=["single_token", "align"], default=None,
+                   help="keep single-token objects only, or left-pad and align on the last object token")
+    p.add_argument("--refusal", help="refusal token string (default Sorry)")
+    p.add_argument("--compliance", help="compliance token string (default Sure)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refusal-lab", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the whole replication: DLA, every patching grid, refusal heads, report")
+    _add_model_args(run)
+    run.add_argument("--out", type=Path, help="run folder (default: runs/<model>)")
+    run.add_argument("--config", type=Path, help="JSON file with run settings (see RunConfig); flags override it")
+    run.add_argument("--grids", help="comma-separated subset of resid_pre,resid_post,attn_out,mlp_out,"
+                                     "attn_out_cumulative,mlp_out_cumulative,heads")
+    run.add_argument("--necessity", action="store_true", help="also patch harmless -> harmful")
+    run.add_argument("--heads-position", help="label or index of the head-patching position (default post_obj)")
+    run.add_argument("--threshold", type=float, help="refusal-head threshold (default 0.005)")
+    run.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
+    run.add_argument("--force", action="store_true", help="recompute finished steps / overwrite a different run")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ins = sub.add_parser("inspect", help="the model's shape and sites, prompts with position labels, baselines")
+    _add_model_args(ins)
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    cmp_ = sub.add_parser("compare", help="side-by-side figures of several run folders, layers normalised by depth")
+    cmp_.add_argument("runs", nargs="+", type=Path)
+    cmp_.add_argument("--out", type=Path, default=Path("runs/comparison"))
+    return parser
+
+
+def _load(args):
+    from refusal_lab.models.loading import load_model
+
+    chat_template = None
+    if getattr(args, "chat_template", None):
+        from refusal_lab.errors import PromptError
+
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise PromptError(f"Chat template file {path} does not exist; give a path to a Jinja template file.")
+        chat_template = path.read_text()
+    return load_model(args.model, dtype=args.dtype or "float32", device=args.device, device_map=args.device_map,
+                      trust_remote_code=args.trust_remote_code, token=args.token or os.environ.get("HF_TOKEN"),
+                      chat_template=chat_template)
+
+
+def cmd_run(args) -> int:
+    from refusal_lab.artifacts import read_json
+    from refusal_lab.errors import ConfigError
+    from refusal_lab.replication import Replication, RunConfig, model_slug
+
+    data = {}
+    if args.config:
+        if not args.config.is_file():
+            raise ConfigError(f"Config file {args.config} does not exist.")
+        try:
+            data = read_json(args.config)
+        except ValueError as e:
+            raise ConfigError(f"Config file {args.config} is not valid JSON ({e}).") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"Config file {args.config} must hold a JSON object of settings.")
+    flags = {"model": args.model, "dtype": args.dtype, "device": args.device, "objects": args.objects,
+             "template": args.template, "mode": args.mode, "refusal": args.refusal, "compliance": args.compliance,
+             "heads_position": args.heads_position, "threshold": args.threshold}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.grids:
+        data["grids"] = [g.strip() for g in args.grids.split(",") if g.strip()]
+    if args.necessity:
+        data["directions"] = ["sufficiency", "necessity"]
+    if args.no_attribution:
+        data["attribution"] = False
+    cfg = RunConfig.from_dict(data, where=str(args.config) if args.config else "the options")
+    args.model, args.dtype = cfg.model, cfg.dtype
+    model = _load(args)
+    out = args.out or Path("runs") / model_slug(model.cfg.model_name)
+    rep = Replication(model, cfg, out, force=args.force, progress=not args.quiet)
+    results = rep.run()
+    print(f"wrote {out}/results.json and {out}/report.html")
+    for line in results["findings"]:
+        print(" -", line)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from refusal_lab.inspect import inspect_model
+
+    model = _load(args)
+    info = inspect_model(model, objects=args.objects, template=args.template, mode=args.mode or "single_token",
+                         refusal=args.refusal or "Sorry", compliance=args.compliance or "Sure")
+    if args.json:
+        print(json.dumps(info, indent=1, ensure_ascii=False))
+    else:
+        from refusal_lab.inspect import format_inspect
+
+        print(format_inspect(info))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from refusal_lab.errors import RefusalLabError
+    from refusal_lab.report import compare_runs
+
+    for r in args.runs:
+        if not (r / "results.json").is_file():
+            raise RefusalLabError(f"{r} has no results.json; run `refusal-lab run --out {r}` first.")
+    path = compare_runs(list(args.runs), args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from refusal_lab.errors import RefusalLabError
+
+    try:
+        return {"run": cmd_run, "inspect": cmd_inspect, "compare": cmd_compare}[args.command](args)
+    except RefusalLabError as e:
+        if args.debug:
+            raise
+        print(f"refusal-lab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("refusal-lab: interrupted; finished steps are kept, run the same command again to resume.", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one sentence by default, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"refusal-lab: unexpected error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""`refusal-lab run`: the Arditi & Obeso / Gemma 2 replication end to end, resumable.
+
+Steps (each writes ``steps/<step>.json`` atomically when it finishes, and is skipped when the run
+is started again unless ``force``):
+
+``baseline``     prompts, refusal/compliance tokens, scores per object, top next tokens
+``dla``          direct logit attribution: accumulated residual, components, heads
+``patch_<grid>`` exact activation patching (cone engine) of every grid, per direction
+``attribution``  attribution patching of every grid and its agreement with the exact grids
+``heads``        refusal heads above a threshold, their joint sufficiency, patched generations
+
+Then ``results.json``, tidy tables (``tables/*.csv``), figures and ``report.html`` are assembled.
+Pairing: harmful object i is paired with harmless object i (as in the original).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from refusal_lab import __version__
+from refusal_lab.artifacts import read_json, save_tensors, write_csv, write_json
+from refusal_lab.errors import ConfigError, RefusalLabError
+from refusal_lab.metrics import (
+    NORMALIZED_METRIC_NOTE, default_refusal_token_ids, refusal_log_odds, resolve_refusal_tokens,
+)
+from refusal_lab.models.edits import Replace
+from refusal_lab.models.hooked import HookedChatModel
+from refusal_lab.patching.attribution import agreement, attribution_grid, receiver_gradients
+from refusal_lab.patching.engine import (
+    GRIDS, Batch, Edit, GridSpec, LogitDiff, Receiver, Row, patch_grid, run_rows, source_sites,
+)
+from refusal_lab.prompts import build_object_prompts, load_objects
+
+DIRECTIONS = {
+    "sufficiency": ("harmful", "harmless"),  # (source, receiver): harmful -> harmless
+    "necessity": ("harmless", "harmful"),
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run's numbers (its hash guards the run folder)."""
+
+    model: str | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    objects: str | None = None
+    template: str | None = None
+    mode: str = "single_token"
+    refusal: str = "Sorry"
+    compliance: str = "Sure"
+    grids: list[str] = field(default_factory=lambda: list(GRIDS))
+    directions: list[str] = field(default_factory=lambda: ["sufficiency"])
+    heads_position: str = "post_obj"
+    threshold: float = 0.005
+    attribution: bool = True
+    generate_tokens: int = 24
+    max_rows: int = 256
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config") -> "RunConfig":
+        known = {f.name: f for f in fields(cls)}
+        for key, value in data.items():
+            if key not in known:
+                raise ConfigError(f"Unknown key '{key}' in {where}; valid keys are {', '.join(known)}.")
+        cfg = cls(**data)
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str = "config") -> None:
+        checks = {
+            "dtype": lambda v: v in ("float32", "bfloat16", "float16"),
+            "mode": lambda v: v in ("single_token", "align"),
+            "threshold": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            "attribution": lambda v: isinstance(v, bool),
+            "generate_tokens": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            "max_rows": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+            "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "grids": lambda v: isinstance(v, list) and all(g in GRIDS for g in v),
+            "directions": lambda v: isinstance(v, list) and v and all(d in DIRECTIONS for d in v),
+            "refusal": lambda v: isinstance(v, str) and v,
+            "compliance": lambda v: isinstance(v, str) and v,
+            "heads_position": lambda v: isinstance(v, (str, int)),
+        }
+        hints = {"grids": f"a list from {', '.join(GRIDS)}", "directions": "a list from sufficiency, necessity",
+                 "dtype": "float32, bfloat16 or float16", "mode": "single_token or align"}
+        for key, ok in checks.items():
+            if not ok(getattr(self, key)):
+                raise ConfigError(
+                    f"Invalid value {getattr(self, key)!r} for '{key}' in {where}; expected {hints.get(key, 'a valid ' + key)}."
+                )
+        for key in ("model", "device", "objects", "template"):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, str):
+                raise ConfigError(f"Invalid value {v!r} for '{key}' in {where}; expected a string.")
+
+    def digest(self) -> str:
+        keep = {k: v for k, v in asdict(self).items() if k not in ("device", "max_rows")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_slug(name: str | None) -> str:
+    base = (name or "Qwen2.5-Coder-0.5B-Instruct").rstrip("/").split("/")[-1]
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in base)
+
+
+class RunFolder:
+    """A run folder: config guard, finished-step records, artifacts."""
+
+    def __init__(self, root: Path, config: RunConfig, force: bool = False):
+        self.root = Path(root)
+        self.config = config
+        self.force = force
+        self.root.mkdir(parents=True, exist_ok=True)
+        guard = self.root / "run_config.json"
+        if guard.exists():
+            old = read_json(guard)
+            if old.get("digest") != config.digest():
+                if not force:
+                    raise ConfigError(
+                        f"{self.root} holds a run of another model or config (model {old.get('config', {}).get('model')!r}); "
+                        "choose another --out folder or pass --force to overwrite it."
+                    )
+                for p in (self.root / "steps").glob("*.json"):
+                    p.unlink()
+        write_json(guard, {"digest": config.digest(), "config": asdict(config)})
+
+    def step_path(self, step: str) -> Path:
+        return self.root / "steps" / f"{step}.json"
+
+    def done(self, step: str) -> dict | None:
+        p = self.step_path(step)
+        return None if self.force or not p.exists() else read_json(p)
+
+    def finish(self, step: str, data: dict, seconds: float) -> dict:
+        data = dict(data, _seconds=seconds)
+        write_json(self.step_path(step), data)
+        return data
+
+
+def _normalise(values: torch.Tensor, harmless: float, harmful: float) -> torch.Tensor:
+    """Mean over pairs, then 0 = harmless baseline, 1 = harmful baseline."""
+    return (values.mean(0) - harmless) / (harmful - harmless)
+
+
+class Replication:
+    """Runs the steps on one loaded model (``model``) into one folder."""
+
+    def __init__(self, model: HookedChatModel, config: RunConfig, out: Path, force: bool = False, progress: bool = True):
+        torch.manual_seed(config.seed)
+        self.model = model
+        self.cfg = config
+        self.folder = RunFolder(out, config, force)
+        self.progress = progress
+        tok = model.tokenizer
+        self.objects = load_objects(config.objects)
+        self.prompts = build_object_prompts(tok, self.objects, template=config.template, mode=config.mode)
+        self.tokens = resolve_refusal_tokens(tok, config.refusal, config.compliance)
+        self.metric = LogitDiff(self.tokens.refusal_id, self.tokens.compliance_id)
+        dev = model.device
+        self.batches = {s: Batch(self.prompts.ids(s).to(dev), self.prompts.mask(s).to(dev)) for s in ("harmful", "harmless")}
+        self.cols = list(range(self.prompts.obj_index, self.prompts.seq_len))
+        self.timings: dict[str, float] = {}
+        self._receivers: dict[str, Receiver] = {}
+        self._caches: dict[str, dict] = {}
+
+    # ---------------------------------------------------------------- shared pieces
+    def col_labels(self) -> list[str]:
+        pos = self.prompts.positions
+        return [f"{pos[c].label} {pos[c].token!r}" if pos[c].label != "obj" else "obj" for c in self.cols]
+
+    def receiver(self, side: str) -> Receiver:
+        if side not in self._receivers:
+            self._receivers[side] = Receiver.record(self.model, self.batches[side], self.metric)
+        return self._receivers[side]
+
+    def source_cache(self, side: str):
+        if side not in self._caches:
+            b = self.batches[side]
+            keep = lambda n: n.endswith(("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "attn.hook_z"))  # noqa: E731
+            self._caches[side] = self.model.run_with_cache(b.ids, b.mask, names=keep, logits="none")[1]
+        return self._caches[side]
+
+    def grid_spec(self, grid: str) -> GridSpec:
+        L, H = self.model.cfg.n_layers, self.model.cfg.n_heads
+        if grid == "heads":
+            return GridSpec(grid, list(range(L)), self.prompts.resolve_positions(self.cfg.heads_position), list(range(H)))
+        return GridSpec(grid, list(range(L)), self.cols)
+
+    def _step(self, name: str, fn) -> dict:
+        cached = self.folder.done(name)
+        if cached is not None:
+            self.timings[name] = cached.get("_seconds", 0.0)
+            return cached
+        t0 = time.perf_counter()
+        data = fn()
+        return self.folder.finish(name, data, time.perf_counter() - t0) | {"_fresh": True}
+
+    # ---------------------------------------------------------------- steps
+    def step_baseline(self) -> dict:
+        def compute():
+            tok = self.model.tokenizer
+            out = {}
+            refusal_ids = default_refusal_token_ids(tok)
+            for side in ("harmful", "harmless"):
+                b = self.batches[side]
+                logits = self.model(b.ids, b.mask, logits="last").float()
+                ld = self.metric.from_logits(logits, None)
+                lo = refusal_log_odds(logits, refusal_ids)
+                probs = logits.softmax(-1).mean(0)
+                top = probs.topk(10)
+                objs = getattr(self.prompts, f"{side}_objects")
+                out[side] = {
+                    "scores": dict(zip(objs, ld.tolist())),
+                    "log_odds": dict(zip(objs, lo.tolist())),
+                    "top_token": [tok.decode([int(i)]) for i in logits.argmax(-1)],
+                    "top_next_tokens": [[tok.decode([int(i)]), float(p)] for p, i in zip(top.values, top.indices)],
+                }
+            return out
+
+        return self._step("baseline", compute)
+
+    def step_dla(self) -> dict:
+        from refusal_lab.dla import SCALE_NOTE, direct_logit_attribution
+
+        def compute():
+            out = {"scale": SCALE_NOTE}
+            for side in ("harmful", "harmless"):
+                b = self.batches[side]
+                r = direct_logit_attribution(self.model, b.ids, b.mask, self.tokens.refusal_id, self.tokens.compliance_id)
+                out["labels"], out["component_labels"] = r.accumulated_labels, r.component_labels
+                out[side] = {"accumulated": r.accumulated, "components": r.components, "heads": r.heads}
+            return out
+
+        return self._step("dla", compute)
+
+    def step_patch(self, grid: str, direction: str) -> dict:
+        src, rec = DIRECTIONS[direction]
+
+        def compute():
+            spec = self.grid_spec(grid)
+            vals = patch_grid(self.model, self.receiver(rec), self.source_cache(src), spec, self.metric,
+                              max_rows=self.cfg.max_rows, progress=self.progress)
+            save_tensors(self.folder.root / "tensors" / f"patch_{grid}_{direction}.safetensors",
+                         {"per_pair": vals}, {"grid": grid, "direction": direction, "layers": spec.layers,
+                                              "cols": spec.cols if grid != "heads" else spec.heads})
+            return {"per_pair": vals, "layers": spec.layers, "cols": spec.cols, "heads": spec.heads}
+
+        return self._step(f"patch_{grid}_{direction}", compute)
+
+    def step_attribution(self, grids: list[str]) -> dict:
+        src, rec = DIRECTIONS["sufficiency"]
+
+        def compute():
+            specs = {g: self.grid_spec(g) for g in grids}
+            sites = set().union(*(source_sites(self.model, s) for s in specs.values()))
+            acts, grads = receiver_gradients(self.model, self.batches[rec], sites, self.metric)
+            base = self.receiver(rec).baseline
+            return {g: {"per_pair": attribution_grid(self.model, self.batches[rec], acts, grads,
+                                                       self.source_cache(src), s, base)} for g, s in specs.items()}
+
+        return self._step("attribution", compute)
+
+    def step_heads(self, heads_grid: dict, harmless_mean: float, harmful_mean: float) -> dict:
+        def compute():
+            values = _normalise(torch.tensor(heads_grid["per_pair"]), harmless_mean, harmful_mean)  # [L, H]
+            order = values.flatten().argsort(descending=True)
+            H = values.shape[1]
+            ranked = [{"layer": int(i // H), "head": int(i % H), "value": float(values.flatten()[i])} for i in order[:20]]
+            selected = [r for r in ({"layer": int(i // H), "head": int(i % H), "value": float(values.flatten()[i])}
+                                    for i in order) if r["value"] > self.cfg.threshold]
+            cols = self.prompts.resolve_positions(self.cfg.heads_position)
+            out = {"threshold": self.cfg.threshold, "position": self.cfg.heads_position, "cols": cols,
+                   "selected": selected, "ranked": ranked, "sufficiency": None, "generations": []}
+            if not selected:
+                return out
+            src, rec = DIRECTIONS["sufficiency"]
+            z = self.source_cache(src)
+            receiver = self.receiver(rec)
+            rows = [Row(i, min(s["layer"] for s in selected), min(cols),
+                        [Edit(s["layer"], "attn.hook_z", c, z[f"blocks.{s['layer']}.attn.hook_z"][i, c, s["head"]], s["head"])
+                         for s in selected for c in cols])
+                    for i in range(receiver.batch.n)]
+            patched = run_rows(self.model, receiver, rows, self.metric, self.cfg.max_rows)
+            out["sufficiency"] = float(_normalise(patched[:, None], harmless_mean, harmful_mean)[0])
+            out["sufficiency_per_pair"] = patched
+            if self.cfg.generate_tokens:
+                hooks = [(f"blocks.{s['layer']}.attn.hook_z",
+                          Replace(positions=cols, head=s["head"], value=z[f"blocks.{s['layer']}.attn.hook_z"][:, cols, s["head"]]))
+                         for s in selected]
+                b = self.batches[rec]
+                base = self.model.generate(b.ids, b.mask, max_new_tokens=self.cfg.generate_tokens)
+                pat = self.model.generate(b.ids, b.mask, max_new_tokens=self.cfg.generate_tokens, fwd_hooks=hooks)
+                dec = lambda t: self.model.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+                out["generations"] = [{"object": o, "baseline": dec(x), "patched": dec(y)}
+                                      for o, x, y in zip(self.prompts.harmless_objects, base, pat)]
+            return out
+
+        return self._step("heads", compute)
+
+    # ---------------------------------------------------------------- the whole run
+    def run(self) -> dict:
+        t_all = time.perf_counter()
+        base = self.step_baseline()
+        h_mean = sum(base["harmful"]["scores"].values()) / len(base["harmful"]["scores"])
+        s_mean = sum(base["harmless"]["scores"].values()) / len(base["harmless"]["scores"])
+        if abs(h_mean - s_mean) < 1e-6:
+            raise RefusalLabError("Harmful and harmless prompts give the same mean score, so patching cannot be normalised; check the refusal/compliance tokens.")
+        dla = self.step_dla()
+        grids = {}
+        for direction in self.cfg.directions:
+            for g in self.cfg.grids:
+                grids[(g, direction)] = self.step_patch(g, direction)
+        attr = self.step_attribution(self.cfg.grids) if self.cfg.attribution and self.cfg.grids else None
+        heads = None
+        if "heads" in self.cfg.grids and "sufficiency" in self.cfg.directions:
+            heads = self.step_heads(grids[("heads", "sufficiency")], s_mean, h_mean)
+        results = self.assemble(base, dla, grids, attr, heads, h_mean, s_mean)
+        results["timings"]["total"] = time.perf_counter() - t_all
+        write_json(self.folder.root / "results.json", results)
+        self.write_tables(base, grids, heads)
+        self.write_report()
+        return results
+
+    def assemble(self, base, dla, grids, attr, heads, h_mean, s_mean) -> dict:
+        m = self.model
+        L = m.cfg.n_layers
+        col_labels = self.col_labels()
+        patching: dict = {}
+        for (g, direction), data in grids.items():
+            vals = _normalise(torch.tensor(data["per_pair"]), s_mean, h_mean)
+            entry = {"rows": list(range(L)), "cols": data["heads"] if g == "heads" else col_labels,
+                     "values": vals, "direction": "harmful->harmless" if direction == "sufficiency" else "harmless->harmful",
+                     "method": "exact", "normalisation": NORMALIZED_METRIC_NOTE[direction]}
+            if direction == "sufficiency":
+                patching[g] = entry
+            else:
+                patching.setdefault("necessity", {})[g] = entry
+        if attr:
+            patching["attribution"], patching["agreement"] = {}, {}
+            for g, data in attr.items():
+                if g.startswith("_"):
+                    continue
+                vals = _normalise(torch.tensor(data["per_pair"]), s_mean, h_mean)
+                patching["attribution"][g] = dict(patching[g], values=vals, method="attribution")
+                patching["agreement"][g] = agreement(patching[g]["values"], vals)
+        mean = lambda side, key: torch.tensor(dla[side][key]).float().mean(0)  # noqa: E731
+        results = {
+            "schema_version": 1,
+            "model": {"name": m.cfg.model_name, "model_type": m.cfg.model_type, "n_layers": L, "n_heads": m.cfg.n_heads,
+                      "d_model": m.cfg.d_model, "d_head": m.cfg.d_head, "dtype": m.cfg.dtype, "device": m.cfg.device},
+            "config": asdict(self.cfg),
+            "versions": versions(),
+            "seed": self.cfg.seed,
+            "prompts": {"template": self.prompts.template, "mode": self.prompts.mode,
+                        "pairing": "harmful object i is paired with harmless object i (as in Arditi & Obeso)",
+                        "example": self.prompts.harmful_texts[0], "seq_len": self.prompts.seq_len},
+            "objects": {"harmful": self.prompts.harmful_objects, "harmless": self.prompts.harmless_objects,
+                        "dropped": self.prompts.dropped},
+            "tokens": {"refusal": {"str": self.tokens.refusal_str, "id": self.tokens.refusal_id},
+                       "compliance": {"str": self.tokens.compliance_str, "id": self.tokens.compliance_id}},
+            "positions": [{"index": c, "label": self.prompts.positions[c].label, "token": self.prompts.positions[c].token}
+                          for c in self.cols],
+            "baseline": {
+                "metric": "logit_diff",
+                "harmful": base["harmful"]["scores"], "harmless": base["harmless"]["scores"],
+                "harmful_mean": h_mean, "harmless_mean": s_mean,
+                "log_odds": {f"{side}_mean": sum(base[side]["log_odds"].values()) / len(base[side]["log_odds"])
+                             for side in ("harmful", "harmless")} | {side: base[side]["log_odds"] for side in ("harmful", "harmless")},
+                "top_next_tokens": {side: base[side]["top_next_tokens"] for side in ("harmful", "harmless")},
+            },
+            "dla": {
+                "scale": dla["scale"], "labels": dla["labels"],
+                "harmful_mean": mean("harmful", "accumulated"), "harmless_mean": mean("harmless", "accumulated"),
+                "components": {"labels": dla["component_labels"], "harmful_mean": mean("harmful", "components"),
+                               "harmless_mean": mean("harmless", "components")},
+                "heads": {"rows": list(range(L)), "cols": list(range(m.cfg.n_heads)),
+                          "harmful_mean": mean("harmful", "heads"), "harmless_mean": mean("harmless", "heads")},
+            },
+            "patching": patching,
+            "timings": {k: v.get("_seconds", 0.0) for k, v in
+                        {"baseline": base, "dla": dla, **{f"patch_{g}_{d}": v for (g, d), v in grids.items()},
+                         **({"attribution": attr} if attr else {}), **({"heads": heads} if heads else {})}.items()},
+        }
+        if heads:
+            results["heads"] = {k: v for k, v in heads.items() if not k.startswith("_") and k != "sufficiency_per_pair"}
+        results["findings"] = findings(results)
+        return results
+
+    def write_tables(self, base, grids, heads) -> None:
+        t = self.folder.root / "tables"
+        rows = [{"side": side, "object": o, "logit_diff": s, "log_odds": base[side]["log_odds"][o], "top_token": tt}
+                for side in ("harmful", "harmless")
+                for (o, s), tt in zip(base[side]["scores"].items(), base[side]["top_token"])]
+        write_csv(t / "baseline.csv", pd.DataFrame(rows))
+        labels = self.col_labels()
+        for (g, direction), data in grids.items():
+            per = torch.tensor(data["per_pair"])
+            recs = []
+            for i in range(per.shape[0]):
+                for a in range(per.shape[1]):
+                    for b in range(per.shape[2]):
+                        col = data["heads"][b] if g == "heads" else labels[b]
+                        recs.append({"grid": g, "direction": direction, "method": "exact", "pair": i,
+                                     "harmful_object": self.prompts.harmful_objects[i],
+                                     "harmless_object": self.prompts.harmless_objects[i],
+                                     "layer": data["layers"][a], "col": col, "metric": float(per[i, a, b])})
+            write_csv(t / f"patching_{g}_{direction}.csv", pd.DataFrame(recs))
+        if heads and heads.get("ranked"):
+            write_csv(t / "heads.csv", pd.DataFrame(heads["selected"] or heads["ranked"]))
+
+    def write_report(self) -> None:
+        from refusal_lab.report import write_figures, write_report
+
+        results = read_json(self.folder.root / "results.json")
+        write_figures(results, self.folder.root / "figures")
+        write_report(self.folder.root)
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"refusal_lab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def findings(r: dict) -> list[str]:
+    """The replication's headline observations, in words with their numbers."""
+    out = []
+    b = r["baseline"]
+    out.append(f"Harmful prompts score {b['harmful_mean']:.2f} and harmless prompts {b['harmless_mean']:.2f} on "
+               f"logit[{r['tokens']['refusal']['str']}] - logit[{r['tokens']['compliance']['str']}] "
+               f"(gap {b['harmful_mean'] - b['harmless_mean']:.2f}).")
+    p = r["patching"]
+    labels = [f"{x['label']}" for x in r["positions"]]
+    if "resid_pre" in p:
+        v = torch.tensor(p["resid_pre"]["values"])
+        out.append(f"Patching resid_pre at the last position recovers {v[-1, -1]:.2f} at the last layer and "
+                   f"{v[:, -1].max():.2f} at most.")
+        for lab in ("post_obj", "eoi"):
+            idx = [i for i, x in enumerate(labels) if x == lab]
+            if idx:
+                best = v[:, idx].max(1).values
+                band = [l for l in range(len(best)) if best[l] > 0.5]
+                if band:
+                    out.append(f"At the {lab} position(s) resid_pre patching exceeds 0.5 in layers {band[0]}-{band[-1]} "
+                               f"(max {best.max():.2f} at layer {int(best.argmax())}).")
+    for g in ("attn_out_cumulative", "mlp_out_cumulative", "attn_out", "mlp_out"):
+        if g in p:
+            v = torch.tensor(p[g]["values"])
+            i = int(v.argmax())
+            l, c = divmod(i, v.shape[1])
+            out.append(f"{g} reaches {v.max():.3f} at layer {l}, position {p[g]['cols'][c]}.")
+    if "heads" in r:
+        h = r["heads"]
+        suff = "n/a" if h["sufficiency"] is None else f"{h['sufficiency']:.3f}"
+        out.append(f"{len(h['selected'])} heads pass the {h['threshold']} threshold at {h['position']}; patched together "
+                   f"they recover {suff} of the refusal metric.")
+    for g, a in p.get("agreement", {}).items():
+        out.append(f"Attribution patching vs exact on {g}: Spearman {a['spearman']:.2f}, top-{a['top_k']} overlap {a['top_k_overlap']:.2f}.")
+    return out
