@@ -1,0 +1,316 @@
+"""Load a Hugging Face causal LM and its tokenizer, with every failure as one clear sentence.
+
+``load_hf`` accepts ``None`` (the offline default, built from registry packages by
+:mod:`refusal_lab.models.offline`), a local model folder, a ``.gguf`` file (dequantized once and
+cached) or a hub id. Weights are read from safetensors only (never pickled ``.bin`` files) and
+remote code runs only when asked. Hub and ``transformers`` exceptions are mapped to
+:class:`~refusal_lab.errors.ModelLoadError` (or a subclass) chained to the original, so the CLI can
+print one sentence and still show the traceback with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from refusal_lab.errors import ConfigError, ModelLoadError, PromptError, UnsupportedArchitectureError
+from refusal_lab.models.offline import (
+    DEFAULT_MODEL_NAME,
+    cached_gguf_dir,
+    offline_model_dir,
+    read_source_info,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+EAGER_ATTENTION_MODEL_TYPES = frozenset({"gemma2"})
+"""Model types needing eager attention: Gemma 2's attention logit soft-capping is not in SDPA."""
+
+_LOGIN_HINT = "run `huggingface-cli login`, pass --token or set HF_TOKEN"
+
+
+# --------------------------------------------------------------------------------------------
+# public entry point
+
+
+def load_hf(
+    spec: str | os.PathLike[str] | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "cpu",
+    device_map: str | dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    chat_template: str | None = None,
+    supported_model_types: set[str] | frozenset[str] | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Load ``(model, tokenizer, display_name)``; the model is in eval mode with frozen params.
+
+    ``spec``: None (offline default), a local folder, a ``.gguf`` file or a hub id.
+    ``device`` is ignored when ``device_map`` is given (e.g. ``"auto"`` over several GPUs).
+    ``chat_template`` replaces a missing (or existing) chat template; without one, a tokenizer
+    lacking a template raises :class:`PromptError`. ``supported_model_types`` restricts the
+    architectures accepted (:class:`UnsupportedArchitectureError` otherwise). ``cache_dir`` and
+    ``progress`` apply to the GGUF conversion cache only.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    target_device = None if device_map is not None else _resolve_device(device)
+    source, name, local = _resolve_spec(spec, cache_dir=cache_dir, progress=progress)
+    hub_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "token": token}
+    if not local and revision is not None:
+        hub_kwargs["revision"] = revision
+
+    if local:
+        _check_local_folder(Path(source), name)
+    with _mapped_errors(name, "configuration", revision):
+        config = AutoConfig.from_pretrained(source, **hub_kwargs)
+    model_type = getattr(config, "model_type", None) or "unknown"
+    if supported_model_types is not None and model_type not in supported_model_types:
+        raise UnsupportedArchitectureError(
+            f"'{name}' has model type '{model_type}', which refusal_lab does not support; "
+            f"supported model types: {', '.join(sorted(supported_model_types))}."
+        )
+
+    with _mapped_errors(name, "tokenizer", revision):
+        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", **hub_kwargs)
+    _prepare_tokenizer(tokenizer, name, chat_template)
+
+    attn = "eager" if model_type in EAGER_ATTENTION_MODEL_TYPES else "sdpa"
+    with _mapped_errors(name, "weights", revision):
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            config=config,
+            dtype=torch_dtype,
+            use_safetensors=True,
+            attn_implementation=attn,
+            device_map=device_map,
+            **hub_kwargs,
+        )
+        if target_device is not None:
+            model = model.to(target_device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer, name
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"bfloat16"``/``"float16"`` (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ConfigError(f"Unknown dtype '{dtype}'; use one of float32, bfloat16 or float16.")
+    return DTYPES[key]
+
+
+# --------------------------------------------------------------------------------------------
+# resolving what to load
+
+
+def _resolve_spec(
+    spec: str | os.PathLike[str] | None, *, cache_dir: Path | None, progress: bool
+) -> tuple[str, str, bool]:
+    """``spec`` -> (path or hub id for transformers, display name, is_local)."""
+    if spec is None:
+        return str(offline_model_dir(cache_dir, progress=progress)), DEFAULT_MODEL_NAME, True
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"'{text}' is a file but not a .gguf model; pass a model folder, a .gguf file or a hub id."
+            )
+        folder = cached_gguf_dir(path, cache_dir, progress=progress)
+        return str(folder), path.name, True
+    if path.is_dir():
+        info = read_source_info(path) or {}
+        return str(path), str(info.get("display_name") or text), True
+    if _looks_like_path(text):
+        raise ModelLoadError(f"Model path '{text}' does not exist; check the path.")
+    return text, text, False
+
+
+def _looks_like_path(text: str) -> bool:
+    """True when ``text`` cannot be a hub id, so a missing file is the likely mistake."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if text.lower().endswith(".gguf") or text.startswith(("/", ".", "~")) or "\\" in text:
+        return True
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _check_local_folder(folder: Path, name: str) -> None:
+    """Fail early, in one sentence, on folders transformers would reject with a long message."""
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"'{name}' has no config.json, so it is not a Hugging Face model folder; pass the folder "
+            "that contains config.json, a .gguf file or a hub id."
+        )
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise ModelLoadError(
+            f"'{name}' has only pickled PyTorch weights (.bin/.pt), which refusal_lab never loads; "
+            "convert them to safetensors (e.g. load once and save_pretrained) and retry."
+        )
+    raise ModelLoadError(f"'{name}' contains no model weights (no *.safetensors file).")
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """Validate ``device`` and check the accelerator is really there."""
+    try:
+        dev = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"Unknown device '{device}'; use cpu, cuda, cuda:N or mps.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device '{device}' was requested but CUDA is not available; use --device cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"Device '{device}' does not exist: only {torch.cuda.device_count()} CUDA device(s) are visible."
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"Device '{device}' was requested but MPS is not available; use --device cpu.")
+    return dev
+
+
+def _prepare_tokenizer(tokenizer: Any, name: str, chat_template: str | None) -> None:
+    """Left padding, a pad token (eos if none), and a chat template (given or the model's own)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    elif not getattr(tokenizer, "chat_template", None):
+        raise PromptError(
+            f"'{name}' has no chat template (it is probably a base model, not a chat model); "
+            "use its -it/-Instruct variant or pass a Jinja chat template with --chat-template."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# error mapping
+
+
+@contextlib.contextmanager
+def _mapped_errors(name: str, what: str, revision: str | None) -> Iterator[None]:
+    """Re-raise hub / transformers failures as one-sentence ModelLoadErrors (chained)."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure here is mapped to one sentence
+        raise _map_error(e, name, what, revision) from e
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes/contexts, outermost first (transformers wraps hub errors in OSError)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not c for c in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    """Network failures from socket, httpx/httpx2 (checked by name: the hub's HTTP client varies)."""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    names = {cls.__name__ for cls in type(e).__mro__}
+    return bool(names & {"ConnectError", "NetworkError", "TimeoutException", "gaierror", "ProxyError"})
+
+
+def _map_error(exc: Exception, name: str, what: str, revision: str | None) -> ModelLoadError:
+    """One ModelLoadError sentence for ``exc`` (looked up along its whole exception chain)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    chain = _exception_chain(exc)
+
+    def find(cls: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
+        return next((c for c in chain if isinstance(c, cls)), None)
+
+    if find(GatedRepoError):
+        return ModelLoadError(
+            f"'{name}' is a gated model on the Hugging Face hub: accept its licence at "
+            f"https://huggingface.co/{name}, then {_LOGIN_HINT}."
+        )
+    if find(RepositoryNotFoundError):
+        return ModelLoadError(
+            f"'{name}' is neither a local path nor a model on the Hugging Face hub (if it is private, "
+            f"{_LOGIN_HINT})."
+        )
+    if find(RevisionNotFoundError):
+        return ModelLoadError(
+            f"Revision '{revision}' does not exist for '{name}' on the Hugging Face hub; "
+            "check the branch, tag or commit."
+        )
+    if find((LocalEntryNotFoundError, OfflineModeIsEnabled)) or any(_is_connection_error(c) for c in chain):
+        return ModelLoadError(
+            f"'{name}' is not in the local Hugging Face cache and the hub is unreachable; pass a local "
+            f"model folder or .gguf file, or omit the model to use the offline default "
+            f"({DEFAULT_MODEL_NAME})."
+        )
+    if find(HFValidationError):
+        return ModelLoadError(
+            f"Model '{name}' is neither an existing local path nor a valid Hugging Face hub id; "
+            "check the spelling."
+        )
+    text = " ".join(str(c) for c in chain)
+    if "trust_remote_code" in text:
+        return ModelLoadError(
+            f"'{name}' needs custom code from its repository; pass trust_remote_code=True "
+            "(--trust-remote-code) only if you trust that code."
+        )
+    if "cannot be loaded with `safetensors`" in text or "no file named model.safetensors" in text:
+        return ModelLoadError(
+            f"'{name}' has no safetensors weights (only pickled .bin files, which refusal_lab never "
+            "loads); use a revision or copy of the model that has safetensors weights."
+        )
+    if "does not recognize this architecture" in text:
+        import transformers
+
+        return UnsupportedArchitectureError(
+            f"'{name}' uses an architecture this transformers version ({transformers.__version__}) "
+            "does not know; upgrade transformers or pick another model."
+        )
+    if isinstance(exc, torch.OutOfMemoryError):
+        return ModelLoadError(
+            f"Not enough accelerator memory to load '{name}'; try --dtype bfloat16, a smaller model "
+            "or device_map='auto' over several GPUs."
+        )
+    first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return ModelLoadError(f"Could not load the {what} of '{name}': {first_line.strip().rstrip('.')}.")
+
