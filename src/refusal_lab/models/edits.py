@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from refusal_lab.errors import SiteError
 from refusal_lab.models.hooked import HookPoint
 
 Rows = int | slice | Sequence[int] | torch.Tensor | None
@@ -28,7 +29,7 @@ def _row_index(rows: Rows, b: int, device) -> torch.Tensor:
     return torch.as_tensor(rows, device=device).reshape(-1)
 
 
-@dataclass
+@dataclass(kw_only=True)  # keyword-only, so subclasses take their value first: Add(v, alpha=4.0)
 class _Edit:
     positions: Sequence[int] | torch.Tensor | None = None
     batch: Rows = None
@@ -41,15 +42,26 @@ class _Edit:
         cols = torch.arange(act.shape[1], device=act.device) if cmask is None else cmask.nonzero().flatten()
         return rows, cols
 
-    def _view(self, act: torch.Tensor) -> torch.Tensor:
-        return act if self.head is None else act[:, :, self.head]
+    def _view(self, act: torch.Tensor, hook: HookPoint | None = None) -> torch.Tensor:
+        if self.head is None:
+            return act
+        name = hook.name if hook is not None else "this site"
+        if act.ndim != 4:
+            raise SiteError(
+                f"head={self.head} only applies to per-head sites (attn.hook_z, attn.hook_result), not '{name}'."
+            )
+        if not 0 <= int(self.head) < act.shape[2]:
+            raise SiteError(
+                f"Head {self.head} is out of range at '{name}': this model has heads 0..{act.shape[2] - 1}."
+            )
+        return act[:, :, self.head]
 
     def __call__(self, act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         rows, cols = self._select(act, hook)
         if rows.numel() == 0 or cols.numel() == 0:
             return act
         out = act.clone()
-        target = self._view(out)
+        target = self._view(out, hook)
         sub = target[rows[:, None], cols[None, :]]  # [r, c, ...]
         target[rows[:, None], cols[None, :]] = self.apply(sub, rows, cols, hook).to(act.dtype)
         return out
