@@ -272,7 +272,7 @@ class Replication:
 
     def step_heads(self, heads_grid: dict, harmless_mean: float, harmful_mean: float) -> dict:
         def compute():
-            values = _normalise(torch.tensor(heads_grid["per_pair"]), harmless_mean, harmful_mean)  # [L, H]
+            values = _normalise(torch.as_tensor(heads_grid["per_pair"]), harmless_mean, harmful_mean)  # [L, H]
             order = values.flatten().argsort(descending=True)
             H = values.shape[1]
             ranked = [{"layer": int(i // H), "head": int(i % H), "value": float(values.flatten()[i])} for i in order[:20]]
@@ -337,7 +337,7 @@ class Replication:
         col_labels = self.col_labels()
         patching: dict = {}
         for (g, direction), data in grids.items():
-            vals = _normalise(torch.tensor(data["per_pair"]), s_mean, h_mean)
+            vals = _normalise(torch.as_tensor(data["per_pair"]), s_mean, h_mean)
             entry = {"rows": list(range(L)), "cols": data["heads"] if g == "heads" else col_labels,
                      "values": vals, "direction": "harmful->harmless" if direction == "sufficiency" else "harmless->harmful",
                      "method": "exact", "normalisation": NORMALIZED_METRIC_NOTE[direction]}
@@ -350,10 +350,10 @@ class Replication:
             for g, data in attr.items():
                 if g.startswith("_"):
                     continue
-                vals = _normalise(torch.tensor(data["per_pair"]), s_mean, h_mean)
+                vals = _normalise(torch.as_tensor(data["per_pair"]), s_mean, h_mean)
                 patching["attribution"][g] = dict(patching[g], values=vals, method="attribution")
                 patching["agreement"][g] = agreement(patching[g]["values"], vals)
-        mean = lambda side, key: torch.tensor(dla[side][key]).float().mean(0)  # noqa: E731
+        mean = lambda side, key: torch.as_tensor(dla[side][key]).float().mean(0)  # noqa: E731
         results = {
             "schema_version": 1,
             "model": {"name": m.cfg.model_name, "model_type": m.cfg.model_type, "n_layers": L, "n_heads": m.cfg.n_heads,
@@ -404,7 +404,7 @@ class Replication:
         write_csv(t / "baseline.csv", pd.DataFrame(rows))
         labels = self.col_labels()
         for (g, direction), data in grids.items():
-            per = torch.tensor(data["per_pair"])
+            per = torch.as_tensor(data["per_pair"])
             recs = []
             for i in range(per.shape[0]):
                 for a in range(per.shape[1]):
@@ -443,7 +443,7 @@ def findings(r: dict) -> list[str]:
     p = r["patching"]
     labels = [f"{x['label']}" for x in r["positions"]]
     if "resid_pre" in p:
-        v = torch.tensor(p["resid_pre"]["values"])
+        v = torch.as_tensor(p["resid_pre"]["values"])
         out.append(f"Patching resid_pre at the last position recovers {v[-1, -1]:.2f} at the last layer and "
                    f"{v[:, -1].max():.2f} at most.")
         for lab in ("post_obj", "eoi"):
@@ -456,7 +456,7 @@ def findings(r: dict) -> list[str]:
                                f"(max {best.max():.2f} at layer {int(best.argmax())}).")
     for g in ("attn_out_cumulative", "mlp_out_cumulative", "attn_out", "mlp_out"):
         if g in p:
-            v = torch.tensor(p[g]["values"])
+            v = torch.as_tensor(p[g]["values"])
             i = int(v.argmax())
             l, c = divmod(i, v.shape[1])
             out.append(f"{g} reaches {v.max():.3f} at layer {l}, position {p[g]['cols'][c]}.")
