@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from refusal_lab.metrics import logit_diff, refusal_log_odds
 from refusal_lab.models.hooked import ActivationCache, HookedChatModel, KVPrefix, _Run, default_position_ids
 
 #: grid name -> TransformerLens site patched
@@ -62,8 +63,7 @@ class LogitDiff(NormedMetric):
         return lg[:, 0] - lg[:, 1]
 
     def from_logits(self, logits, prompt_idx):
-        lg = logits.float()
-        return lg[:, self.refusal_id] - lg[:, self.compliance_id]
+        return logit_diff(logits, (self.refusal_id, self.compliance_id)).float()
 
 
 @dataclass
@@ -76,11 +76,7 @@ class LogOdds(NormedMetric):
         return self.from_logits(model.adapter.final_logits(normed), prompt_idx)
 
     def from_logits(self, logits, prompt_idx):
-        lp = torch.log_softmax(logits.double(), -1)
-        ids = torch.as_tensor(list(self.refusal_ids), device=lp.device)
-        inside = torch.zeros(lp.shape[-1], dtype=torch.bool, device=lp.device)
-        inside[ids] = True
-        return (torch.logsumexp(lp[:, inside], -1) - torch.logsumexp(lp[:, ~inside], -1)).float()
+        return refusal_log_odds(logits, self.refusal_ids).float()
 
 
 @dataclass
@@ -277,6 +273,11 @@ def build_rows(model: HookedChatModel, spec: GridSpec, source: ActivationCache, 
                 for b, h in enumerate(spec.heads):
                     edits = [Edit(l, site, c, act[i, c, h], h) for c in spec.cols]
                     rows.append(Row(i, l, min(spec.cols), edits))
+                    index.append((i, a, b))
+            elif spec.grid == "resid_post" and l < model.cfg.n_layers - 1:
+                # resid_post[l] is resid_pre[l + 1]: start one layer later, skipping block l entirely
+                for b, c in enumerate(spec.cols):
+                    rows.append(Row(i, l + 1, c, [Edit(l + 1, "hook_resid_pre", c, act[i, c])]))
                     index.append((i, a, b))
             else:
                 for b, c in enumerate(spec.cols):
