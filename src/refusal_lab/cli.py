@@ -24,8 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", help="instruction template containing {object}")
     p.add_argument("--mode", choices=["single_token", "align"], default=None,
                    help="keep single-token objects only, or left-pad and align on the last object token")
-    p.add_argument("--refusal", help="refusal token string (default Sorry)")
-    p.add_argument("--compliance", help="compliance token string (default Sure)")
+    p.add_argument("--refusal", help="refusal token string (default Sorry; 'auto' proposes the pair from the model's top next tokens)")
+    p.add_argument("--compliance", help="compliance token string (default Sure; 'auto' as for --refusal)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ from refusal_lab import __version__
 from refusal_lab.artifacts import read_json, save_tensors, write_csv, write_json
 from refusal_lab.errors import ConfigError, RefusalLabError
 from refusal_lab.metrics import (
-    NORMALIZED_METRIC_NOTE, default_refusal_token_ids, refusal_log_odds, resolve_refusal_tokens,
+    NORMALIZED_METRIC_NOTE, default_refusal_token_ids, propose_token_pair, refusal_log_odds, resolve_refusal_tokens,
 )
 from refusal_lab.models.edits import Replace
 from refusal_lab.models.hooked import HookedChatModel
@@ -164,10 +164,17 @@ class Replication:
         tok = model.tokenizer
         self.objects = load_objects(config.objects)
         self.prompts = build_object_prompts(tok, self.objects, template=config.template, mode=config.mode)
-        self.tokens = resolve_refusal_tokens(tok, config.refusal, config.compliance)
-        self.metric = LogitDiff(self.tokens.refusal_id, self.tokens.compliance_id)
         dev = model.device
         self.batches = {s: Batch(self.prompts.ids(s).to(dev), self.prompts.mask(s).to(dev)) for s in ("harmful", "harmless")}
+        self.token_candidates = None
+        if "auto" in (config.refusal, config.compliance):
+            # `auto`: propose the pair from the model's own next tokens on the two sets
+            with torch.no_grad():
+                last = {s: model(b.ids, b.mask, logits="last") for s, b in self.batches.items()}
+            self.tokens, self.token_candidates = propose_token_pair(tok, last["harmful"], last["harmless"])
+        else:
+            self.tokens = resolve_refusal_tokens(tok, config.refusal, config.compliance)
+        self.metric = LogitDiff(self.tokens.refusal_id, self.tokens.compliance_id)
         self.cols = list(range(self.prompts.obj_index, self.prompts.seq_len))
         self.timings: dict[str, float] = {}
         self._receivers: dict[str, Receiver] = {}
@@ -367,7 +374,9 @@ class Replication:
             "objects": {"harmful": self.prompts.harmful_objects, "harmless": self.prompts.harmless_objects,
                         "dropped": self.prompts.dropped},
             "tokens": {"refusal": {"str": self.tokens.refusal_str, "id": self.tokens.refusal_id},
-                       "compliance": {"str": self.tokens.compliance_str, "id": self.tokens.compliance_id}},
+                       "compliance": {"str": self.tokens.compliance_str, "id": self.tokens.compliance_id},
+                       "chosen_by": "auto" if self.token_candidates is not None else "config",
+                       "candidates": self.token_candidates},
             "positions": [{"index": c, "label": self.prompts.positions[c].label, "token": self.prompts.positions[c].token}
                           for c in self.cols],
             "baseline": {
