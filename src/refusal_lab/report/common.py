@@ -1,0 +1,127 @@
+"""Helpers shared by the figures, the HTML report and the comparison: reading results and headline numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+GRID_ORDER = ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_out_cumulative", "mlp_out_cumulative", "heads")
+CONTAINERS = ("attribution", "agreement", "necessity")
+METRIC_TITLE = "0 = harmless baseline, 1 = harmful baseline"
+
+
+def load_results(run_dir: Path | str) -> dict[str, Any]:
+    """Read ``run_dir/results.json`` (or the file itself when given a path to a JSON file)."""
+    p = Path(run_dir)
+    if p.is_dir():
+        p = p / "results.json"
+    with open(p, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def as_array(values: Any) -> np.ndarray:
+    """A float array from (nested) JSON lists; ``None``/null becomes NaN."""
+    if isinstance(values, np.ndarray):
+        return values.astype(float)
+    if not values:
+        return np.zeros((0, 0))
+    if isinstance(values[0], list):
+        return np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _ordered(d: dict[str, Any]) -> list[str]:
+    keys = [k for k in d if k not in CONTAINERS and isinstance(d[k], dict) and "values" in d[k]]
+    return sorted(keys, key=lambda k: (GRID_ORDER.index(k) if k in GRID_ORDER else len(GRID_ORDER), k))
+
+
+def iter_grids(results: dict[str, Any]) -> Iterator[tuple[str, str, str, dict[str, Any]]]:
+    """Yield ``(kind, name, slug, grid)`` for every patching grid: kind is exact/attribution/necessity."""
+    patching = results.get("patching") or {}
+    for name in _ordered(patching):
+        yield "exact", name, f"patching_{name}", patching[name]
+    for kind in ("attribution", "necessity"):
+        sub = patching.get(kind) or {}
+        for name in _ordered(sub):
+            yield kind, name, f"{kind}_{name}", sub[name]
+
+
+def grid_title(kind: str, name: str, grid: dict[str, Any]) -> str:
+    """A human title such as ``resid_pre — exact patching, harmful->harmless``."""
+    method = grid.get("method") or ("attribution" if kind == "attribution" else "exact")
+    what = "necessity " if kind == "necessity" else ""
+    return f"{name} — {what}{method} patching, {grid.get('direction', '?')}"
+
+
+def layer_depth(label: str, n_layers: int, index: int, count: int) -> float:
+    """Fractional depth (0..1) of a DLA/component label like ``L3 pre``, ``L3 mlp``, ``embed``, ``final``."""
+    m = re.match(r"\s*L(\d+)\s*(\w*)", str(label))
+    if m and n_layers:
+        off = {"pre": 0.0, "attn": 0.0, "mid": 0.5, "mlp": 0.5, "post": 1.0}.get(m.group(2), 0.0)
+        return (int(m.group(1)) + off) / n_layers
+    lab = str(label).lower()
+    if lab.startswith("embed"):
+        return 0.0
+    if lab.startswith("final"):
+        return 1.0
+    return index / max(1, count - 1)
+
+
+def finite(x: Any) -> float | None:
+    """``x`` as a float if it is a finite number, else None."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """Format a number compactly (``–`` for missing)."""
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    v = finite(x)
+    if v is None:
+        return str(x)
+    return f"{v:.{digits}g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3) else f"{v:.{digits}f}"
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """Headline numbers of one run: gap, max last-position residual patching, refusal heads, sufficiency."""
+    model = results.get("model") or {}
+    base = results.get("baseline") or {}
+    hm, sm = finite(base.get("harmful_mean")), finite(base.get("harmless_mean"))
+    out: dict[str, Any] = {
+        "model": model.get("name", "?"), "n_layers": model.get("n_layers"), "n_heads": model.get("n_heads"),
+        "harmful_mean": hm, "harmless_mean": sm, "gap": hm - sm if hm is not None and sm is not None else None,
+        "resid_grid": None, "max_resid_last": None, "max_resid_last_layer": None,
+        "n_refusal_heads": None, "sufficiency": None,
+    }
+    patching = results.get("patching") or {}
+    for name in ("resid_pre", "resid_post"):
+        g = patching.get(name)
+        if isinstance(g, dict) and g.get("values"):
+            col = as_array(g["values"])[:, -1]
+            if np.isfinite(col).any():
+                i = int(np.nanargmax(col))
+                rows = g.get("rows") or list(range(len(col)))
+                out.update(resid_grid=name, max_resid_last=float(col[i]), max_resid_last_layer=rows[i])
+                break
+    heads = results.get("heads") or {}
+    if heads:
+        thr = finite(heads.get("threshold"))
+        sel = heads.get("selected")
+        if sel is None and thr is not None:
+            sel = [r for r in heads.get("ranked") or [] if (finite(r.get("value")) or 0) > thr]
+        out["n_refusal_heads"] = len(sel) if sel is not None else None
+        out["sufficiency"] = finite(heads.get("sufficiency"))
+    return out

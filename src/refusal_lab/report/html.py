@@ -1,0 +1,591 @@
+"""One self-contained HTML report for a run folder (plotly.js embedded once, no network access).
+
+Every model- or user-derived string is escaped with :func:`html.escape` before it reaches the page;
+figure data travels as JSON inside ``<script type="application/json">`` with ``<``, ``>`` and ``&``
+written as ``\\u003c`` etc., so no value can close the script element. Text shown *inside* plotly
+(ticks, hover) is entity-escaped too, because plotly interprets a small subset of HTML tags.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from matplotlib import colormaps
+
+from refusal_lab.report.common import (
+    METRIC_TITLE,
+    as_array,
+    finite,
+    fmt,
+    grid_title,
+    headline,
+    iter_grids,
+    load_results,
+)
+
+HARMFUL, HARMLESS = "#c0392b", "#2e86c1"
+SEQ_COLORS = ["#c0392b", "#2e86c1", "#27ae60", "#8e44ad", "#d35400", "#16a085", "#7f8c8d"]
+DIVERGING = [[i / 10, "rgb({},{},{})".format(*(int(255 * c) for c in colormaps["RdBu_r"](i / 10)[:3]))]
+             for i in range(11)]
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#222;
+ background:#fafafa;line-height:1.45}
+main{max-width:1180px;margin:0 auto;padding:16px 24px 64px}
+h1{font-size:1.6em;margin:.4em 0 .2em}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:2em}
+h3{margin:1.4em 0 .4em;font-size:1.05em}
+nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:6px 24px;z-index:10;
+ font-size:.9em}nav a{margin-right:12px;color:#2c3e50;text-decoration:none}nav a:hover{text-decoration:underline}
+table{border-collapse:collapse;margin:.4em 0 1em;font-size:.9em;background:#fff}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f0f3f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+pre{background:#fff;border:1px solid #ddd;padding:8px;overflow-x:auto;white-space:pre-wrap;
+ word-break:break-word;font-size:.85em}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0}
+.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:150px}
+.card .v{font-size:1.5em;font-weight:600}.card .k{font-size:.8em;color:#666}
+.plot{background:#fff;border:1px solid #ddd;margin:8px 0}
+.row{display:flex;flex-wrap:wrap;gap:16px}.row>div{flex:1 1 420px;min-width:0}
+.muted{color:#666;font-size:.9em}.findings li{margin:.3em 0}.findings b{color:#8e2a1f}
+.harmful{color:#c0392b}.harmless{color:#2e86c1}.gen td{white-space:pre-wrap;word-break:break-word}
+img.fig{max-width:100%;border:1px solid #ddd;background:#fff}
+"""
+
+
+def esc(x: Any) -> str:
+    """HTML-escape any value for element text or a quoted attribute."""
+    return html.escape(str(x), quote=True)
+
+
+def ptext(x: Any) -> str:
+    """Text for inside plotly (ticks, hover, titles): entities for ``& < > $``, newlines made visible."""
+    s = str(x).replace("\r", "\\r").replace("\n", "\\n")
+    return html.escape(s, quote=False).replace("$", "&#36;")  # a $...$ label would switch plotly to MathJax
+
+
+def ptick(x: Any, limit: int = 32) -> str:
+    """:func:`ptext` for an axis tick: long labels are cut (hover shows them in full)."""
+    t = str(x)
+    return ptext(t if len(t) <= limit else t[: limit - 1] + "…")
+
+
+def left_margin(first_tick: Any, angled: bool = True) -> int:
+    """Left margin (px) that keeps the first angled x tick label inside the figure (plotly hides it otherwise)."""
+    n = min(32, len(str(first_tick)))
+    return int(max(70, 6 * n + 10)) if angled else 70
+
+
+def clean(obj: Any) -> Any:
+    """JSON-safe copy: numpy scalars/arrays to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return clean(obj.tolist())
+    if isinstance(obj, np.generic):
+        return clean(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def script_json(obj: Any) -> str:
+    """JSON that is safe to place inside a ``<script>`` element (no ``</script>``, no ``<!--``)."""
+    s = json.dumps(clean(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return (s.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def plotly_js() -> str | None:
+    """The plotly.js bundle from the installed ``plotly`` package, or None when it is missing."""
+    try:
+        from plotly.offline import get_plotlyjs
+    except ImportError:
+        return None
+    return get_plotlyjs()
+
+
+class Plots:
+    """Collects plotly figure specs; :meth:`add` returns the placeholder ``<div>`` for the page."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.specs: dict[str, dict[str, Any]] = {}
+
+    def add(self, data: list[dict[str, Any]], layout: dict[str, Any], height: int = 420) -> str:
+        """Register a figure and return its container (empty string when plotly is unavailable)."""
+        if not self.enabled:
+            return ""
+        pid = f"plot{len(self.specs)}"
+        base = {"height": height, "margin": {"l": 70, "r": 30, "t": 50, "b": 90}, "paper_bgcolor": "#fff",
+                "plot_bgcolor": "#fff", "font": {"size": 12}, "hoverlabel": {"align": "left"}}
+        layout = {**base, **layout}
+        for axis in ("xaxis", "yaxis"):
+            layout[axis] = {"automargin": True, **layout.get(axis, {})}
+        self.specs[pid] = {"data": data, "layout": layout}
+        return f'<div class="plot" id="{pid}" style="height:{height}px"></div>'
+
+
+def heatmap(plots: Plots, values: Any, rows: Sequence[Any], cols: Sequence[Any], title: str, *,
+            colorbar: str, xlabel: str, std: Any = None, ylabel: str = "layer", zlim: float | None = None,
+            value_name: str = "value") -> str:
+    """Interactive diverging heatmap (centred at 0) with per-cell hover text."""
+    a = as_array(values)
+    if a.ndim != 2 or a.size == 0:
+        return f'<p class="muted">{esc(title)}: no values.</p>'
+    nr, nc = a.shape
+    rows = list(rows) + list(range(len(rows), nr))
+    cols = list(cols) + list(range(len(cols), nc))
+    sd = as_array(std) if std is not None else None
+    if sd is not None and sd.shape != a.shape:
+        sd = None
+    text = [[f"{ylabel} {ptext(rows[i])}<br>{ptext(cols[j])}<br>{value_name} "
+             f"{'nan' if not np.isfinite(a[i, j]) else f'{a[i, j]:.4f}'}"
+             + (f" ± {sd[i, j]:.4f}" if sd is not None and np.isfinite(sd[i, j]) else "")
+             for j in range(nc)] for i in range(nr)]
+    fin = np.abs(a[np.isfinite(a)])
+    v = zlim if zlim is not None else float(max(fin.max() if fin.size else 1.0, 1e-9))
+    trace = {"type": "heatmap", "z": a, "x": list(range(nc)), "y": list(range(nr)), "text": text,
+             "hovertemplate": "%{text}<extra></extra>", "colorscale": DIVERGING, "zmin": -v, "zmax": v,
+             "zmid": 0, "colorbar": {"title": {"text": colorbar, "side": "right"}, "thickness": 14}}
+    step = max(1, math.ceil(nr / 24))
+    long = any(len(str(c)) > 6 for c in cols)
+    layout = {"title": {"text": ptext(title), "font": {"size": 14}},
+              "margin": {"l": left_margin(cols[0] if cols else "", long), "r": 30, "t": 50, "b": 90},
+              # angled long labels would overlap an axis title, and they name themselves anyway
+              "xaxis": {"title": {"text": "" if long else ptext(xlabel)}, "tickvals": list(range(nc)),
+                        "ticktext": [ptick(c) for c in cols], "tickangle": -35 if long else 0},
+              "yaxis": {"title": {"text": ptext(ylabel)}, "tickvals": list(range(0, nr, step)),
+                        "ticktext": [ptick(rows[i]) for i in range(0, nr, step)]}}
+    height = int(min(900, max(360, 18 * nr + 190)))
+    return plots.add([trace], layout, height)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "",
+          raw: Sequence[int] = ()) -> str:
+    """An HTML table; cells are escaped except the column indices in ``raw`` (already HTML)."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = []
+    for r in rows:
+        cells = []
+        for j, c in enumerate(r):
+            if j in raw:
+                cells.append(f"<td>{c}</td>")
+            elif isinstance(c, (int, float)) and not isinstance(c, bool):
+                cells.append(f'<td class="num">{esc(fmt(c))}</td>')
+            else:
+                cells.append(f"<td>{esc('–' if c is None else c)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def numbers_bold(sentence: Any) -> str:
+    """Escape a finding and set its numbers in bold."""
+    parts = re.split(r"((?<![\w.])-?\d+(?:\.\d+)?%?(?!\w))", str(sentence))
+    return "".join(f"<b>{esc(p)}</b>" if i % 2 else esc(p) for i, p in enumerate(parts))
+
+
+def generic(obj: Any, depth: int = 0) -> str:
+    """Render an arbitrary JSON value as nested tables (escaped)."""
+    if isinstance(obj, dict):
+        if not obj:
+            return '<span class="muted">{}</span>'
+        rows = [(k, generic(v, depth + 1)) for k, v in obj.items()]
+        return table(["key", "value"], rows, raw=(1,))
+    if isinstance(obj, list):
+        if obj and all(isinstance(x, dict) for x in obj) and depth < 4:
+            keys = list(dict.fromkeys(k for x in obj for k in x))
+            rows = [[generic(x.get(k), depth + 1) for k in keys] for x in obj[:200]]
+            more = f'<p class="muted">… {len(obj) - 200} more rows</p>' if len(obj) > 200 else ""
+            return table(keys, rows, raw=tuple(range(len(keys)))) + more
+        if all(not isinstance(x, (dict, list)) for x in obj):
+            shown = ", ".join(fmt(x) if isinstance(x, (int, float)) else repr(x) for x in obj[:50])
+            return esc(f"[{shown}{', …' if len(obj) > 50 else ''}]") + (
+                f' <span class="muted">({len(obj)} items)</span>' if len(obj) > 50 else "")
+        return f"<pre>{esc(json.dumps(clean(obj), ensure_ascii=False)[:4000])}</pre>"
+    if isinstance(obj, float):
+        return esc(f"{obj:.4g}")
+    return esc("–" if obj is None else obj)
+
+
+def refusal_rates(obj: Any, path: str = "") -> list[tuple[str, Any, Any, Any]]:
+    """Every ``*refusal_rate*`` entry under ``obj`` as ``(path, value, baseline, n)``."""
+    out: list[tuple[str, Any, Any, Any]] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            p = f"{path}.{k}" if path else str(k)
+            if "refusal_rate" in str(k):
+                if isinstance(v, dict):
+                    out.append((p, v.get("value"), v.get("baseline"), v.get("n")))
+                elif not isinstance(v, list):
+                    out.append((p, v, None, None))
+                else:
+                    out += refusal_rates(v, p)
+            else:
+                out += refusal_rates(v, p)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += refusal_rates(v, f"{path}[{i}]")
+    return out
+
+
+def page(title: str, nav: Sequence[tuple[str, str]], body: str, plots: Plots) -> str:
+    """Assemble the full HTML document, embedding plotly.js once when any figure was registered."""
+    js = plotly_js() if plots.specs else None
+    scripts = ""
+    if js is not None:
+        scripts = (f"<script>{js}</script>\n"
+                   f'<script type="application/json" id="figure-data">{script_json(plots.specs)}</script>\n'
+                   "<script>(function(){var figs=JSON.parse(document.getElementById('figure-data').textContent);"
+                   "var cfg={responsive:true,displaylogo:false,toImageButtonOptions:{format:'png',scale:2}};"
+                   "Object.keys(figs).forEach(function(id){Plotly.newPlot(id,figs[id].data,figs[id].layout,cfg);});"
+                   "})();</script>")
+    links = "".join(f'<a href="#{esc(a)}">{esc(t)}</a>' for a, t in nav)
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body><nav>{links}</nav><main>\n"
+            f"{body}\n</main>\n{scripts}</body></html>\n")
+
+
+def png_data_uri(path: Path) -> str:
+    """A PNG file as a ``data:`` URI (keeps pages self-contained)."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+def _cards(items: Sequence[tuple[str, str]]) -> str:
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="v">{esc(v)}</div><div class="k">{esc(k)}</div></div>' for k, v in items
+    ) + "</div>"
+
+
+def _metric(results: dict[str, Any]) -> str:
+    t = results.get("tokens") or {}
+    r = (t.get("refusal") or {}).get("str", "refusal")
+    c = (t.get("compliance") or {}).get("str", "compliance")
+    return f"logit[{str(r).strip()}] − logit[{str(c).strip()}]"
+
+
+def section_overview(r: dict[str, Any]) -> str:
+    """Header, headline cards and findings."""
+    m = r.get("model") or {}
+    h = headline(r)
+    cards = [("harmful − harmless gap", fmt(h["gap"])), ("harmful mean", fmt(h["harmful_mean"])),
+             ("harmless mean", fmt(h["harmless_mean"]))]
+    if h["max_resid_last"] is not None:
+        cards.append((f"max {h['resid_grid']} patching at last position (layer {h['max_resid_last_layer']})",
+                      fmt(h["max_resid_last"])))
+    if h["n_refusal_heads"] is not None:
+        cards.append(("refusal heads above threshold", str(h["n_refusal_heads"])))
+    if h["sufficiency"] is not None:
+        cards.append(("joint sufficiency of refusal heads", fmt(h["sufficiency"])))
+    spec = ", ".join(f"{k} {m[k]}" for k in ("model_type", "n_layers", "n_heads", "d_model", "d_head", "dtype",
+                                              "device") if k in m)
+    out = [f'<h1 id="overview">Refusal circuit report: {esc(m.get("name", "?"))}</h1>',
+           f'<p class="muted">{esc(spec)}; seed {esc(r.get("seed", "–"))}; schema version '
+           f'{esc(r.get("schema_version", "?"))}. Metric: {esc(_metric(r))}; patching values are normalised so '
+           f'that {esc(METRIC_TITLE)}.</p>', _cards(cards)]
+    findings = r.get("findings") or []
+    if findings:
+        out.append('<h2 id="findings">Findings</h2><ul class="findings">'
+                   + "".join(f"<li>{numbers_bold(f)}</li>" for f in findings) + "</ul>")
+    return "\n".join(out)
+
+
+def section_prompts(r: dict[str, Any]) -> str:
+    """Template, example chat-formatted prompt, metric tokens, positions."""
+    p = r.get("prompts") or {}
+    out = ['<h2 id="prompts">Prompts and tokens</h2>']
+    if p:
+        out.append(table(["template", "mode", "pairing"],
+                         [[p.get("template", "–"), p.get("mode", "–"), p.get("pairing", "–")]]))
+        if p.get("example") is not None:
+            out.append("<h3>Example (harmful prompt 0, chat-formatted)</h3>"
+                       f"<pre>{esc(p['example'])}</pre>")
+    t = r.get("tokens") or {}
+    if t:
+        out.append("<h3>Metric tokens</h3>" + table(
+            ["role", "token", "id"], [[k, repr((v or {}).get("str")), (v or {}).get("id")] for k, v in t.items()]))
+    pos = r.get("positions") or []
+    if pos:
+        out.append("<h3>Positions used by the grids</h3>" + table(
+            ["index", "label", "token"], [[q.get("index"), q.get("label"), repr(q.get("token"))] for q in pos]))
+    return "\n".join(out)
+
+
+def section_baseline(r: dict[str, Any], plots: Plots) -> str:
+    """Per-object baseline metric, means, gap, log-odds, top next tokens."""
+    b = r.get("baseline") or {}
+    if not b:
+        return ""
+    out = ['<h2 id="baseline">Baseline</h2>']
+    hm, sm = finite(b.get("harmful_mean")), finite(b.get("harmless_mean"))
+    lo = b.get("log_odds") or {}
+    out.append(table(["", "harmful mean", "harmless mean", "gap"],
+                     [[f"{_metric(r)} ({b.get('metric', '?')})", hm, sm,
+                       hm - sm if hm is not None and sm is not None else None]]
+                     + ([["log-odds", lo.get("harmful_mean"), lo.get("harmless_mean"),
+                          (finite(lo.get("harmful_mean")) or 0) - (finite(lo.get("harmless_mean")) or 0)]]
+                        if lo else [])))
+    h, s = b.get("harmful") or {}, b.get("harmless") or {}
+    if h or s:
+        names = list(h) + list(s)
+        data = []
+        for side, d, color, off in (("harmful", h, HARMFUL, 0), ("harmless", s, HARMLESS, len(h))):
+            data.append({"type": "bar", "name": side, "x": list(range(off, off + len(d))),
+                         "y": [finite(v) for v in d.values()], "marker": {"color": color},
+                         "customdata": [ptext(k) for k in d], "textposition": "none",
+                         "hovertemplate": "%{customdata}: %{y:.3f}<extra>" + side
+                         + "</extra>"})
+        shapes = [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": m, "y1": m,
+                   "line": {"dash": "dash", "color": c, "width": 1.5}}
+                  for m, c in ((hm, HARMFUL), (sm, HARMLESS)) if m is not None]
+        out.append(plots.add(data, {
+            "title": {"text": ptext(f"Baseline {_metric(r)} per object (dashed: side means)")},
+            "xaxis": {"tickvals": list(range(len(names))), "ticktext": [ptick(n) for n in names],
+                      "tickangle": -45}, "yaxis": {"title": {"text": ptext(_metric(r))}}, "shapes": shapes,
+            "bargap": 0.15, "margin": {"l": left_margin(names[0]), "r": 30, "t": 50, "b": 90}}, 420))
+    top = b.get("top_next_tokens") or {}
+    if top:
+        cols = []
+        for side in ("harmful", "harmless"):
+            rows = [[repr(x[0]) if isinstance(x, (list, tuple)) and x else repr(x),
+                     x[1] if isinstance(x, (list, tuple)) and len(x) > 1 else None] for x in top.get(side) or []]
+            cols.append(f'<div><h3 class="{side}">Top next tokens, {side} mean</h3>'
+                        + table(["token", "prob"], rows) + "</div>")
+        out.append('<div class="row">' + "".join(cols) + "</div>")
+    return "\n".join(out)
+
+
+def section_dla(r: dict[str, Any], plots: Plots) -> str:
+    """Accumulated residual logit attribution, components, per-head DLA."""
+    d = r.get("dla") or {}
+    if not d:
+        return ""
+    out = ['<h2 id="dla">Logit attribution</h2>']
+    if d.get("scale"):
+        out.append(f'<p class="muted">Final-norm scale: {esc(d["scale"])}</p>')
+
+    def lines(labels: Sequence[Any], h: Any, s: Any, title: str, mode: str = "lines+markers") -> str:
+        x = [ptext(x) for x in labels]
+        ha, sa = as_array(h), as_array(s)
+        data = [{"type": "scatter", "mode": mode, "name": "harmful mean", "x": x, "y": ha,
+                 "line": {"color": HARMFUL}},
+                {"type": "scatter", "mode": mode, "name": "harmless mean", "x": x, "y": sa,
+                 "line": {"color": HARMLESS}}]
+        if ha.shape == sa.shape and ha.size:
+            data.append({"type": "scatter", "mode": "lines", "name": "harmful − harmless", "x": x, "y": ha - sa,
+                         "line": {"color": "#333", "dash": "dash"}})
+        return plots.add(data, {"title": {"text": ptext(title)}, "hovermode": "x unified",
+                                "xaxis": {"type": "category", "tickangle": -45, "nticks": 30},
+                                "yaxis": {"title": {"text": ptext(_metric(r))}, "zeroline": True}}, 440)
+
+    if d.get("labels"):
+        out.append(lines(d["labels"], d.get("harmful_mean"), d.get("harmless_mean"),
+                         "Accumulated residual stream, projected on the metric direction (last position)"))
+    c = d.get("components") or {}
+    if c.get("labels"):
+        out.append(lines(c["labels"], c.get("harmful_mean"), c.get("harmless_mean"),
+                         "Direct logit attribution per component"))
+    hd = d.get("heads") or {}
+    ha, sa = as_array(hd.get("harmful_mean")), as_array(hd.get("harmless_mean"))
+    if ha.ndim == 2 and ha.size and ha.shape == sa.shape:
+        out.append(heatmap(plots, ha - sa, hd.get("rows") or [], hd.get("cols") or [],
+                           "Per-head direct logit attribution, harmful − harmless",
+                           colorbar="DLA difference", xlabel="head"))
+    return "\n".join(out)
+
+
+def section_patching(r: dict[str, Any], plots: Plots) -> str:
+    """Every patching grid (exact, attribution, necessity) as a heatmap with hover, plus agreement."""
+    pt = r.get("patching") or {}
+    grids = list(iter_grids(r))
+    if not grids:
+        return ""
+    out = ['<h2 id="patching">Activation patching</h2>',
+           f'<p class="muted">Each cell is the mean normalised metric after patching that site ({esc(METRIC_TITLE)}). '
+           "Hover a cell for its value (± std over prompts where recorded).</p>"]
+    rows_summary = []
+    heads_pos = (r.get("heads") or {}).get("position")
+    for kind, name, slug, g in grids:
+        a = as_array(g.get("values"))
+        rows, cols = g.get("rows") or [], g.get("cols") or []
+        title = grid_title(kind, name, g) + (f" at {heads_pos}" if name == "heads" and heads_pos else "")
+        if a.ndim == 2 and a.size and np.isfinite(a).any():
+            i, j = np.unravel_index(int(np.nanargmax(a)), a.shape)
+            rows_summary.append([kind, name, g.get("direction", "?"), g.get("method", "?"),
+                                 f"{a.shape[0]}×{a.shape[1]}", float(a[i, j]),
+                                 f"layer {rows[i] if i < len(rows) else i}, {cols[j] if j < len(cols) else j}"])
+        out.append(f'<h3 id="{esc(slug)}">{esc(title)}</h3>')
+        out.append(heatmap(plots, g.get("values"), rows, cols, title, std=g.get("std"),
+                           colorbar=f"normalised metric<br>{ptext(g.get('direction', '?'))}<br>0 = harmless baseline,"
+                                    "<br>1 = harmful baseline",
+                           xlabel="head" if "head" in name else "position"))
+    out.insert(2, table(["kind", "grid", "direction", "method", "shape", "max", "at"], rows_summary))
+    agr = pt.get("agreement") or {}
+    scatters = [scatter(plots, n, pt[n], g) for n, g in (pt.get("attribution") or {}).items()
+                if isinstance(g, dict) and isinstance(pt.get(n), dict)]
+    scatters = [x for x in scatters if x]
+    if agr or scatters:
+        out.append('<h3 id="agreement">Attribution vs exact patching</h3>')
+    if agr:
+        out.append(table(["grid", "Spearman", "top k", "top-k overlap"],
+                         [[k, finite((v or {}).get("spearman")), (v or {}).get("top_k"),
+                           finite((v or {}).get("top_k_overlap"))] for k, v in agr.items()]))
+    if scatters:
+        out.append('<div class="row">' + "".join(f"<div>{x}</div>" for x in scatters) + "</div>")
+    return "\n".join(out)
+
+
+def scatter(plots: Plots, name: str, exact: dict[str, Any], attr: dict[str, Any]) -> str:
+    """Attribution against exact patching, one point per cell (hover: layer and column), with y = x."""
+    a, b = as_array(exact.get("values")), as_array(attr.get("values"))
+    if a.ndim != 2 or a.shape != b.shape or a.size == 0:
+        return ""
+    rows = list(exact.get("rows") or []) + list(range(len(exact.get("rows") or []), a.shape[0]))
+    cols = list(exact.get("cols") or []) + list(range(len(exact.get("cols") or []), a.shape[1]))
+    text = [f"layer {ptext(rows[i])}<br>{ptext(cols[j])}" for i in range(a.shape[0]) for j in range(a.shape[1])]
+    fin = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)]])
+    lo, hi = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 1.0)
+    data = [{"type": "scatter", "mode": "markers", "x": a.ravel(), "y": b.ravel(), "text": text,
+             "marker": {"size": 5, "color": "#34495e", "opacity": 0.7},
+             "hovertemplate": "%{text}<br>exact %{x:.4f}<br>attribution %{y:.4f}<extra></extra>"},
+            {"type": "scatter", "mode": "lines", "x": [lo, hi], "y": [lo, hi], "hoverinfo": "skip",
+             "line": {"color": "#999", "dash": "dash"}}]
+    # narrow figure: title below the mode bar
+    return plots.add(data, {"title": {"text": ptext(f"{name}: attribution vs exact"), "y": 1 - 40 / 380,
+                                      "yanchor": "top", "font": {"size": 14}}, "showlegend": False,
+                            "xaxis": {"title": {"text": "exact"}}, "yaxis": {"title": {"text": "attribution"}},
+                            "margin": {"l": 60, "r": 20, "t": 70, "b": 50}}, 380)
+
+
+def section_heads(r: dict[str, Any], plots: Plots) -> str:
+    """Refusal heads: threshold, ranked bar chart, selected table, joint sufficiency, generations."""
+    h = r.get("heads") or {}
+    if not h:
+        return ""
+    thr = finite(h.get("threshold"))
+    out = ['<h2 id="heads">Refusal heads</h2>',
+           f"<p>Heads patched one at a time at position <code>{esc(h.get('position', '?'))}</code>; heads above "
+           f"<b>{esc(fmt(thr))}</b> are kept as refusal heads. Patching all of them together recovers "
+           f"<b>{esc(fmt(h.get('sufficiency')))}</b> of the gap (joint sufficiency; {esc(METRIC_TITLE)}).</p>"]
+    ranked = h.get("ranked") or []
+    if ranked:
+        vals = [finite(x.get("value")) for x in ranked]
+        names = [f"L{x.get('layer')}H{x.get('head')}" for x in ranked]
+        shapes = ([{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": thr, "y1": thr,
+                    "line": {"dash": "dash", "color": "#000"}}] if thr is not None else [])
+        out.append(plots.add([{"type": "bar", "x": names, "y": vals, "hovertemplate": "%{x}: %{y:.4f}<extra></extra>",
+                               "marker": {"color": [HARMFUL if thr is not None and (v or 0) > thr else "#95a5a6"
+                                                    for v in vals]}}],
+                             {"title": {"text": "Ranked heads (dashed: threshold)"},
+                              "xaxis": {"type": "category", "tickangle": -45},
+                              "yaxis": {"title": {"text": "normalised metric"}}, "shapes": shapes}, 380))
+    sel = h.get("selected")
+    if sel is not None:
+        out.append(f"<h3>Selected heads ({len(sel)})</h3>"
+                   + table(["layer", "head", "value"], [[x.get("layer"), x.get("head"), x.get("value")] for x in sel]))
+    if ranked:
+        out.append("<details><summary>Top ranked heads</summary>" + table(
+            ["rank", "layer", "head", "value"],
+            [[i + 1, x.get("layer"), x.get("head"), x.get("value")] for i, x in enumerate(ranked)]) + "</details>")
+    gens = h.get("generations") or []
+    if gens:
+        out.append("<h3>Generations with the refusal heads patched in</h3>" + table(
+            ["object", "baseline", "patched"], [[g.get("object"), g.get("baseline"), g.get("patched")] for g in gens],
+            cls="gen"))
+    return "\n".join(out)
+
+
+def section_optional(r: dict[str, Any]) -> str:
+    """Steering, direction and evaluation, rendered generically; refusal rates gathered in one table."""
+    keys = [k for k in ("steering", "direction", "evaluation") if r.get(k)]
+    if not keys:
+        return ""
+    out = ['<h2 id="extras">Steering, direction and evaluation</h2>']
+    rates = [(f"{k}.{p}", v, b, n) for k in keys for p, v, b, n in refusal_rates(r[k])]
+    if rates:
+        out.append("<h3>Refusal rates</h3>" + table(["measure", "value", "baseline", "n"], rates))
+    for k in keys:
+        out.append(f"<h3>{esc(k)}</h3>" + generic(r[k]))
+    return "\n".join(out)
+
+
+def section_objects(r: dict[str, Any]) -> str:
+    """Objects used on each side with their baseline scores, and dropped objects with reasons."""
+    o = r.get("objects") or {}
+    if not o:
+        return ""
+    b = r.get("baseline") or {}
+    out = ['<h2 id="objects">Objects</h2><div class="row">']
+    for side in ("harmful", "harmless"):
+        scores = b.get(side) or {}
+        objs = o.get(side) or []
+        out.append(f'<div><h3 class="{side}">{side} ({len(objs)})</h3>'
+                   + table(["object", "baseline"], [[x, finite(scores.get(x))] for x in objs]) + "</div>")
+    out.append("</div>")
+    dropped = o.get("dropped") or []
+    out.append(f"<h3>Dropped ({len(dropped)})</h3>" + (table(
+        ["object", "side", "reason"], [[d.get("object"), d.get("side"), d.get("reason")] for d in dropped])
+        if dropped else '<p class="muted">None.</p>'))
+    return "\n".join(out)
+
+
+def section_run(r: dict[str, Any], tables_: Sequence[str]) -> str:
+    """Config, versions, timings and the CSV tables next to results.json."""
+    out = ['<h2 id="run">Run</h2><div class="row">']
+    v = r.get("versions") or {}
+    out.append("<div><h3>Versions</h3>" + table(["package", "version"], list(v.items())) + "</div>")
+    t = r.get("timings") or {}
+    if t:
+        total = sum(finite(x) or 0.0 for x in t.values())
+        out.append("<div><h3>Timings (s)</h3>" + table(["step", "seconds"], list(t.items()) + [["total", total]])
+                   + "</div>")
+    out.append("</div>")
+    m = r.get("model") or {}
+    if m:
+        out.append("<h3>Model</h3>" + table(["field", "value"], list(m.items())))
+    out.append("<h3>Config</h3><pre>" + esc(json.dumps(clean(r.get("config") or {}), indent=2,
+                                                     ensure_ascii=False)) + "</pre>")
+    if tables_:
+        out.append("<h3>Tables</h3><ul>" + "".join(
+            f'<li><a href="tables/{esc(n)}">{esc(n)}</a></li>' for n in tables_) + "</ul>")
+    return "\n".join(out)
+
+
+def render_report(results: dict[str, Any], tables_: Sequence[str] = ()) -> str:
+    """The report HTML for one results dict (``tables_``: CSV file names under ``tables/`` to list)."""
+    plots = Plots(enabled=plotly_js() is not None)
+    parts = [section_overview(results), section_prompts(results), section_baseline(results, plots),
+             section_dla(results, plots), section_patching(results, plots), section_heads(results, plots),
+             section_optional(results), section_objects(results), section_run(results, tables_)]
+    if not plots.enabled:
+        parts.insert(1, '<p class="muted">plotly is not installed: interactive figures are omitted '
+                        "(install plotly, or see the PNG figures).</p>")
+    nav = [("overview", "Overview"), ("findings", "Findings"), ("prompts", "Prompts"), ("baseline", "Baseline"),
+           ("dla", "Logit attribution"), ("patching", "Patching"), ("heads", "Heads"), ("extras", "Steering/eval"),
+           ("objects", "Objects"), ("run", "Run")]
+    body = "\n".join(p for p in parts if p)
+    nav = [(a, t) for a, t in nav if f'id="{a}"' in body]
+    name = (results.get("model") or {}).get("name", "run")
+    return page(f"refusal-lab report — {name}", nav, body, plots)
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Read ``run_dir/results.json`` and write the self-contained ``run_dir/report.html`` (or ``out``)."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    tdir = run_dir / "tables"
+    tables_ = sorted(p.name for p in tdir.glob("*.csv")) if tdir.is_dir() else []
+    path = Path(out) if out is not None else run_dir / "report.html"
+    path.write_text(render_report(results, tables_), encoding="utf-8")
+    return path

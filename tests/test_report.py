@@ -1,0 +1,301 @@
+"""Report: PNG figures, the self-contained HTML report (escaping, no network), comparisons, a real browser."""
+
+from __future__ import annotations
+
+import copy
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from refusal_lab.report import compare_runs, headline, render_report, sample_results, write_figures, write_report
+from refusal_lab.report.__main__ import main as report_main
+from refusal_lab.report.html import script_json
+
+# Injected through every model/user-derived string: if any of it runs, the title changes or #pwned appears.
+PAYLOAD = ("<script>window.__pwned=1;document.title='PWNED';var e=document.createElement('div');"
+           "e.id='pwned';document.body.appendChild(e)</script>")
+IMG = "<img src=x id=pwned onerror=\"document.title='PWNED'\">"
+BREAKOUT = "</script><script>document.title='PWNED'</script><!--"
+MATHTEXT = r"$\notacommand{$ 5$"  # would crash matplotlib's mathtext if not escaped
+EVIL = PAYLOAD + IMG
+
+
+def hostile_results(**kw) -> dict:
+    """The synthetic sample with script payloads in objects, tokens, generations, prompt, findings, grids."""
+    r = sample_results(**kw)
+    bomb = r["objects"]["harmful"][0]
+    evil_obj = f"{bomb} {EVIL}"
+    r["objects"]["harmful"][0] = evil_obj
+    r["baseline"]["harmful"] = {(evil_obj if k == bomb else k): v for k, v in r["baseline"]["harmful"].items()}
+    cake = r["objects"]["harmless"][1]
+    r["objects"]["harmless"][1] = f"{cake} {MATHTEXT}"
+    r["baseline"]["harmless"] = {(f"{cake} {MATHTEXT}" if k == cake else k): v
+                                 for k, v in r["baseline"]["harmless"].items()}
+    r["objects"]["dropped"].append({"object": EVIL, "side": "harmless", "reason": BREAKOUT})
+    r["heads"]["generations"].append({"object": EVIL, "baseline": PAYLOAD, "patched": BREAKOUT + IMG})
+    r["prompts"]["example"] += PAYLOAD
+    r["findings"].append(f"The model said {PAYLOAD} 3 times.")
+    r["positions"][1]["token"] = EVIL
+    for g in ("resid_pre", "attn_out"):
+        r["patching"][g]["cols"][1] = f"post_obj: {EVIL}"
+    r["patching"]["attribution"]["resid_pre"]["cols"][1] = f"post_obj: {BREAKOUT}"
+    r["baseline"]["top_next_tokens"]["harmful"].append([EVIL, 0.01])
+    r["tokens"]["refusal"]["str"] = "Sorry$"
+    r["config"]["note"] = BREAKOUT
+    r["evaluation"]["samples"] = [{"prompt": EVIL, "refused": True}]
+    return r
+
+
+def write_run(d: Path, results: dict) -> Path:
+    """Create a run folder with results.json and a tables/ CSV."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    (d / "tables").mkdir(exist_ok=True)
+    (d / "tables" / "resid_pre.csv").write_text("layer,value\n0,1.0\n", encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    d = write_run(tmp_path_factory.mktemp("run") / "small", hostile_results())
+    write_report(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def report_html(run_dir) -> str:
+    return (run_dir / "report.html").read_text(encoding="utf-8")
+
+
+def assert_png(p: Path, min_side: int = 200) -> None:
+    assert p.exists() and p.stat().st_size > 5_000, p
+    with Image.open(p) as im:
+        im.verify()
+    with Image.open(p) as im:
+        assert im.format == "PNG" and min(im.size) >= min_side, (p, im.size)
+        assert len(set(im.convert("L").resize((64, 64)).getdata())) > 8, f"{p} looks blank"
+
+
+class TagCollector(HTMLParser):
+    """All start tags with their attributes, outside script/style content (which the parser skips)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    handle_startendtag = handle_starttag
+
+
+def tags_of(doc: str) -> list[tuple[str, dict[str, str | None]]]:
+    p = TagCollector()
+    p.feed(doc)
+    return p.tags
+
+
+def assert_offline(doc: str) -> None:
+    """No tag loads or links anything over the network."""
+    for tag, attrs in tags_of(doc):
+        for k in ("src", "href", "srcset", "data", "action", "poster"):
+            v = (attrs.get(k) or "").strip().lower()
+            assert not v.startswith(("http:", "https:", "//")), (tag, k, v)
+    assert not re.search(r"<script[^>]*\ssrc=", doc, re.I)
+    assert not re.search(r"<link[^>]*rel=[\"']?stylesheet", doc, re.I)
+    assert "cdn.plot.ly" not in re.sub(r"<script>.*?</script>", "", doc, flags=re.S)
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+def test_write_figures_all_sections(tmp_path):
+    paths = write_figures(hostile_results(), tmp_path / "figs")
+    names = {p.name for p in paths}
+    expected = {"baseline", "dla_resid", "dla_components", "dla_heads", "heads_ranked", "scatter_resid_pre",
+                "scatter_heads", "attribution_resid_pre", "attribution_heads", "necessity_resid_pre"}
+    expected |= {f"patching_{g}" for g in ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_out_cumulative",
+                                           "mlp_out_cumulative", "heads")}
+    assert {f"{e}.png" for e in expected} <= names
+    for p in paths:
+        assert p.parent == tmp_path / "figs"
+        assert_png(p)
+
+
+def test_write_figures_robust_to_missing_sections(tmp_path):
+    assert write_figures({}, tmp_path / "empty") == []
+    r = sample_results(n_layers=4, n_heads=2)
+    for k in ("dla", "heads", "steering", "direction", "evaluation"):
+        del r[k]
+    r["patching"] = {"resid_pre": r["patching"]["resid_pre"]}
+    r["patching"]["resid_pre"]["values"][0][0] = None  # a missing cell
+    names = {p.name for p in write_figures(r, tmp_path / "some")}
+    assert names == {"baseline.png", "patching_resid_pre.png"}
+
+
+# ------------------------------------------------------------------------------------------------- html
+
+def test_report_is_self_contained(report_html):
+    assert_offline(report_html)
+    assert report_html.count("<script>") == 2  # plotly.js once + the tiny initialiser
+    assert report_html.count('<script type="application/json" id="figure-data">') == 1
+    assert len(report_html) > 1_000_000  # plotly.js is really embedded
+
+
+def test_report_escapes_every_payload(report_html):
+    for raw in (PAYLOAD, IMG, BREAKOUT, "<img src=x", "</script><script>"):
+        assert raw not in report_html
+    assert html.escape(PAYLOAD) in report_html
+    assert html.escape(IMG) in report_html
+    assert html.escape(BREAKOUT) in report_html
+    # the only script elements are ours: plotly.js, the JSON data block and the initialiser
+    scripts = [a for t, a in tags_of(report_html) if t == "script"]
+    assert scripts == [{}, {"type": "application/json", "id": "figure-data"}, {}]
+    data = re.search(r'<script type="application/json" id="figure-data">(.*?)</script>', report_html, re.S).group(1)
+    assert "<" not in data and ">" not in data
+    figs = json.loads(data)
+    blob = json.dumps(figs)
+    assert "post_obj: &lt;script&gt;" in blob  # plotly ticks/hover get entity-escaped text
+
+
+def test_script_json_cannot_break_out():
+    s = script_json({"a": "</script><!-- & \u2028", "n": float("nan")})
+    assert "<" not in s and ">" not in s and "&" not in s and "\u2028" not in s
+    assert json.loads(s) == {"a": "</script><!-- & \u2028", "n": None}
+
+
+def test_report_contents(run_dir, report_html):
+    r = json.loads((run_dir / "results.json").read_text())
+    h = headline(r)
+    for sec in ("overview", "findings", "prompts", "baseline", "dla", "patching", "heads", "extras", "objects", "run"):
+        assert f'id="{sec}"' in report_html, sec
+    assert f"{h['gap']:.3f}" in report_html  # the gap card
+    assert "0 = harmless baseline, 1 = harmful baseline" in report_html
+    assert "joint sufficiency" in report_html and "0.470" in report_html
+    assert "object spans 2 tokens; no harmless object of the same length" in report_html  # dropped reason
+    assert "I&#x27;m sorry, but I can&#x27;t help with that." in report_html  # generation
+    assert html.escape("<start_of_turn>user\nTell me how to make a bomb.") in report_html  # chat example
+    assert "harmless_refusal_rate" in report_html and "0.810" in report_html  # refusal rate table
+    assert "transformers" in report_html and "patching" in report_html and "184.2" in report_html
+    assert '<a href="tables/resid_pre.csv">' in report_html
+    figs = json.loads(re.search(r'id="figure-data">(.*?)</script>', report_html, re.S).group(1))
+    heatmaps = [f for f in figs.values() if f["data"][0]["type"] == "heatmap"]
+    assert len(heatmaps) == 11  # 7 exact + 2 attribution + 1 necessity grids + per-head DLA
+    assert all(f'id="{k}"' in report_html for k in figs)
+    hm = heatmaps[0]["data"][0]
+    assert hm["zmid"] == 0 and hm["zmin"] == -hm["zmax"] and "value" in hm["text"][0][0]
+
+
+def test_report_minimal_results(tmp_path):
+    r = {"schema_version": 1, "model": {"name": "m", "n_layers": 2},
+         "baseline": {"harmful": {"a": 1.0}, "harmless": {"b": -1.0}, "harmful_mean": 1.0, "harmless_mean": -1.0},
+         "patching": {"resid_pre": {"rows": [0, 1], "cols": ["x"], "values": [[float("nan")], [1.0]],
+                                    "direction": "harmful->harmless", "method": "exact"}}}
+    d = tmp_path / "min"
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(r))
+    doc = write_report(d).read_text()
+    assert "2.000" in doc and 'id="patching"' in doc and 'id="heads"' not in doc
+    assert_offline(doc)
+
+
+def test_report_without_plotly(monkeypatch):
+    monkeypatch.setattr("refusal_lab.report.html.plotly_js", lambda: None)
+    doc = render_report(sample_results(n_layers=3, n_heads=2))
+    assert "<script" not in doc and "plotly is not installed" in doc
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+def test_compare_runs(tmp_path, run_dir):
+    big = write_run(tmp_path / "big", sample_results(n_layers=42, n_heads=16, name="sample/big-42L", seed=1))
+    write_report(big)
+    out = compare_runs([run_dir, big], tmp_path / "cmp")
+    assert out == tmp_path / "cmp" / "comparison.html"
+    pngs = sorted((tmp_path / "cmp").glob("*.png"))
+    names = {p.stem for p in pngs}
+    assert {"compare_baseline", "compare_dla", "compare_last_position", "compare_resid_pre", "compare_heads",
+            "compare_heads_ranked"} <= names
+    for p in pngs:
+        assert_png(p)
+    doc = out.read_text(encoding="utf-8")
+    assert_offline(doc)
+    assert PAYLOAD not in doc
+    assert "sample/big-42L" in doc and "sample/tiny-chat-24L" in doc
+    assert "depth (layer / n_layers)" in doc
+    hb = headline(json.loads((big / "results.json").read_text()))
+    assert f"{hb['gap']:.3f}" in doc and f"{hb['max_resid_last']:.3f}" in doc
+    assert '<a href="../big/report.html">' in doc
+    figs = json.loads(re.search(r'id="figure-data">(.*?)</script>', doc, re.S).group(1))
+    dla = next(f for f in figs.values() if "DLA" in f["layout"]["title"]["text"])
+    for trace in dla["data"]:  # depth-normalised x: both models span [0, 1]
+        assert trace["x"][0] == 0 and trace["x"][-1] == 1
+
+
+def test_headline_numbers():
+    r = sample_results()
+    h = headline(r)
+    assert h["gap"] == pytest.approx(r["baseline"]["harmful_mean"] - r["baseline"]["harmless_mean"])
+    col = [row[-1] for row in r["patching"]["resid_pre"]["values"]]
+    assert h["max_resid_last"] == max(col) and h["max_resid_last_layer"] == col.index(max(col))
+    assert h["n_refusal_heads"] == len(r["heads"]["selected"]) == 6 and h["sufficiency"] == 0.47
+    r2 = copy.deepcopy(r)
+    del r2["heads"]["selected"]
+    assert headline(r2)["n_refusal_heads"] == 6  # recounted from "ranked" with the threshold
+    assert headline({})["gap"] is None
+
+
+def test_cli(tmp_path, run_dir):
+    assert report_main(["--sample", str(tmp_path / "a"), "--no-figures", "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "a" / "report.html").exists() and not (tmp_path / "c").exists()
+    assert report_main([str(tmp_path / "a"), str(run_dir), "--no-figures", "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "comparison.html").exists()
+
+
+# ---------------------------------------------------------------------------------------------- browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium(url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND",
+             "--virtual-time-budget=15000", "--window-size=1280,2000"]
+    return subprocess.run([CHROMIUM, *flags, *extra, url], capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="chromium not installed (CI installs the Debian package and runs this)")
+def test_report_in_headless_chromium(run_dir, report_html, tmp_path):
+    assert CHROMIUM, "chromium is required in CI (apt-get install -y chromium)"
+    url = (run_dir / "report.html").resolve().as_uri()
+    dom = chromium(url, tmp_path / "profile1", "--dump-dom").stdout
+    assert "</html>" in dom, "chromium produced no DOM"
+    # no injected script ran
+    assert re.search(r"<title>refusal-lab report", dom) and "PWNED" not in dom.split("</title>")[0]
+    dom_tags = tags_of(dom)
+    assert not [a for _, a in dom_tags if a.get("id") == "pwned"]
+    assert not [a for _, a in dom_tags if any(k.startswith("on") for k in a)]  # no inline handlers at all
+    assert [a for t, a in dom_tags if t == "script"] == [{}, {"type": "application/json", "id": "figure-data"}, {}]
+    # the escaped payload is visible text
+    assert html.escape(PAYLOAD, quote=False) in dom
+    # plotly rendered every figure offline (network blocked by the resolver rule)
+    n_figs = len(json.loads(re.search(r'id="figure-data">(.*?)</script>', report_html, re.S).group(1)))
+    assert dom.count('class="main-svg"') >= n_figs > 10
+    assert dom.count("plot-container") >= n_figs
+
+    shot = tmp_path / "shot.png"
+    chromium(url, tmp_path / "profile2", f"--screenshot={shot}")
+    assert_png(shot)
+    with Image.open(shot) as im:
+        assert im.size == (1280, 2000)
+    if os.environ.get("REPORT_SCREENSHOT"):  # keep it for a human look
+        shutil.copy(shot, os.environ["REPORT_SCREENSHOT"])
