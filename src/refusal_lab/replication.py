@@ -159,7 +159,6 @@ class Replication:
         torch.manual_seed(config.seed)
         self.model = model
         self.cfg = config
-        self.folder = RunFolder(out, config, force)
         self.progress = progress
         tok = model.tokenizer
         self.objects = load_objects(config.objects)
@@ -176,6 +175,10 @@ class Replication:
             self.tokens = resolve_refusal_tokens(tok, config.refusal, config.compliance)
         self.metric = LogitDiff(self.tokens.refusal_id, self.tokens.compliance_id)
         self.cols = list(range(self.prompts.obj_index, self.prompts.seq_len))
+        if "heads" in config.grids:
+            self.prompts.resolve_positions(config.heads_position)  # a bad label fails now, not after the grids
+        # Only after every input is validated: a run that failed on bad input leaves no config guard behind.
+        self.folder = RunFolder(out, config, force)
         self.timings: dict[str, float] = {}
         self._receivers: dict[str, Receiver] = {}
         self._caches: dict[str, dict] = {}
@@ -374,9 +377,9 @@ class Replication:
             "objects": {"harmful": self.prompts.harmful_objects, "harmless": self.prompts.harmless_objects,
                         "dropped": self.prompts.dropped},
             "tokens": {"refusal": {"str": self.tokens.refusal_str, "id": self.tokens.refusal_id},
-                       "compliance": {"str": self.tokens.compliance_str, "id": self.tokens.compliance_id},
-                       "chosen_by": "auto" if self.token_candidates is not None else "config",
-                       "candidates": self.token_candidates},
+                       "compliance": {"str": self.tokens.compliance_str, "id": self.tokens.compliance_id}},
+            "token_choice": {"chosen_by": "auto" if self.token_candidates is not None else "config",
+                             "candidates": self.token_candidates},
             "positions": [{"index": c, "label": self.prompts.positions[c].label, "token": self.prompts.positions[c].token}
                           for c in self.cols],
             "baseline": {
@@ -456,13 +459,13 @@ def findings(r: dict) -> list[str]:
         out.append(f"Patching resid_pre at the last position recovers {v[-1, -1]:.2f} at the last layer and "
                    f"{v[:, -1].max():.2f} at most.")
         for lab in ("post_obj", "eoi"):
-            idx = [i for i, x in enumerate(labels) if x == lab]
+            idx = [i for i, x in enumerate(labels) if x == lab and i != len(labels) - 1]
             if idx:
                 best = v[:, idx].max(1).values
-                band = [l for l in range(len(best)) if best[l] > 0.5]
-                if band:
-                    out.append(f"At the {lab} position(s) resid_pre patching exceeds 0.5 in layers {band[0]}-{band[-1]} "
-                               f"(max {best.max():.2f} at layer {int(best.argmax())}).")
+                if best.max() > 0.05:
+                    band = [l for l in range(len(best)) if best[l] >= 0.5 * best.max()]
+                    out.append(f"At the {lab} position(s) resid_pre patching carries the signal in layers "
+                               f"{band[0]}-{band[-1]} (at least half its maximum {best.max():.2f}, reached at layer {int(best.argmax())}).")
     for g in ("attn_out_cumulative", "mlp_out_cumulative", "attn_out", "mlp_out"):
         if g in p:
             v = torch.as_tensor(p[g]["values"])
