@@ -1,0 +1,177 @@
+"""Steering: difference-in-means vectors, activation addition, directional ablation (tiny models)."""
+
+import pytest
+import torch
+
+from refusal_lab.steering.evaluation import (
+    REFUSAL_SUBSTRINGS,
+    Judge,
+    SubstringJudge,
+    completion_cross_entropy,
+    is_refusal,
+    kl_on_harmless,
+)
+from refusal_lab.steering.interventions import ablation_hooks, addition_hooks, combined, unit
+from refusal_lab.steering.vectors import (
+    diff_in_means,
+    diff_in_means_all_layers,
+    head_vector,
+    load_vector,
+    save_vector,
+)
+from tests.conftest import random_batch
+
+RESID_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+
+
+def _two_groups(model):
+    a_ids, a_mask = random_batch(model, b=5, T=9, pad=3, seed=1)
+    b_ids, b_mask = random_batch(model, b=4, T=9, pad=2, seed=2)
+    return a_ids, a_mask, b_ids, b_mask
+
+
+def test_add_alpha_zero_is_bit_identical(tiny):
+    ids, mask = random_batch(tiny)
+    v = torch.randn(tiny.cfg.d_model, dtype=torch.float64)
+    base = tiny(ids, mask)
+    for pos in (None, "all", "from:-2", [3, 5]):
+        out = tiny(ids, mask, fwd_hooks=addition_hooks(v, 1, 0.0, pos))
+        assert torch.equal(out, base), pos
+    assert not torch.equal(tiny(ids, mask, fwd_hooks=addition_hooks(v, 1, 3.0)), base)
+
+
+def test_addition_positions(tiny):
+    ids, mask = random_batch(tiny, T=10, pad=0)  # pad columns attend anywhere: compare real tokens
+    v = torch.randn(tiny.cfg.d_model) * 5
+    base = tiny(ids, mask)
+    out = tiny(ids, mask, fwd_hooks=addition_hooks(v, 1, 1.0, "from:-2"))
+    assert torch.equal(out[:, :8], base[:, :8]) and not torch.allclose(out[:, 8:], base[:, 8:])
+    out = tiny(ids, mask, fwd_hooks=addition_hooks(v, 1, 1.0, "from:6"))
+    assert torch.equal(out[:, :6], base[:, :6]) and not torch.allclose(out[:, 6:], base[:, 6:])
+    out = tiny(ids, mask, fwd_hooks=addition_hooks(v, 1, 1.0, [4]))
+    assert torch.equal(out[:, :4], base[:, :4]) and not torch.allclose(out[:, 4], base[:, 4])
+    with pytest.raises(Exception, match="not understood"):
+        addition_hooks(v, 1, 1.0, "sometimes")
+
+
+def test_generated_only_addition_leaves_prompt_unchanged(tiny):
+    ids, mask = random_batch(tiny, T=8)
+    v = torch.randn(tiny.cfg.d_model)
+    v = v / v.norm() * 50
+    hooks = addition_hooks(v, 0, 1.0, "generated")
+    # a forward over the prompt is untouched
+    assert torch.equal(tiny(ids, mask, fwd_hooks=hooks), tiny(ids, mask))
+    # in generation: the first token comes from the prompt pass, so it is the baseline's;
+    # later tokens are computed at generated columns, where the vector is added
+    base = tiny.generate(ids, mask, max_new_tokens=6, stop_at_eos=False)
+    seen = []
+
+    def spy(act, hook):
+        seen.append(hook.cols.clone())
+
+    steered = tiny.generate(ids, mask, max_new_tokens=6, stop_at_eos=False,
+                            fwd_hooks=[*hooks, ("blocks.0.hook_resid_pre", spy)])
+    assert torch.equal(steered[:, 0], base[:, 0])
+    assert not torch.equal(steered, base)
+    assert seen[0].tolist() == list(range(8)) and [int(c) for s in seen[1:] for c in s] == list(range(8, 13))
+    # all-columns addition changes the prompt pass too
+    assert not torch.equal(tiny(ids, mask, fwd_hooks=addition_hooks(v, 0, 1.0, "all")), tiny(ids, mask))
+
+
+def test_ablation_removes_direction_from_every_residual_site(tiny):
+    ids, mask = random_batch(tiny, b=3, T=10, pad=2)
+    names = [f"blocks.{l}.{s}" for l in range(tiny.cfg.n_layers) for s in RESID_SITES]
+    _, cache = tiny.run_with_cache(ids, mask, names=names)
+    # a direction the model really writes: the mean residual at the middle layer plus noise
+    mid = cache[f"blocks.{tiny.cfg.n_layers // 2}.hook_resid_mid"].flatten(0, 1).mean(0)
+    d = mid.double() + 0.1 * mid.norm() * torch.randn(tiny.cfg.d_model, dtype=torch.float64)
+    r = unit(d)
+    base_proj = max(float((cache[n].double() @ r).abs().max()) for n in names)
+    assert base_proj > 1e-2
+    hooks = ablation_hooks(tiny, d)
+    assert len(hooks) == 1 + 2 * tiny.cfg.n_layers
+    _, cache = tiny.run_with_cache(ids, mask, names=names, fwd_hooks=hooks)
+    for n in names:
+        x = cache[n].double()
+        proj = (x @ r).abs()
+        assert bool((proj <= 1e-4 * x.norm(dim=-1)).all()), (n, float(proj.max()))
+    if tiny.cfg.model_type.startswith("gemma"):  # the ablation sits after the (random-gain) post-norms
+        assert tiny.cfg.has_post_norms and tiny.adapter.attn_post_norm(0) is not None
+
+
+def test_diff_in_means_matches_naive_loop(tiny):
+    a_ids, a_mask, b_ids, b_mask = _two_groups(tiny)
+    L = tiny.cfg.n_layers
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + ["blocks.1.hook_mlp_out"]
+
+    def naive_means(ids, mask):
+        """Mean of cached activations, one prompt at a time, per site: {name: [T, d] float64}."""
+        caches = [tiny.run_with_cache(ids[i : i + 1], mask[i : i + 1], names=names)[1] for i in range(ids.shape[0])]
+        return {n: torch.stack([c[n][0].double() for c in caches]).mean(0) for n in names}
+
+    A, B = naive_means(a_ids, a_mask), naive_means(b_ids, b_mask)
+    for layer in range(L):
+        for pos in (-1, -3):
+            v = diff_in_means(tiny, a_ids, a_mask, b_ids, b_mask, layer, position=pos, batch_size=2)
+            name = f"blocks.{layer}.hook_resid_pre"
+            assert v.dtype == torch.float64 and v.shape == (tiny.cfg.d_model,)
+            torch.testing.assert_close(v, A[name][pos] - B[name][pos], rtol=1e-5, atol=1e-5)
+    allv = diff_in_means_all_layers(tiny, a_ids, a_mask, b_ids, b_mask, positions=[-3, -2, -1], batch_size=3)
+    assert allv.shape == (L, 3, tiny.cfg.d_model) and allv.dtype == torch.float64
+    for layer in range(L):
+        name = f"blocks.{layer}.hook_resid_pre"
+        for k, pos in enumerate([-3, -2, -1]):
+            torch.testing.assert_close(allv[layer, k], A[name][pos] - B[name][pos], rtol=1e-5, atol=1e-5)
+    mlp = diff_in_means(tiny, a_ids, a_mask, b_ids, b_mask, 1, position=-1, site="hook_mlp_out")
+    name = "blocks.1.hook_mlp_out"
+    torch.testing.assert_close(mlp, A[name][-1] - B[name][-1], rtol=1e-5, atol=1e-5)
+
+
+def test_head_vector_of_all_heads_is_attn_out_difference(tiny):
+    a_ids, a_mask, b_ids, b_mask = _two_groups(tiny)
+    layer = 1
+    if tiny.adapter.o_proj(layer).bias is not None:
+        pytest.skip("o_proj has a bias")
+    heads = [(layer, h) for h in range(tiny.cfg.n_heads)]
+    hv = head_vector(tiny, a_ids, a_mask, b_ids, b_mask, heads, position=-1, batch_size=2)
+    ref = diff_in_means(tiny, a_ids, a_mask, b_ids, b_mask, layer, position=-1, site="hook_attn_out")
+    torch.testing.assert_close(hv, ref, rtol=1e-4, atol=1e-5)
+    # one head alone is a part of it, and heads add up
+    h0 = head_vector(tiny, a_ids, a_mask, b_ids, b_mask, heads[:1], position=-1)
+    rest = head_vector(tiny, a_ids, a_mask, b_ids, b_mask, heads[1:], position=-1)
+    torch.testing.assert_close(h0 + rest, hv, rtol=1e-5, atol=1e-6)
+
+
+def test_save_load_vector_round_trip(tmp_path):
+    v = torch.randn(64, dtype=torch.float64)
+    meta = {"model": "tiny-qwen2", "layer": 2, "position": -1, "site": "hook_resid_pre",
+            "dataset": {"harmful": "train", "n": 32}}
+    path = save_vector(tmp_path / "dir" / "v.safetensors", v, meta)
+    w, got = load_vector(path)
+    assert torch.equal(w, v) and w.dtype == torch.float64
+    for k, val in meta.items():
+        assert got[k] == val
+    assert got["norm"] == pytest.approx(float(v.norm()))
+
+
+def test_kl_and_cross_entropy(tiny):
+    ids, mask = random_batch(tiny)
+    assert kl_on_harmless(tiny, ids, mask, []) == pytest.approx(0.0, abs=1e-9)
+    d = torch.randn(tiny.cfg.d_model)
+    kl = kl_on_harmless(tiny, ids, mask, combined(ablation_hooks(tiny, d), addition_hooks(d, 1, 5.0)))
+    assert kl > 0
+    ce = completion_cross_entropy(tiny, ids, mask, addition_hooks(d, 1, 0.0), max_new_tokens=4)
+    assert ce["n_tokens"] > 0 and ce["ce_edited"] == pytest.approx(ce["ce_baseline"])
+
+
+def test_is_refusal():
+    assert is_refusal("I'm sorry, but I can't assist with that.")
+    assert is_refusal("As an AI language model, I CANNOT help.")
+    assert is_refusal("i am unable to do this")
+    assert is_refusal("I\u2019m sorry")  # curly apostrophe
+    assert not is_refusal("Sure! Here is a recipe for a chocolate cake.")
+    assert not is_refusal("")
+    assert len(REFUSAL_SUBSTRINGS) == 12
+    j = SubstringJudge()
+    assert isinstance(j, Judge)
+    assert j(["a", "b"], ["I cannot do that", "Here you go"]) == [True, False]
