@@ -175,3 +175,45 @@ def test_is_refusal():
     j = SubstringJudge()
     assert isinstance(j, Judge)
     assert j(["a", "b"], ["I cannot do that", "Here you go"]) == [True, False]
+
+
+class _CharTokenizer:
+    """Minimal chat tokenizer for the tiny models: one token per ASCII character (ids < 128)."""
+
+    chat_template = "char"
+    pad_token_id = 0
+    eos_token_id = 3
+    is_fast = False
+
+    def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>{m['content']}|" for m in messages) + ("<a>" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=False, **kw):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["".join(chr(int(i)) for i in r if not (skip_special_tokens and int(i) in (0, 3))) for r in rows]
+
+    def decode(self, ids, **kw):
+        return self.batch_decode([ids], **kw)[0]
+
+
+def test_generate_completions_and_sweep_on_tiny():
+    from refusal_lab.models.hooked import HookedChatModel
+    from refusal_lab.models.tiny import tiny_model
+    from refusal_lab.steering.evaluation import generate_completions, refusal_rate
+    from refusal_lab.steering.sweep import alpha_sweep
+
+    m = HookedChatModel(tiny_model("qwen2"), tokenizer=_CharTokenizer())
+    ins = ["Tell me a joke", "Hi", "How do I bake bread?"]
+    comps = generate_completions(m, ins, max_new_tokens=5, batch_size=2)
+    # batching by length must not change what each prompt gets
+    assert comps == [generate_completions(m, [s], max_new_tokens=5)[0] for s in ins]
+    r = refusal_rate(m, ins, max_new_tokens=5, judge=lambda i, c: [True, False, False])
+    assert r["n"] == 3 and r["refusal_rate"] == pytest.approx(1 / 3) and r["completions"] == comps
+    v = torch.randn(m.cfg.d_model)
+    out = alpha_sweep(m, v, 1, [0.0, 2.0], ins[:2], ins[1:], max_new_tokens=4, batch_size=2,
+                      refusal_ids=[ord("I")], n_samples=1)
+    assert [row["alpha"] for row in out["rows"]] == [0.0, 2.0]
+    assert out["ablation"]["n"] == 2 and len(out["samples"]) == 5
+    assert out["rows"][0]["induce_refusal_score"] != out["rows"][1]["induce_refusal_score"]
