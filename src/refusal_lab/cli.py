@@ -6,6 +6,7 @@ Bad input gets one sentence and exit code 2; ``--debug`` shows the traceback ins
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -67,9 +68,27 @@ def _load(args):
         if not path.is_file():
             raise PromptError(f"Chat template file {path} does not exist; give a path to a Jinja template file.")
         chat_template = path.read_text()
-    return load_model(args.model, dtype=args.dtype or "float32", device=args.device, device_map=args.device_map,
-                      trust_remote_code=args.trust_remote_code, token=args.token or os.environ.get("HF_TOKEN"),
-                      chat_template=chat_template)
+    with _progress_bars(not getattr(args, "quiet", False)):
+        return load_model(args.model, dtype=args.dtype or "float32", device=args.device, device_map=args.device_map,
+                          trust_remote_code=args.trust_remote_code, token=args.token or os.environ.get("HF_TOKEN"),
+                          chat_template=chat_template)
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """``--quiet`` also silences transformers' "Loading weights" bar (restored afterwards)."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def cmd_run(args) -> int:

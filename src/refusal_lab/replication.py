@@ -130,8 +130,14 @@ class RunFolder:
                         f"{self.root} holds a run of another model or config (model {old.get('config', {}).get('model')!r}); "
                         "choose another --out folder or pass --force to overwrite it."
                     )
-                for p in (self.root / "steps").glob("*.json"):
-                    p.unlink()
+                # Overwriting another run: drop its steps and artifacts (not only the steps), so no
+                # table, tensor or figure of the old config survives next to the new run's.
+                for sub in ("steps", "tensors", "tables", "figures"):
+                    for p in (self.root / sub).glob("*"):
+                        if p.is_file():
+                            p.unlink()
+                for name in ("results.json", "report.html"):
+                    (self.root / name).unlink(missing_ok=True)
         write_json(guard, {"digest": config.digest(), "config": asdict(config)})
 
     def step_path(self, step: str) -> Path:

@@ -1,0 +1,255 @@
+"""The ``refusal-lab`` command end to end on a tiny random chat model saved to a folder.
+
+``run`` writes a complete ``results.json`` (schema checked key by key), tables and the report; a
+second identical run recomputes nothing; ``--force`` recomputes; ``--necessity`` adds the reverse
+direction; ``inspect --json`` prints JSON; ``compare`` writes an HTML page. The ``real_model`` test
+runs ``inspect`` on the offline default model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers_tiny_chat import make_tiny_chat_model
+from refusal_lab.cli import main
+
+GRIDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_out_cumulative", "mlp_out_cumulative", "heads")
+N_LAYERS, N_HEADS, D_MODEL = 3, 4, 64  # refusal_lab.models.tiny.TINY
+
+
+def run_cli(argv: list[str]) -> int:
+    return main([str(a) for a in argv])
+
+
+def read_results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+def without_timings(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k != "timings"}
+
+
+def step_mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((folder / "steps").glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_chat_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dir, tmp_path_factory) -> Path:
+    """One complete default run (every grid, sufficiency, attribution, heads) shared by the tests."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert run_cli(["run", "--model", tiny_dir, "--out", out, "--quiet"]) == 0
+    return out
+
+
+# -------------------------------------------------------------------------------------- run
+
+
+def test_run_results_schema(run_dir, tiny_dir):
+    r = read_results(run_dir)
+
+    m = r["model"]
+    assert {"name", "n_layers", "n_heads", "d_model", "dtype"} <= set(m)
+    assert (m["name"], m["n_layers"], m["n_heads"], m["d_model"]) == (str(tiny_dir), N_LAYERS, N_HEADS, D_MODEL)
+    assert m["dtype"] == "float32"
+
+    # Every packaged object is one token under the tiny tokenizer: nothing dropped, 7 + 7 pairs.
+    assert {"harmful", "harmless", "dropped"} <= set(r["objects"])
+    assert r["objects"]["harmful"] == ["poison", "bomb", "weapon", "toxins", "hack", "drugs", "suicide"]
+    assert r["objects"]["harmless"] == ["pie", "cake", "pizza", "poem", "kite", "toy", "card"]
+    assert r["objects"]["dropped"] == []
+
+    pos = r["positions"]
+    assert pos and all({"index", "label", "token"} <= set(p) for p in pos)
+    labels = [p["label"] for p in pos]
+    assert labels[0] == "obj" and labels[-1] == "last" and "post_obj" in labels and "eoi" in labels
+    assert [p["index"] for p in pos] == list(range(pos[0]["index"], pos[0]["index"] + len(pos)))
+
+    b = r["baseline"]
+    assert {"harmful", "harmless", "harmful_mean", "harmless_mean"} <= set(b)
+    assert set(b["harmful"]) == set(r["objects"]["harmful"]) and set(b["harmless"]) == set(r["objects"]["harmless"])
+    assert b["harmful_mean"] == pytest.approx(sum(b["harmful"].values()) / 7)
+    assert b["harmless_mean"] == pytest.approx(sum(b["harmless"].values()) / 7)
+
+    d = r["dla"]
+    assert {"labels", "harmful_mean", "harmless_mean"} <= set(d)
+    assert len(d["harmful_mean"]) == len(d["labels"]) == len(d["harmless_mean"])
+
+    p = r["patching"]
+    for g in GRIDS:
+        e = p[g]
+        assert {"rows", "cols", "values", "direction", "method"} <= set(e), g
+        assert e["rows"] == list(range(N_LAYERS)), g
+        n_cols = N_HEADS if g == "heads" else len(pos)
+        assert len(e["cols"]) == n_cols, g
+        assert len(e["values"]) == N_LAYERS and all(len(row) == n_cols for row in e["values"]), g
+        assert all(isinstance(v, float) for row in e["values"] for v in row), g
+        assert (e["direction"], e["method"]) == ("harmful->harmless", "exact"), g
+    assert "necessity" not in p
+
+    h = r["heads"]
+    assert {"threshold", "selected", "sufficiency"} <= set(h)
+    assert h["threshold"] == 0.005
+    assert all(s["value"] > h["threshold"] for s in h["selected"])
+    assert isinstance(r["timings"], dict) and "total" in r["timings"]
+
+
+def test_run_writes_tables_and_report(run_dir):
+    tables = {p.name for p in (run_dir / "tables").glob("*.csv")}
+    assert "baseline.csv" in tables
+    assert {f"patching_{g}_sufficiency.csv" for g in GRIDS} <= tables
+    assert all((run_dir / "tables" / t).stat().st_size > 0 for t in tables)
+    report = run_dir / "report.html"
+    assert report.is_file() and "<html" in report.read_text(encoding="utf-8").lower()
+    assert {p.stem for p in (run_dir / "steps").glob("*.json")} >= {"baseline", "dla", "attribution", "heads"} | {
+        f"patch_{g}_sufficiency" for g in GRIDS}
+
+
+def test_second_identical_run_recomputes_nothing(run_dir, tiny_dir, monkeypatch):
+    before = read_results(run_dir)
+    mtimes = step_mtimes(run_dir)
+    assert len(mtimes) == len(GRIDS) + 4
+
+    import refusal_lab.replication as replication
+
+    def no_patching(*a, **k):
+        raise AssertionError("a finished grid was recomputed")
+
+    monkeypatch.setattr(replication, "patch_grid", no_patching)
+    assert run_cli(["run", "--model", tiny_dir, "--out", run_dir, "--quiet"]) == 0
+    assert step_mtimes(run_dir) == mtimes
+    after = read_results(run_dir)
+    assert without_timings(after) == without_timings(before)
+    # Step timings are the recorded ones; only the total differs.
+    assert {k: v for k, v in after["timings"].items() if k != "total"} == \
+           {k: v for k, v in before["timings"].items() if k != "total"}
+
+
+@pytest.fixture(scope="module")
+def necessity_dir(tiny_dir, tmp_path_factory) -> Path:
+    """A smaller run in both directions (two grids, no attribution)."""
+    out = tmp_path_factory.mktemp("runs") / "necessity"
+    assert run_cli(["run", "--model", tiny_dir, "--out", out, "--quiet", "--necessity",
+                    "--grids", "resid_pre,heads", "--no-attribution"]) == 0
+    return out
+
+
+def test_necessity_adds_reverse_direction(necessity_dir):
+    p = read_results(necessity_dir)["patching"]
+    assert set(p["necessity"]) == {"resid_pre", "heads"}
+    for g in ("resid_pre", "heads"):
+        suff, nec = p[g], p["necessity"][g]
+        assert nec["direction"] == "harmless->harmful" and suff["direction"] == "harmful->harmless"
+        assert nec["method"] == "exact"
+        assert (nec["rows"], nec["cols"]) == (suff["rows"], suff["cols"])
+        assert [len(r) for r in nec["values"]] == [len(r) for r in suff["values"]]
+    # resid_pre at layer 0 on the last position: the receiver's own last token is replaced by the
+    # source's, which is the same chat-template token, so nothing changes -> 1 (unchanged) in the
+    # necessity direction and 0 (harmless baseline) in the sufficiency direction.
+    assert p["necessity"]["resid_pre"]["values"][0][-1] == pytest.approx(1.0, abs=1e-4)
+    assert p["resid_pre"]["values"][0][-1] == pytest.approx(0.0, abs=1e-4)
+    assert {s.stem for s in (necessity_dir / "steps").glob("*.json")} == {
+        "baseline", "dla", "heads", "patch_resid_pre_sufficiency", "patch_heads_sufficiency",
+        "patch_resid_pre_necessity", "patch_heads_necessity"}
+    assert "attribution" not in p
+    assert {p.name for p in (necessity_dir / "tables").glob("patching_*.csv")} == {
+        f"patching_{g}_{d}.csv" for g in ("resid_pre", "heads") for d in ("sufficiency", "necessity")}
+
+
+def test_force_recomputes_every_step(necessity_dir, tiny_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(necessity_dir, copy)
+    mtimes = step_mtimes(copy)
+    argv = ["run", "--model", tiny_dir, "--out", copy, "--quiet", "--necessity", "--grids", "resid_pre,heads",
+            "--no-attribution"]
+    assert run_cli(argv + ["--force"]) == 0
+    new = step_mtimes(copy)
+    assert set(new) == set(mtimes)
+    assert all(new[k] != mtimes[k] for k in mtimes), "every step is rewritten"
+    # Recomputing is deterministic.
+    assert without_timings(read_results(copy)) == without_timings(read_results(necessity_dir))
+
+
+# ---------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_json(tiny_dir, capsys):
+    capsys.readouterr()
+    assert run_cli(["inspect", "--model", tiny_dir, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    m = info["model"]
+    assert (m["n_layers"], m["n_heads"], m["d_model"]) == (N_LAYERS, N_HEADS, D_MODEL)
+    assert m["model_type"] == "qwen2"
+    cols = info["prompts"]["columns"]
+    assert [c["index"] for c in cols] == list(range(info["prompts"]["seq_len"]))
+    labels = [c["label"] for c in cols]
+    assert labels[info["prompts"]["obj_index"]] == "obj" and labels[-1] == "last"
+    assert {"prefix", "pre_obj", "post_obj", "eoi"} <= set(labels)
+    assert info["tokens"]["refusal"]["str"] == "Sorry" and info["tokens"]["compliance"]["str"] == "Sure"
+    for side, n in (("harmful", 7), ("harmless", 7)):
+        rows = info["objects"][side]["prompts"]
+        assert len(rows) == n
+        assert all(isinstance(r["score"], float) and r["object"] for r in rows)
+        assert info["objects"][side]["mean_score"] == pytest.approx(sum(r["score"] for r in rows) / n, abs=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_inspect_other_architectures(model_type, tmp_path, capsys):
+    """The helper's folder loads for other architectures too, keeping every object."""
+    folder = make_tiny_chat_model(tmp_path, model_type)
+    capsys.readouterr()
+    assert run_cli(["inspect", "--model", folder, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"]["model_type"] == model_type
+    assert info["dropped"] == [] and len(info["objects"]["harmful"]["prompts"]) == 7
+
+
+def test_inspect_text(tiny_dir, capsys):
+    capsys.readouterr()
+    assert run_cli(["inspect", "--model", tiny_dir]) == 0
+    out = capsys.readouterr().out
+    assert "3 layers" in out and "harmful" in out and "bomb" in out
+
+
+# ---------------------------------------------------------------------------------- compare
+
+
+def test_compare_two_runs(run_dir, necessity_dir, tmp_path):
+    out = tmp_path / "comparison"
+    assert run_cli(["compare", run_dir, necessity_dir, "--out", out]) == 0
+    pages = list(out.glob("*.html"))
+    assert len(pages) == 1 and pages[0].stat().st_size > 0
+    assert "<html" in pages[0].read_text(encoding="utf-8").lower()
+
+
+def test_compare_needs_results(run_dir, tmp_path, capsys):
+    capsys.readouterr()
+    assert run_cli(["compare", run_dir, tmp_path / "empty", "--out", tmp_path / "cmp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no results.json" in err[0]
+
+
+# ------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.real_model
+def test_inspect_default_model(capsys):
+    """The offline Qwen2.5-Coder-0.5B-Instruct (no --model) refuses harmful objects more."""
+    capsys.readouterr()
+    assert run_cli(["inspect", "--json", "--device", "cpu"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    m = info["model"]
+    assert (m["n_layers"], m["n_heads"], m["d_model"]) == (24, 14, 896)
+    labels = [c["label"] for c in info["prompts"]["columns"]]
+    assert "obj" in labels and labels[-1] == "last"
+    harmful, harmless = info["objects"]["harmful"], info["objects"]["harmless"]
+    assert len(harmful["prompts"]) >= 5 and len(harmless["prompts"]) >= 5
+    assert harmful["mean_score"] > harmless["mean_score"]
