@@ -1,0 +1,464 @@
+"""Time one activation-patching grid three ways on the same cells and check they agree.
+
+    python benchmarks/bench_patching.py [--model tiny|real] [--grid resid_pre] [--threads 2]
+
+Methods (all fp32, CPU unless a GPU is there, same receiver/source/metric):
+
+* ``ours``     refusal_lab's cone engine: ``Receiver.record`` + ``patch_grid``.
+* ``tl``       TransformerLens 4.3 ``patching`` (``get_act_patch_resid_pre`` /
+               ``get_act_patch_attn_out`` / ``get_act_patch_attn_head_out_by_pos``) on a
+               ``TransformerBridge`` wrapping its own copy of the same HF weights. TL's functions sweep
+               every position by default; we pass ``index_df`` with exactly our cells, so TL runs one
+               full forward (whole batch, all positions, full logits) per cell -- its normal cost per cell.
+* ``nnsight``  nnsight (``TransformersModel`` around its own copy of the HF model): one trace per
+               ``--nnsight-cells`` cells, one ``invoke`` per cell (each invoke = the whole receiver
+               batch), editing the decoder layer input / ``self_attn`` output / ``o_proj`` input.
+
+The grid (``--model real``): Qwen2.5-Coder-0.5B-Instruct (offline cache), the 7+7
+``seed_gemma2_replication`` objects, harmful -> harmless (receiver = harmless prompts, source =
+harmful activations), metric logit[Sorry] - logit[Sure] per prompt at the last column.
+``resid_pre``/``attn_out``: every layer x columns obj_index..T-1; ``heads``: every layer x every head,
+patched at the ``post_obj`` column(s) (z, i.e. each head's input to o_proj).
+
+Timed region per method: everything after the source activations exist (ours includes recording
+the receiver run). Each method is warmed up once on a 2-cell slice first. Wall and process-CPU
+seconds are both reported because shared machines are noisy; ``--tl-max-cells`` / ``--nnsight-max-cells``
+run an evenly spaced subset and extrapolate the full-grid time from the per-cell time (marked ``*``).
+
+``--model tiny``: a 3-layer random qwen2 (``refusal_lab.models.tiny``) with random ids, for a CI
+smoke test in seconds (no downloads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # TL's sweep has a progress bar per grid
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+try:
+    import refusal_lab  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from refusal_lab.models.hooked import HookedChatModel  # noqa: E402
+from refusal_lab.patching.engine import Batch, GridSpec, LogitDiff, Receiver, patch_grid  # noqa: E402
+
+GRID_CHOICES = ("resid_pre", "attn_out", "heads")
+METHODS = ("ours", "tl", "nnsight")
+
+
+# ------------------------------------------------------------------------------------ the setup
+@dataclass
+class Setup:
+    model: HookedChatModel  # ours
+    fresh_hf: callable  # () -> a new HF model object with the same weights (TL / nnsight rewire theirs)
+    tokenizer: object
+    tok_dir: str  # a folder the TL bridge can re-load the tokenizer from
+    receiver: Batch  # harmless
+    source: Batch  # harmful
+    refusal_id: int
+    compliance_id: int
+    cols: list[int]  # obj_index..T-1
+    head_cols: list[int]  # post_obj
+    info: dict = field(default_factory=dict)
+
+
+def _tiny_tokenizer_dir(vocab_size: int) -> str:
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="t0", pad_token="t1", eos_token="t2", bos_token="t3"
+    )
+    path = tempfile.mkdtemp(prefix="bench_tiny_tok_")
+    fast.save_pretrained(path)
+    return path
+
+
+def setup_tiny(device: str) -> Setup:
+    import transformers
+
+    from refusal_lab.models.tiny import tiny_model
+
+    model = HookedChatModel(tiny_model("qwen2").to(device), name="tiny-qwen2")
+    n, T, obj = 3, 12, 6
+    g = torch.Generator().manual_seed(0)
+    src_ids = torch.randint(4, model.cfg.d_vocab, (n, T), generator=g)
+    rec_ids = src_ids.clone()
+    rec_ids[:, obj] = torch.randint(4, model.cfg.d_vocab, (n,), generator=g)  # the "object" column
+    mask = torch.ones(n, T, dtype=torch.long)
+    tok_dir = _tiny_tokenizer_dir(model.cfg.d_vocab)
+    return Setup(
+        model=model,
+        fresh_hf=lambda: tiny_model("qwen2").to(device),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(tok_dir),
+        tok_dir=tok_dir,
+        receiver=Batch(rec_ids.to(device), mask.to(device)),
+        source=Batch(src_ids.to(device), mask.clone().to(device)),
+        refusal_id=3,
+        compliance_id=7,
+        cols=list(range(obj, T)),
+        head_cols=[obj + 1],
+        info={"model": "tiny qwen2 (3 layers, d=64, 4 heads, random weights)", "prompts": f"{n} random pairs, T={T}"},
+    )
+
+
+def setup_real(device: str) -> Setup:
+    from refusal_lab.metrics import resolve_refusal_tokens
+    from refusal_lab.models.loading import load_model
+    from refusal_lab.prompts import build_object_prompts, load_objects
+
+    model = load_model(None, device=device)
+    tok = model.tokenizer
+    prompts = build_object_prompts(tok, load_objects("seed_gemma2_replication"))
+    rt = resolve_refusal_tokens(tok, "Sorry", "Sure")
+    rec = Batch(prompts.ids("harmless").to(device), prompts.mask("harmless").to(device))
+    src = Batch(prompts.ids("harmful").to(device), prompts.mask("harmful").to(device))
+    if not (bool(rec.mask.all()) and bool(src.mask.all())):
+        raise SystemExit("the prompts are padded: TL's patching functions pass no attention mask, so the "
+                         "comparison would not be like for like")
+    return Setup(
+        model=model,
+        fresh_hf=lambda: load_model(None, device=device).hf_model,
+        tokenizer=tok,
+        tok_dir=tok.name_or_path,
+        receiver=rec,
+        source=src,
+        refusal_id=rt.refusal_id,
+        compliance_id=rt.compliance_id,
+        cols=list(range(prompts.obj_index, prompts.seq_len)),
+        head_cols=prompts.resolve_positions("post_obj"),
+        info={"model": model.cfg.model_name, "prompts": f"{prompts.n_pairs}+{prompts.n_pairs} seed_gemma2_replication, "
+              f"T={prompts.seq_len}, obj_index={prompts.obj_index}, post_obj={prompts.resolve_positions('post_obj')}"},
+    )
+
+
+# ----------------------------------------------------------------------------------- the cells
+def grid_spec(s: Setup, grid: str) -> GridSpec:
+    L, H = s.model.cfg.n_layers, s.model.cfg.n_heads
+    if grid == "heads":
+        return GridSpec("heads", list(range(L)), list(s.head_cols), list(range(H)))
+    return GridSpec(grid, list(range(L)), list(s.cols))
+
+
+def all_cells(spec: GridSpec) -> list[tuple[int, int]]:
+    """(a, b) grid indices: a indexes spec.layers, b spec.cols (or spec.heads)."""
+    return [(a, b) for a in range(spec.shape[0]) for b in range(spec.shape[1])]
+
+
+def subset(cells: list, k: int | None) -> list:
+    if not k or k >= len(cells):
+        return cells
+    idx = torch.linspace(0, len(cells) - 1, k).round().long().unique().tolist()
+    return [cells[i] for i in idx]
+
+
+class Clock:
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
+
+
+# ------------------------------------------------------------------------------------- methods
+def run_ours(s: Setup, spec: GridSpec, warm: bool = True) -> tuple[torch.Tensor, Clock]:
+    m = s.model
+    metric = LogitDiff(s.refusal_id, s.compliance_id)
+    site = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "heads": "attn.hook_z"}[spec.grid]
+    keep = lambda n: n.endswith(site)  # noqa: E731
+    with torch.no_grad():
+        _, cache = m.run_with_cache(s.source.ids, s.source.mask, names=keep, logits="none")
+        if warm:
+            small = GridSpec(spec.grid, spec.layers[-1:], spec.cols[-1:] if spec.grid != "heads" else spec.cols,
+                             spec.heads[:2] if spec.grid == "heads" else None)
+            patch_grid(m, Receiver.record(m, s.receiver, metric), cache, small, metric, progress=False)
+        with Clock() as clk:
+            receiver = Receiver.record(m, s.receiver, metric)
+            vals = patch_grid(m, receiver, cache, spec, metric, progress=False)
+    return vals, clk
+
+
+def boot_bridge(s: Setup):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = s.fresh_hf()
+    bridge = TransformerBridge.boot_transformers(
+        s.tok_dir, hf_model=hf, tokenizer=s.tokenizer, device=str(s.model.device), dtype=torch.float32,
+        hf_config_overrides={"architectures": [type(hf).__name__]},
+    )
+    return bridge.eval()
+
+
+def run_tl(bridge, s: Setup, spec: GridSpec, cells: list, warm: bool = True) -> tuple[dict, Clock]:
+    import pandas as pd
+    from transformer_lens import patching
+
+    R, C = s.refusal_id, s.compliance_id
+
+    def metric(logits):  # [batch] per prompt (reduce="none")
+        return logits[:, -1, R] - logits[:, -1, C]
+
+    act = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "heads": "attn.hook_z"}[spec.grid]
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(s.source.ids, names_filter=lambda n: n.endswith(act))
+
+    def sweep(cells_):
+        if spec.grid == "heads" and len(spec.cols) == 1:
+            # TL's own per-(layer, pos, head) z patch, restricted to the post_obj column
+            df = pd.DataFrame([(spec.layers[a], spec.cols[0], spec.heads[b]) for a, b in cells_],
+                              columns=["layer", "pos", "head"])
+            fn = patching.get_act_patch_attn_head_out_by_pos
+            return fn(bridge, s.receiver.ids, cache, metric, index_axis_names=None, index_df=df, reduce="none")
+        if spec.grid == "heads":  # several post_obj columns: one head patched at all of them at once
+            cols = list(spec.cols)
+
+            def setter(act_, index, clean):
+                act_[:, cols, index[1]] = clean[:, cols, index[1]]
+                return act_
+
+            df = pd.DataFrame([(spec.layers[a], spec.heads[b]) for a, b in cells_], columns=["layer", "head"])
+            return patching.generic_activation_patch(bridge, s.receiver.ids, cache, metric, setter, "z",
+                                                     index_df=df, reduce="none")
+        df = pd.DataFrame([(spec.layers[a], spec.cols[b]) for a, b in cells_], columns=["layer", "pos"])
+        fn = {"resid_pre": patching.get_act_patch_resid_pre, "attn_out": patching.get_act_patch_attn_out}[spec.grid]
+        return fn(bridge, s.receiver.ids, cache, metric, index_axis_names=None, index_df=df, reduce="none")
+
+    with torch.no_grad():
+        if warm:
+            sweep(cells[:2])
+        with Clock() as clk:
+            res = sweep(cells)
+    vals = res.values.float().cpu()  # [cells, batch]
+    return {cell: vals[i] for i, cell in enumerate(cells)}, clk
+
+
+def wrap_nnsight(s: Setup):
+    from nnsight import TransformersModel
+
+    return TransformersModel(s.fresh_hf(), task="text-generation", tokenizer=s.tokenizer)
+
+
+def _nn_site(nm, grid: str, layer: int):
+    layer_mod = nm.model.layers[layer]
+    if grid == "resid_pre":
+        return layer_mod.input  # hidden_states entering the decoder layer
+    if grid == "attn_out":
+        return layer_mod.self_attn.output[0]
+    return layer_mod.self_attn.o_proj.input  # [b, q, heads * d_head]
+
+
+def run_nnsight(nm, s: Setup, spec: GridSpec, cells: list, per_trace: int, warm: bool = True):
+    import nnsight
+
+    R, C = s.refusal_id, s.compliance_id
+    d_head = s.model.cfg.d_head
+    inputs = {"input_ids": s.receiver.ids, "attention_mask": s.receiver.mask}
+    with torch.no_grad():
+        with nm.trace({"input_ids": s.source.ids, "attention_mask": s.source.mask}):
+            src = nnsight.save([_nn_site(nm, spec.grid, l).clone() for l in spec.layers])
+
+    def sweep(cells_):
+        out = {}
+        for c0 in range(0, len(cells_), per_trace):
+            chunk = cells_[c0 : c0 + per_trace]
+            with nm.trace() as tracer:
+                vals = nnsight.save([])
+                for a, b in chunk:
+                    with tracer.invoke(inputs):
+                        site = _nn_site(nm, spec.grid, spec.layers[a])
+                        if spec.grid == "heads":
+                            h = spec.heads[b]
+                            sl = slice(h * d_head, (h + 1) * d_head)
+                            for c in spec.cols:
+                                site[:, c, sl] = src[a][:, c, sl]
+                        else:
+                            c = spec.cols[b]
+                            site[:, c] = src[a][:, c]
+                        lg = nm.output.logits[:, -1]
+                        vals.append(lg[:, R] - lg[:, C])
+            out.update({cell: v.float().cpu() for cell, v in zip(chunk, vals)})
+        return out
+
+    with torch.no_grad():
+        if warm:
+            sweep(cells[:2])
+        with Clock() as clk:
+            out = sweep(cells)
+    return out, clk
+
+
+# ---------------------------------------------------------------------------- logits parity
+def logits_parity(s: Setup, bridge=None, nm=None) -> dict:
+    out = {}
+    with torch.no_grad():
+        ours = s.model(s.receiver.ids, s.receiver.mask, logits="all")
+        if bridge is not None:
+            out["tl"] = float((bridge(s.receiver.ids) - ours).abs().max())
+        if nm is not None:
+            with nm.trace({"input_ids": s.receiver.ids, "attention_mask": s.receiver.mask}):
+                lg = nm.output.logits.save()
+            out["nnsight"] = float((lg - ours).abs().max())
+    return out
+
+
+# ---------------------------------------------------------------------------------------- main
+def fmt_row(cols, widths):
+    return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cols, widths)) + " |"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("tiny", "real"), default="real")
+    ap.add_argument("--grid", default="resid_pre", help=f"comma list of {', '.join(GRID_CHOICES)} or 'all'")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default="ours,tl,nnsight", help="comma list of ours, tl, nnsight")
+    ap.add_argument("--tl-max-cells", type=int, default=None, help="run only this many TL cells (evenly spaced) and extrapolate")
+    ap.add_argument("--nnsight-max-cells", type=int, default=None, help="same for nnsight")
+    ap.add_argument("--nnsight-cells", type=int, default=4, help="cells (invokes) per nnsight trace")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    grids = GRID_CHOICES if args.grid == "all" else tuple(g.strip() for g in args.grid.split(","))
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    for g in grids:
+        if g not in GRID_CHOICES:
+            ap.error(f"unknown grid {g!r}")
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r}")
+    if "ours" not in methods:
+        ap.error("'ours' is the reference every other method is compared with")
+
+    s = setup_tiny(args.device) if args.model == "tiny" else setup_real(args.device)
+    import transformers
+
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f} at start",
+        "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "device": args.device, **s.info,
+    }
+    try:
+        import transformer_lens
+
+        env["transformer_lens"] = transformer_lens.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    if "nnsight" in methods:
+        try:
+            import nnsight
+
+            env["nnsight"] = nnsight.__version__
+        except ImportError:
+            print("nnsight is not installed: skipping it (pip install nnsight)")
+            methods = tuple(m for m in methods if m != "nnsight")
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+
+    results = []
+    specs = {g: grid_spec(s, g) for g in grids}
+    ours_vals, ours_time = {}, {}
+    for g, spec in specs.items():
+        vals, clk = run_ours(s, spec)
+        ours_vals[g], ours_time[g] = vals, clk
+        n_cells = spec.shape[0] * spec.shape[1]
+        results.append(dict(grid=g, method="ours (cone engine)", cells=n_cells, run_cells=n_cells, wall=clk.wall,
+                            cpu=clk.cpu, extrapolated=False, max_diff=0.0))
+        print(f"[{g}] ours: {n_cells} cells, {clk.wall:.2f} s wall, {clk.cpu:.2f} s CPU", flush=True)
+
+    parity = {}
+    if "tl" in methods:
+        bridge = boot_bridge(s)
+        parity.update(logits_parity(s, bridge=bridge))
+        print(f"full-forward logits max|diff| vs ours: TL bridge {parity['tl']:.2e}", flush=True)
+        for g, spec in specs.items():
+            cells = subset(all_cells(spec), args.tl_max_cells)
+            vals, clk = run_tl(bridge, s, spec, cells)
+            results.append(_compare(g, "TransformerLens patching (bridge)", spec, cells, vals, clk, ours_vals[g]))
+            print(f"[{g}] tl: {_line(results[-1])}", flush=True)
+        del bridge
+        gc.collect()
+    if "nnsight" in methods:
+        nm = wrap_nnsight(s)
+        parity.update(logits_parity(s, nm=nm))
+        print(f"full-forward logits max|diff| vs ours: nnsight {parity['nnsight']:.2e}", flush=True)
+        for g, spec in specs.items():
+            cells = subset(all_cells(spec), args.nnsight_max_cells)
+            vals, clk = run_nnsight(nm, s, spec, cells, args.nnsight_cells)
+            results.append(_compare(g, f"nnsight ({args.nnsight_cells} invokes/trace)", spec, cells, vals, clk,
+                                    ours_vals[g]))
+            print(f"[{g}] nnsight: {_line(results[-1])}", flush=True)
+        del nm
+        gc.collect()
+
+    env["load_avg_end"] = round(os.getloadavg()[0], 1)
+    for r in results:
+        base = ours_time[r["grid"]]
+        r["ratio_wall"] = r["wall"] / base.wall
+        r["ratio_cpu"] = r["cpu"] / base.cpu
+    print_table(results, env, parity)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "logits_parity": parity, "results": results}, indent=2))
+    return 0
+
+
+def _compare(grid, name, spec, cells, vals, clk, ours):
+    diff = max(float((vals[(a, b)].cpu() - ours[:, a, b]).abs().max()) for a, b in cells)
+    total = spec.shape[0] * spec.shape[1]
+    scale = total / len(cells)
+    return dict(grid=grid, method=name, cells=total, run_cells=len(cells), wall=clk.wall * scale, cpu=clk.cpu * scale,
+                extrapolated=len(cells) < total, max_diff=diff)
+
+
+def _line(r):
+    ex = f" (ran {r['run_cells']}, extrapolated)" if r["extrapolated"] else ""
+    return f"{r['cells']} cells{ex}, {r['wall']:.2f} s wall, {r['cpu']:.2f} s CPU, max|diff| vs ours {r['max_diff']:.2e}"
+
+
+def _sec(x: float) -> str:
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 10 else f"{x:.1f}"
+
+
+def print_table(results, env, parity):
+    head = ["grid", "method", "cells", "wall s", "CPU s", "wall × ours", "CPU × ours", "max |diff| vs ours"]
+    rows = []
+    for r in sorted(results, key=lambda r: GRID_CHOICES.index(r["grid"])):
+        star = "*" if r["extrapolated"] else ""
+        cells = f"{r['cells']}" + (f" (ran {r['run_cells']})" if r["extrapolated"] else "")
+        rows.append([r["grid"], r["method"], cells, f"{_sec(r['wall'])}{star}", f"{_sec(r['cpu'])}{star}",
+                     f"{r['ratio_wall']:.1f}", f"{r['ratio_cpu']:.1f}", f"{r['max_diff']:.1e}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    print()
+    print(fmt_row(head, widths))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(fmt_row(row, widths))
+    if any(r["extrapolated"] for r in results):
+        print("* extrapolated from the cells run (per-cell time × all cells); max |diff| over the cells run")
+    if parity:
+        print("full-forward logits max |diff| vs ours: " + ", ".join(f"{k} {v:.1e}" for k, v in parity.items()))
+    print(f"load average at end: {env['load_avg_end']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
