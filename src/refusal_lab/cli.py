@@ -91,6 +91,20 @@ def _progress_bars(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
+def _check_prompt_inputs(objects: str | None, template: str | None) -> None:
+    """Validate the object list and the template before the (slow) model load, so bad input fails fast.
+
+    Raises the same :class:`~refusal_lab.errors.PromptError` sentences that building the prompts would.
+    """
+    from refusal_lab.prompts.data import load_objects, validate_template
+
+    lists = load_objects(objects)
+    if template is not None:
+        validate_template(template)
+    elif lists.template is not None:
+        validate_template(lists.template)
+
+
 def cmd_run(args) -> int:
     from refusal_lab.artifacts import read_json
     from refusal_lab.errors import ConfigError
@@ -118,6 +132,7 @@ def cmd_run(args) -> int:
         data["attribution"] = False
     cfg = RunConfig.from_dict(data, where=str(args.config) if args.config else "the options")
     args.model, args.dtype = cfg.model, cfg.dtype
+    _check_prompt_inputs(cfg.objects, cfg.template)
     model = _load(args)
     out = args.out or Path("runs") / model_slug(model.cfg.model_name)
     rep = Replication(model, cfg, out, force=args.force, progress=not args.quiet)
@@ -131,6 +146,7 @@ def cmd_run(args) -> int:
 def cmd_inspect(args) -> int:
     from refusal_lab.inspect import inspect_model
 
+    _check_prompt_inputs(args.objects, args.template)
     model = _load(args)
     info = inspect_model(model, objects=args.objects, template=args.template, mode=args.mode or "single_token",
                          refusal=args.refusal or "Sorry", compliance=args.compliance or "Sure")
