@@ -1,0 +1,144 @@
+"""Selecting the refusal direction among difference-in-means candidates (Arditi et al. 2024, §C).
+
+Candidates ``r[l, p]`` are the diff-in-means of ``blocks.{l}.hook_resid_pre`` at every layer ``l``
+and every end-of-instruction column ``p``. Each candidate is scored on held-out prompts:
+
+* ``bypass``: mean refusal log-odds (last column) of the harmful val prompts under directional
+  ablation of ``r̂`` (:func:`ablation_hooks`) — lower is better;
+* ``induce``: mean refusal log-odds of the harmless val prompts with ``alpha * r`` added at
+  ``blocks.{l}.hook_resid_pre`` at every column;
+* ``kl``: mean KL(baseline || ablated) of the harmless val prompts' last-column distribution.
+
+A candidate is kept when ``kl < kl_max``, ``induce > 0`` and ``l < max_layer_frac * n_layers``; the
+kept candidate with the lowest ``bypass`` is chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from refusal_lab.errors import RefusalLabError
+from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
+from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
+from refusal_lab.steering.vectors import diff_in_means_all_layers
+
+__all__ = ["SelectionResult", "select_direction"]
+
+
+@dataclass
+class SelectionResult:
+    """The chosen direction and every candidate's scores."""
+
+    direction: torch.Tensor  # float64 [d], un-normalised diff-in-means r[layer, position]
+    layer: int
+    position: int
+    bypass: float
+    induce: float
+    kl: float
+    table: list[dict] = field(default_factory=list)  # one row per (layer, position)
+    candidates: torch.Tensor | None = None  # float64 [L, P, d]
+    positions: tuple[int, ...] = ()
+
+    @property
+    def chosen(self) -> dict:
+        return next(r for r in self.table if r["layer"] == self.layer and r["position"] == self.position)
+
+
+def _batches(ids, mask, batch_size, device):
+    if mask is None:
+        mask = torch.ones_like(ids)
+    for s in range(0, ids.shape[0], batch_size):
+        yield ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)
+
+
+@torch.no_grad()
+def _last_logits(model, ids, mask, hooks, batch_size) -> torch.Tensor:
+    out = [model(i, m, fwd_hooks=list(hooks), logits="last").to(torch.float64)
+           for i, m in _batches(ids, mask, batch_size, model.device)]
+    return torch.cat(out)
+
+
+def _kl(base_logp: torch.Tensor, edit_logits: torch.Tensor) -> float:
+    edit = torch.log_softmax(edit_logits, -1)
+    return float((base_logp.exp() * (base_logp - edit)).sum(-1).mean())
+
+
+@torch.no_grad()
+def select_direction(
+    model,
+    harmful_train: tuple[torch.Tensor, torch.Tensor | None],
+    harmless_train: tuple[torch.Tensor, torch.Tensor | None],
+    harmful_val: tuple[torch.Tensor, torch.Tensor | None],
+    harmless_val: tuple[torch.Tensor, torch.Tensor | None],
+    positions: Sequence[int] = (-5, -4, -3, -2, -1),
+    refusal_ids: Sequence[int] | None = None,
+    kl_max: float = 0.1,
+    max_layer_frac: float = 0.8,
+    alpha: float = 1.0,
+    batch_size: int = 16,
+) -> SelectionResult:
+    """Score every (layer, eoi position) diff-in-means candidate and pick the best (see module doc).
+
+    Each split is an ``(ids, mask)`` pair of left-padded prompts (``mask`` may be None).
+    Raises :class:`RefusalLabError` when the filters reject every candidate.
+    """
+    positions = tuple(int(p) for p in positions)
+    if refusal_ids is None:
+        if model.tokenizer is None:
+            raise RefusalLabError("The model has no tokenizer, so give refusal_ids (the refusal token ids) explicitly.")
+        refusal_ids = default_refusal_token_ids(model.tokenizer)
+    refusal_ids = list(refusal_ids)
+    L = model.cfg.n_layers
+    cands = diff_in_means_all_layers(model, *harmful_train, *harmless_train, positions=positions,
+                                     batch_size=batch_size)  # [L, P, d]
+
+    hf_ids, hf_mask = harmful_val
+    hl_ids, hl_mask = harmless_val
+    base_hl_logp = torch.log_softmax(_last_logits(model, hl_ids, hl_mask, (), batch_size), -1)
+    layer_limit = max_layer_frac * L
+
+    table: list[dict] = []
+    for l in range(L):
+        for j, p in enumerate(positions):
+            r = cands[l, j]
+            row = {"layer": l, "position": p, "norm": float(r.norm())}
+            if not torch.isfinite(r.norm()) or float(r.norm()) == 0.0:
+                table.append(row | {"bypass": float("nan"), "induce": float("nan"), "kl": float("nan"),
+                                    "kept": False, "reason": "zero direction"})
+                continue
+            abl = ablation_hooks(model, r)
+            bypass = float(refusal_log_odds(_last_logits(model, hf_ids, hf_mask, abl, batch_size), refusal_ids).mean())
+            kl = _kl(base_hl_logp, _last_logits(model, hl_ids, hl_mask, abl, batch_size))
+            add = addition_hooks(r.to(model.dtype), l, alpha, positions=None)
+            induce = float(refusal_log_odds(_last_logits(model, hl_ids, hl_mask, add, batch_size), refusal_ids).mean())
+            reasons = []
+            if not kl < kl_max:
+                reasons.append(f"kl {kl:.4g} >= kl_max {kl_max:g}")
+            if not induce > 0:
+                reasons.append(f"induce {induce:.4g} <= 0")
+            if not l < layer_limit:
+                reasons.append(f"layer {l} >= max_layer_frac*L = {layer_limit:g}")
+            table.append(row | {"bypass": bypass, "induce": induce, "kl": kl,
+                                "kept": not reasons, "reason": "; ".join(reasons) or "kept"})
+
+    kept = [r for r in table if r["kept"]]
+    if not kept:
+        n = len(table)
+        n_kl = sum(1 for r in table if "kl " in r["reason"])
+        n_ind = sum(1 for r in table if "induce " in r["reason"])
+        n_lay = sum(1 for r in table if "layer " in r["reason"])
+        n_zero = sum(1 for r in table if r["reason"] == "zero direction")
+        zero = f", {n_zero} were zero vectors" if n_zero else ""
+        raise RefusalLabError(
+            f"All {n} candidate directions were filtered out ({n_kl} failed KL < kl_max={kl_max:g}, "
+            f"{n_ind} failed induce > 0, {n_lay} failed layer < max_layer_frac*L={layer_limit:g}{zero}); "
+            "loosen kl_max or raise max_layer_frac (or use more/other validation prompts)."
+        )
+    best = min(kept, key=lambda r: r["bypass"])
+    j = positions.index(best["position"])
+    return SelectionResult(direction=cands[best["layer"], j].clone(), layer=best["layer"], position=best["position"],
+                           bypass=best["bypass"], induce=best["induce"], kl=best["kl"], table=table,
+                           candidates=cands, positions=positions)
