@@ -17,6 +17,7 @@ layer is run once and each cumulative cell l branches off it at layer l + 1.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from refusal_lab.errors import RefusalLabError
 from refusal_lab.metrics import logit_diff, refusal_log_odds
 from refusal_lab.models.hooked import ActivationCache, HookedChatModel, KVPrefix, _Run, default_position_ids
 
@@ -167,6 +169,19 @@ def _edit_hook(items: list[tuple[int, Edit]]):
     return fn
 
 
+def _is_oom(exc: BaseException) -> bool:
+    """True for CUDA/CPU out-of-memory errors (``torch.OutOfMemoryError`` or a RuntimeError saying so)."""
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _free_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @torch.no_grad()
 def run_rows(
     model: HookedChatModel,
@@ -175,20 +190,52 @@ def run_rows(
     metric: NormedMetric,
     max_rows: int = 256,
     progress: tqdm | None = None,
+    on_chunk: Callable[[list[int], torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Metric [len(rows)] of every row, computing only each row's cone."""
+    """Metric [len(rows)] of every row, computing only each row's cone.
+
+    Rows run in batches of at most ``max_rows``; when a batch runs out of memory the batch size is
+    halved (and stays halved) and the batch retried, with one warning per reduction. ``on_chunk``
+    is called with the row indices and values of every finished batch (checkpointing)."""
     out = torch.empty(len(rows))
     groups: dict[int, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         groups[r.start_col].append(i)
     L, T = model.cfg.n_layers, receiver.batch.T
+    size = max_rows
     for p, members in sorted(groups.items()):
         members.sort(key=lambda i: rows[i].start_layer)
-        for c0 in range(0, len(members), max_rows):
-            chunk = members[c0 : c0 + max_rows]
-            out[chunk] = _run_group(model, receiver, [rows[i] for i in chunk], p, metric, L, T).cpu()
+        c0, failed_at = 0, None
+        while c0 < len(members):
+            chunk = members[c0 : c0 + size]
+            oom = False
+            try:
+                vals = _run_group(model, receiver, [rows[i] for i in chunk], p, metric, L, T).cpu()
+            except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+                if not _is_oom(exc):
+                    raise
+                oom = True
+            if oom:  # outside the except block, so the failed forward's tensors can be freed
+                _free_cached_memory()
+                if len(chunk) <= 1:
+                    raise RefusalLabError(
+                        "Out of memory even with a single patched row per batch; use --dtype bfloat16, a shorter "
+                        "template, fewer objects or a device with more free memory."
+                    )
+                failed_at = failed_at or len(chunk)
+                while size >= len(chunk):  # halve max_rows until the batch really shrinks
+                    size //= 2
+                continue
+            if failed_at is not None:
+                warnings.warn(f"out of memory with {failed_at} rows per batch; continuing with {size}",
+                              RuntimeWarning, stacklevel=2)
+                failed_at = None
+            out[chunk] = vals
+            if on_chunk is not None:
+                on_chunk(chunk, vals)
             if progress is not None:
                 progress.update(len(chunk))
+            c0 += len(chunk)
     return out
 
 
