@@ -132,12 +132,16 @@ class RunFolder:
                     )
                 # Overwriting another run: drop its steps and artifacts (not only the steps), so no
                 # table, tensor or figure of the old config survives next to the new run's.
-                for sub in ("steps", "tensors", "tables", "figures"):
+                for sub in ("steps", "tensors", "tables", "figures", "partial"):
                     for p in (self.root / sub).glob("*"):
                         if p.is_file():
                             p.unlink()
                 for name in ("results.json", "report.html"):
                     (self.root / name).unlink(missing_ok=True)
+        if force:  # recompute everything: no within-grid checkpoint is reused either
+            for p in (self.root / "partial").glob("*"):
+                if p.is_file():
+                    p.unlink()
         write_json(guard, {"digest": config.digest(), "config": asdict(config)})
 
     def step_path(self, step: str) -> Path:
@@ -264,14 +268,18 @@ class Replication:
 
         def compute():
             spec = self.grid_spec(grid)
+            partial = self.folder.root / "partial" / f"patch_{grid}_{direction}.safetensors"
             vals = patch_grid(self.model, self.receiver(rec), self.source_cache(src), spec, self.metric,
-                              max_rows=self.cfg.max_rows, progress=self.progress)
+                              max_rows=self.cfg.max_rows, progress=self.progress, checkpoint=partial)
             save_tensors(self.folder.root / "tensors" / f"patch_{grid}_{direction}.safetensors",
                          {"per_pair": vals}, {"grid": grid, "direction": direction, "layers": spec.layers,
                                               "cols": spec.cols if grid != "heads" else spec.heads})
             return {"per_pair": vals, "layers": spec.layers, "cols": spec.cols, "heads": spec.heads}
 
-        return self._step(f"patch_{grid}_{direction}", compute)
+        result = self._step(f"patch_{grid}_{direction}", compute)
+        # the step file is written: the within-grid checkpoint is no longer needed
+        (self.folder.root / "partial" / f"patch_{grid}_{direction}.safetensors").unlink(missing_ok=True)
+        return result
 
     def step_attribution(self, grids: list[str]) -> dict:
         src, rec = DIRECTIONS["sufficiency"]

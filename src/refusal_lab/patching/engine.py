@@ -17,14 +17,19 @@ layer is run once and each cumulative cell l branches off it at layer l + 1.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from refusal_lab.artifacts import save_tensors
 from refusal_lab.errors import RefusalLabError
 from refusal_lab.metrics import logit_diff, refusal_log_odds
 from refusal_lab.models.hooked import ActivationCache, HookedChatModel, KVPrefix, _Run, default_position_ids
@@ -333,6 +338,20 @@ def build_rows(model: HookedChatModel, spec: GridSpec, source: ActivationCache, 
     return rows, index
 
 
+def _checkpoint_key(model: HookedChatModel, receiver: Receiver, source: ActivationCache, spec: GridSpec,
+                    metric: NormedMetric, n_rows: int) -> str:
+    """What a grid checkpoint must match: the model, the grid spec, the metric, the receiver's
+    tokens and the source values of the patched sites."""
+    h = hashlib.sha256()
+    h.update(json.dumps([model.cfg.model_name, model.cfg.dtype, spec.grid, spec.layers, spec.cols, spec.heads,
+                         repr(metric), n_rows]).encode())
+    for t in (receiver.batch.ids, receiver.batch.mask):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for name in sorted(source_sites(model, spec)):
+        h.update(source[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 @torch.no_grad()
 def patch_grid(
     model: HookedChatModel,
@@ -342,17 +361,48 @@ def patch_grid(
     metric: NormedMetric,
     max_rows: int = 256,
     progress: bool = True,
+    checkpoint: Path | str | None = None,
 ) -> torch.Tensor:
-    """Metric per prompt and cell, [n, len(layers), len(cols or heads)], computed by cones."""
+    """Metric per prompt and cell, [n, len(layers), len(cols or heads)], computed by cones.
+
+    With ``checkpoint`` (non-cumulative grids), the values of finished rows are saved there
+    atomically after every batch, and rows already saved (by a run of the same grid on the same
+    inputs) are skipped; a checkpoint of anything else is ignored and overwritten."""
     n = receiver.batch.n
     out = torch.empty(n, *spec.shape)
     if spec.grid.endswith("cumulative"):
         return _cumulative(model, receiver, source, spec, metric, max_rows, progress)
     rows, index = build_rows(model, spec, source, n)
-    bar = tqdm(total=len(rows), desc=f"patch {spec.grid}", disable=not progress, leave=False)
-    vals = run_rows(model, receiver, rows, metric, max_rows, bar)
+    values = torch.zeros(len(rows))
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    on_chunk = None
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        key = _checkpoint_key(model, receiver, source, spec, metric, len(rows))
+        meta = {"key": key, "grid": spec.grid, "layers": json.dumps(spec.layers), "cols": json.dumps(spec.cols),
+                "heads": json.dumps(spec.heads)}
+        if checkpoint.exists():
+            try:
+                with safe_open(str(checkpoint), "pt") as f:
+                    if (f.metadata() or {}).get("key") == key:
+                        values, done = f.get_tensor("values"), f.get_tensor("done").bool()
+            except Exception:  # unreadable: start afresh (it is rewritten atomically)
+                pass
+
+        def on_chunk(chunk: list[int], vals: torch.Tensor) -> None:
+            values[chunk] = vals
+            done[chunk] = True
+            save_tensors(checkpoint, {"values": values, "done": done.to(torch.uint8)}, meta)
+
+    pending = [i for i in range(len(rows)) if not done[i]]
+    bar = tqdm(total=len(rows), initial=len(rows) - len(pending), desc=f"patch {spec.grid}",
+               disable=not progress, leave=False)
+    if pending:
+        vals = run_rows(model, receiver, [rows[i] for i in pending], metric, max_rows, bar,
+                        on_chunk=None if on_chunk is None else (lambda c, v: on_chunk([pending[j] for j in c], v)))
+        values[pending] = vals
     bar.close()
-    for v, (i, a, b) in zip(vals.tolist(), index):
+    for v, (i, a, b) in zip(values.tolist(), index):
         out[i, a, b] = v
     return out
 
