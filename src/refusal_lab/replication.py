@@ -28,6 +28,7 @@ import torch
 from refusal_lab import __version__
 from refusal_lab.artifacts import read_json, save_tensors, write_csv, write_json
 from refusal_lab.errors import ConfigError, RefusalLabError
+from refusal_lab.memory import check_run_memory
 from refusal_lab.metrics import (
     NORMALIZED_METRIC_NOTE, default_refusal_token_ids, propose_token_pair, refusal_log_odds, resolve_refusal_tokens,
 )
@@ -187,6 +188,9 @@ class Replication:
         self.cols = list(range(self.prompts.obj_index, self.prompts.seq_len))
         if "heads" in config.grids:
             self.prompts.resolve_positions(config.heads_position)  # a bad label fails now, not after the grids
+        # A run that clearly does not fit in memory fails now, not hours later.
+        check_run_memory(model, len(self.prompts.harmful_objects), self.prompts.seq_len, config.max_rows,
+                         sides=len(config.directions))
         # Only after every input is validated: a run that failed on bad input leaves no config guard behind.
         self.folder = RunFolder(out, config, force)
         self.timings: dict[str, float] = {}
