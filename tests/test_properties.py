@@ -135,25 +135,14 @@ def test_build_object_prompts_never_crashes(harmful, harmless, template, list_te
         assert len(prompts.labels) == T and prompts.labels[prompts.obj_index] in ("obj", "last")
 
 
-def _unhashable_direction(data: dict) -> bool:
-    """The known ``RunConfig.validate`` crash: ``d in DIRECTIONS`` (a dict) on a list/dict item."""
-    v = data.get("directions")
-    return isinstance(v, list) and any(isinstance(d, (list, dict)) for d in v)
-
-
 @SETTINGS
 @given(data=config_dicts)
 def test_run_config_from_dict_never_crashes(data):
-    assume(not _unhashable_direction(data))  # see test_run_config_unhashable_direction below
     cfg = _ok_or_project_error(RunConfig.from_dict, data)
     if cfg is not None:
         cfg.digest()  # a valid config can be hashed for the run-folder guard
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="RunConfig.validate checks `d in DIRECTIONS` (a dict) without isinstance(d, str); "
-                          "a nested list in 'directions' raises TypeError: unhashable type. Fix in replication.py "
-                          "(owned elsewhere): `all(isinstance(d, str) and d in DIRECTIONS for d in v)`, then drop "
-                          "this xfail and the assume() above.")
-def test_run_config_unhashable_direction():
-    _ok_or_project_error(RunConfig.from_dict, {"directions": [[]]})
+def test_run_config_nested_direction_is_a_config_error():
+    with pytest.raises(RefusalLabError):
+        RunConfig.from_dict({"directions": [[]]})
