@@ -87,7 +87,7 @@ class RunConfig:
             "max_rows": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
             "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
             "grids": lambda v: isinstance(v, list) and all(g in GRIDS for g in v),
-            "directions": lambda v: isinstance(v, list) and v and all(d in DIRECTIONS for d in v),
+            "directions": lambda v: isinstance(v, list) and v and all(isinstance(d, str) and d in DIRECTIONS for d in v),
             "refusal": lambda v: isinstance(v, str) and v,
             "compliance": lambda v: isinstance(v, str) and v,
             "heads_position": lambda v: isinstance(v, (str, int)),
