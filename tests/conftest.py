@@ -36,3 +36,27 @@ def random_batch(model: HookedChatModel, b: int = 3, T: int = 10, pad: int = 2, 
     if pad:
         mask[0, :pad] = 0
     return ids, mask
+
+
+def patch_pair(model: HookedChatModel, T: int = 9, seed: int = 1):
+    """(source, receiver) Batches of 3 prompts that differ only at column 4 (the "object"), the
+    first row left-padded by 2: the standard input of the patching tests."""
+    from refusal_lab.patching.engine import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    src = Batch(torch.randint(0, model.cfg.d_vocab, (3, T), generator=g), torch.ones(3, T, dtype=torch.long))
+    rec = Batch(src.ids.clone(), src.mask.clone())
+    rec.ids[:, 4] = torch.randint(0, model.cfg.d_vocab, (3,), generator=g)
+    rec.mask[0, :2] = 0
+    src.mask[0, :2] = 0
+    return src, rec
+
+
+def patch_setup(model: HookedChatModel, T: int = 9):
+    """(receiver record, source cache, metric) for :func:`patch_pair` with logit[3] - logit[7]."""
+    from refusal_lab.patching.engine import LogitDiff, Receiver
+
+    src, rec = patch_pair(model, T)
+    metric = LogitDiff(3, 7)
+    _, source = model.run_with_cache(src.ids, src.mask)
+    return Receiver.record(model, rec, metric), source, metric

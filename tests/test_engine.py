@@ -5,25 +5,16 @@ import pytest
 import torch
 
 from refusal_lab.patching.engine import (
-    GRIDS, Batch, GridSpec, LogitDiff, LogOdds, Receiver, naive_patch, patch_grid,
+    GRIDS, GridSpec, LogitDiff, LogOdds, Receiver, naive_patch, patch_grid,
 )
+from tests.conftest import patch_pair
 
 TOL = 1e-4  # fp32; observed differences are ~1e-6
 
 
-def _pair(model, T=9, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    src = Batch(torch.randint(0, model.cfg.d_vocab, (3, T), generator=g), torch.ones(3, T, dtype=torch.long))
-    rec = Batch(src.ids.clone(), src.mask.clone())
-    rec.ids[:, 4] = torch.randint(0, model.cfg.d_vocab, (3,), generator=g)  # the "object" column
-    rec.mask[0, :2] = 0
-    src.mask[0, :2] = 0
-    return src, rec
-
-
 @pytest.mark.parametrize("grid", GRIDS)
 def test_cone_equals_naive(tiny, grid):
-    src, rec = _pair(tiny)
+    src, rec = patch_pair(tiny)
     metric = LogitDiff(3, 7)
     receiver = Receiver.record(tiny, rec, metric)
     _, source = tiny.run_with_cache(src.ids, src.mask)
@@ -38,7 +29,7 @@ def test_cone_equals_naive(tiny, grid):
 
 def test_patching_everything_gives_source_metric(tiny):
     """resid_pre patched at layer 0 at every column from the object on = the source run."""
-    src, rec = _pair(tiny)
+    src, rec = patch_pair(tiny)
     metric = LogitDiff(3, 7)
     receiver = Receiver.record(tiny, rec, metric)
     source_rec = Receiver.record(tiny, src, metric)
@@ -53,7 +44,7 @@ def test_patching_everything_gives_source_metric(tiny):
 
 
 def test_log_odds_metric_cone_equals_naive(tiny):
-    src, rec = _pair(tiny)
+    src, rec = patch_pair(tiny)
     metric = LogOdds([3, 5, 11])
     receiver = Receiver.record(tiny, rec, metric)
     _, source = tiny.run_with_cache(src.ids, src.mask)

@@ -5,19 +5,8 @@ import torch
 
 from refusal_lab.artifacts import load_tensors
 from refusal_lab.patching import engine
-from refusal_lab.patching.engine import Batch, GridSpec, LogitDiff, Receiver, patch_grid
-
-
-def _setup(model, T=9):
-    g = torch.Generator().manual_seed(1)
-    src = Batch(torch.randint(0, model.cfg.d_vocab, (3, T), generator=g), torch.ones(3, T, dtype=torch.long))
-    rec = Batch(src.ids.clone(), src.mask.clone())
-    rec.ids[:, 4] = torch.randint(0, model.cfg.d_vocab, (3,), generator=g)
-    rec.mask[0, :2] = 0
-    src.mask[0, :2] = 0
-    metric = LogitDiff(3, 7)
-    _, source = model.run_with_cache(src.ids, src.mask)
-    return Receiver.record(model, rec, metric), source, metric
+from refusal_lab.patching.engine import GridSpec, LogitDiff, patch_grid
+from tests.conftest import patch_setup
 
 
 def _count(monkeypatch, fail_on: int | None = None):
@@ -36,7 +25,7 @@ def _count(monkeypatch, fail_on: int | None = None):
 
 @pytest.mark.parametrize("grid", ["resid_pre", "mlp_out", "heads"])
 def test_interrupted_grid_resumes_to_identical_values(tiny, monkeypatch, tmp_path, grid):
-    receiver, source, metric = _setup(tiny)
+    receiver, source, metric = patch_setup(tiny)
     spec = GridSpec(grid, list(range(tiny.cfg.n_layers)), [4, 6] if grid == "heads" else [4, 5, 8],
                     list(range(tiny.cfg.n_heads)))
     ckpt = tmp_path / "partial" / "grid.safetensors"
@@ -58,7 +47,7 @@ def test_interrupted_grid_resumes_to_identical_values(tiny, monkeypatch, tmp_pat
 
 
 def test_checkpoint_of_another_grid_is_ignored(tiny, monkeypatch, tmp_path):
-    receiver, source, metric = _setup(tiny)
+    receiver, source, metric = patch_setup(tiny)
     ckpt = tmp_path / "grid.safetensors"
     spec = GridSpec("resid_pre", [0, 1], [4, 5])
     ref = patch_grid(tiny, receiver, source, spec, metric, max_rows=4, progress=False)

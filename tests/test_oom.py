@@ -8,19 +8,8 @@ import torch
 
 from refusal_lab.errors import RefusalLabError
 from refusal_lab.patching import engine
-from refusal_lab.patching.engine import Batch, GridSpec, LogitDiff, Receiver, patch_grid
-
-
-def _setup(model, T=9):
-    g = torch.Generator().manual_seed(1)
-    src = Batch(torch.randint(0, model.cfg.d_vocab, (3, T), generator=g), torch.ones(3, T, dtype=torch.long))
-    rec = Batch(src.ids.clone(), src.mask.clone())
-    rec.ids[:, 4] = torch.randint(0, model.cfg.d_vocab, (3,), generator=g)
-    rec.mask[0, :2] = 0
-    src.mask[0, :2] = 0
-    metric = LogitDiff(3, 7)
-    _, source = model.run_with_cache(src.ids, src.mask)
-    return Receiver.record(model, rec, metric), source, metric
+from refusal_lab.patching.engine import GridSpec, patch_grid
+from tests.conftest import patch_setup
 
 
 def _limit(monkeypatch, k, exc=None):
@@ -40,7 +29,7 @@ def _limit(monkeypatch, k, exc=None):
 @pytest.mark.parametrize("grid", ["resid_pre", "attn_out_cumulative", "heads"])
 @pytest.mark.parametrize("oom", ["torch", "runtime"])
 def test_oom_halves_batch_and_gives_same_values(tiny, monkeypatch, grid, oom):
-    receiver, source, metric = _setup(tiny)
+    receiver, source, metric = patch_setup(tiny)
     spec = GridSpec(grid, list(range(tiny.cfg.n_layers)), [4, 6] if grid == "heads" else [4, 5, 8],
                     list(range(tiny.cfg.n_heads)))
     # batch composition changes float rounding: compare with an unwrapped run in the batches it ends up using
@@ -62,14 +51,14 @@ def test_oom_halves_batch_and_gives_same_values(tiny, monkeypatch, grid, oom):
 
 
 def test_other_errors_are_not_swallowed(tiny, monkeypatch):
-    receiver, source, metric = _setup(tiny)
+    receiver, source, metric = patch_setup(tiny)
     _limit(monkeypatch, 3, RuntimeError("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape mismatch"):
         patch_grid(tiny, receiver, source, GridSpec("resid_pre", [0, 1], [4, 5]), metric, max_rows=8, progress=False)
 
 
 def test_oom_with_one_row_is_a_clear_error(tiny, monkeypatch):
-    receiver, source, metric = _setup(tiny)
+    receiver, source, metric = patch_setup(tiny)
     _limit(monkeypatch, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -227,7 +227,7 @@ class Replication:
             return cached
         t0 = time.perf_counter()
         data = fn()
-        return self.folder.finish(name, data, time.perf_counter() - t0) | {"_fresh": True}
+        return self.folder.finish(name, data, time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- steps
     def step_baseline(self) -> dict:

@@ -238,7 +238,7 @@ class HookedChatModel(nn.Module):
         for name, fn in [*self._ctx_hooks, *(fwd_hooks or [])]:
             self.check_site(name)
             run.hooks.setdefault(name, []).append(fn)
-        if names is not None or names is True:
+        if names is not None:
             run.cache = ActivationCache()
             if names is True:
                 run.cache_filter = lambda n: True
@@ -420,7 +420,6 @@ class HookedChatModel(nn.Module):
         for l in range(start_layer, stop_layer):
             if on_layer_start is not None:
                 resid = on_layer_start(l, resid)
-            layer = a.layers[l]
             dev = a.ln1(l).weight.device
             if resid.device != dev:
                 resid = resid.to(dev)
@@ -449,7 +448,6 @@ class HookedChatModel(nn.Module):
             post = a.mlp_post_norm(l)
             mlp_out = run.site(pre + "hook_mlp_out", l, post(m) if post is not None else m, cols)
             resid = run.site(pre + "hook_resid_post", l, mid + mlp_out, cols)
-            del layer
         return resid
 
     def _attention(self, l, x, mask, rot, kv, run: _Run, cols) -> torch.Tensor:

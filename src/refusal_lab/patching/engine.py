@@ -369,7 +369,6 @@ def patch_grid(
     atomically after every batch, and rows already saved (by a run of the same grid on the same
     inputs) are skipped; a checkpoint of anything else is ignored and overwritten."""
     n = receiver.batch.n
-    out = torch.empty(n, *spec.shape)
     if spec.grid.endswith("cumulative"):
         return _cumulative(model, receiver, source, spec, metric, max_rows, progress)
     rows, index = build_rows(model, spec, source, n)
@@ -402,6 +401,12 @@ def patch_grid(
                         on_chunk=None if on_chunk is None else (lambda c, v: on_chunk([pending[j] for j in c], v)))
         values[pending] = vals
     bar.close()
+    return _scatter(values, index, n, spec)
+
+
+def _scatter(values: torch.Tensor, index: list[tuple[int, int, int]], n: int, spec: GridSpec) -> torch.Tensor:
+    """Place row values at their (prompt, row, col) cells of an [n, *spec.shape] grid."""
+    out = torch.empty(n, *spec.shape)
     for v, (i, a, b) in zip(values.tolist(), index):
         out[i, a, b] = v
     return out
@@ -434,9 +439,7 @@ def _cumulative(model, receiver, source, spec, metric, max_rows, progress):
             t += 1
     vals = run_rows(model, receiver, rows, metric, max_rows, bar)
     bar.close()
-    out = torch.empty(n, *spec.shape)
-    for v, (i, a, b) in zip(vals.tolist(), index):
-        out[i, a, b] = v
+    out = _scatter(vals, index, n, spec)
     for (i, a, b), v in direct.items():
         out[i, a, b] = v
     return out
