@@ -301,11 +301,11 @@ class Replication:
     def step_heads(self, heads_grid: dict, harmless_mean: float, harmful_mean: float) -> dict:
         def compute():
             values = _normalise(torch.as_tensor(heads_grid["per_pair"]), harmless_mean, harmful_mean)  # [L, H]
-            order = values.flatten().argsort(descending=True)
-            H = values.shape[1]
-            ranked = [{"layer": int(i // H), "head": int(i % H), "value": float(values.flatten()[i])} for i in order[:20]]
-            selected = [r for r in ({"layer": int(i // H), "head": int(i % H), "value": float(values.flatten()[i])}
-                                    for i in order) if r["value"] > self.cfg.threshold]
+            flat, H = values.flatten(), values.shape[1]
+            every = [{"layer": int(i // H), "head": int(i % H), "value": float(flat[i])}
+                     for i in flat.argsort(descending=True)]
+            ranked = every[:20]
+            selected = [r for r in every if r["value"] > self.cfg.threshold]
             cols = self.prompts.resolve_positions(self.cfg.heads_position)
             out = {"threshold": self.cfg.threshold, "position": self.cfg.heads_position, "cols": cols,
                    "selected": selected, "ranked": ranked, "sufficiency": None, "generations": []}
