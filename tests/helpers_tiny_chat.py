@@ -150,3 +150,21 @@ def make_tiny_gpt2_chat_model(tmp_path: Path, name: str = "tiny-gpt2-chat") -> P
                                   eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
     _save_quietly(transformers.GPT2LMHeadModel(cfg), folder)
     return folder
+
+
+SMALL_STEERING = {
+    "steering_n_train": 6, "steering_n_val": 4, "steering_n_test": 4, "steering_alphas": [0.0, 2.0],
+    "steering_object_alphas": [0.0, 8.0], "steering_tokens": 3,
+}
+"""Steering settings small enough for a tiny-model ``refusal-lab run`` in a test (a few seconds)."""
+
+
+def small_steering_config(folder: Path, **extra) -> Path:
+    """Write a ``--config`` JSON file with :data:`SMALL_STEERING` (plus ``extra``) into ``folder``."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "small_steering.json"
+    path.write_text(json.dumps({**SMALL_STEERING, **extra}))
+    return path

@@ -172,12 +172,12 @@ def test_config_file_missing(models, tmp_path, capsys):
 
 def test_output_folder_with_another_run(models, tmp_path, capsys):
     out = tmp_path / "out"
-    first = ["run", "--model", models["chat"], "--out", out, "--quiet", "--grids", "resid_pre", "--no-attribution"]
+    first = ["run", "--model", models["chat"], "--out", out, "--quiet", "--grids", "resid_pre", "--no-attribution", "--no-steering"]
     rc, _, err = run_main(capsys, first)
     assert rc == 0, err
     assert (out / "tables" / "patching_resid_pre_sufficiency.csv").is_file()
 
-    other = ["run", "--model", models["chat"], "--out", out, "--quiet", "--grids", "attn_out", "--no-attribution"]
+    other = ["run", "--model", models["chat"], "--out", out, "--quiet", "--grids", "attn_out", "--no-attribution", "--no-steering"]
     rc, _, err = run_main(capsys, other)
     assert_one_line_error(rc, err, str(out), "another", "--force")
     assert json.loads((out / "results.json").read_text())["config"]["grids"] == ["resid_pre"], "left untouched"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers_tiny_chat import make_tiny_chat_model
+from tests.helpers_tiny_chat import make_tiny_chat_model, small_steering_config
 from refusal_lab.cli import main
 
 GRIDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_out_cumulative", "mlp_out_cumulative", "heads")
@@ -46,8 +46,12 @@ def tiny_dir(tmp_path_factory) -> Path:
 def run_dir(tiny_dir, tmp_path_factory) -> Path:
     """One complete default run (every grid, sufficiency, attribution, heads) shared by the tests."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert run_cli(["run", "--model", tiny_dir, "--out", out, "--quiet"]) == 0
+    assert run_cli(["run", "--model", tiny_dir, "--out", out, "--quiet", "--config", small_config(tiny_dir)]) == 0
     return out
+
+
+def small_config(tiny_dir: Path) -> Path:
+    return small_steering_config(Path(tiny_dir).parent / "configs")
 
 
 # -------------------------------------------------------------------------------------- run
@@ -113,18 +117,71 @@ def test_run_writes_tables_and_report(run_dir):
         f"patch_{g}_sufficiency" for g in GRIDS}
 
 
+def test_run_steering_sections(run_dir, tiny_dir):
+    """Steering runs by default: direction, sweeps and held-out refusal rates with baselines and n."""
+    from refusal_lab.steering.vectors import load_vector
+
+    r = read_results(run_dir)
+    d = r["direction"]
+    L = N_LAYERS
+    assert 0 <= d["layer"] < L and d["position"] < 0 and d["site"] == f"blocks.{d['layer']}.hook_resid_pre"
+    assert {"bypass", "induce", "kl", "baseline", "filters", "table", "n_train", "n_val"} <= set(d)
+    assert len(d["table"]) == L * len(d["positions"])
+    assert d["n_train"] == {"harmful": 6, "harmless": 6} and d["n_val"] == {"harmful": 4, "harmless": 4}
+    chosen = [row for row in d["table"] if row["layer"] == d["layer"] and row["position"] == d["position"]]
+    assert len(chosen) == 1 and chosen[0]["bypass"] == d["bypass"]
+    if d["fallback"] is None:  # the lowest bypass among the kept candidates
+        assert chosen[0]["kept"] and d["bypass"] == min(row["bypass"] for row in d["table"] if row["kept"])
+
+    v, meta = load_vector(run_dir / "vectors" / "direction.safetensors")
+    assert v.shape == (D_MODEL,) and meta["layer"] == d["layer"] and meta["position"] == d["position"]
+    assert float(v.norm()) == pytest.approx(d["norm"], rel=1e-6)
+
+    st = r["steering"]["instructions"]
+    assert [row["alpha"] for row in st["rows"]] == [0.0, 2.0]
+    assert st["chosen_alpha"] == 2.0 and st["ablation"]["n"] == 4
+    # alpha 0 is the unsteered model: induce and suppress rows coincide with the baselines
+    assert st["rows"][0]["induce_refusal_score"] == pytest.approx(d["baseline"]["harmless_val_log_odds"], abs=1e-5)
+    assert st["rows"][0]["suppress_refusal_score"] == pytest.approx(d["baseline"]["harmful_val_log_odds"], abs=1e-5)
+    for name in ("difference", "heads") if r["heads"]["selected"] else ("difference",):
+        o = r["steering"]["objects"][name]
+        assert [row["alpha"] for row in o["rows"]] == [0.0, 8.0]
+        zero = o["rows"][0]  # alpha 0: the baseline means, i.e. normalised 0 (harmless) and 1 (harmful)
+        assert zero["harmless_normalised"] == pytest.approx(0.0, abs=1e-4)
+        assert zero["harmful_normalised"] == pytest.approx(1.0, abs=1e-4)
+        assert (run_dir / "vectors" / f"objects_{name}.safetensors").is_file()
+
+    ev = r["evaluation"]
+    for key in ("harmless_refusal_rate_added", "harmful_refusal_rate_ablated", "harmful_refusal_rate_subtracted"):
+        e = ev[key]
+        assert e["n"] == 4 and 0 <= e["value"] <= 1 and 0 <= e["baseline"] <= 1
+    assert ev["alpha"] == st["chosen_alpha"] and ev["split"] == "test"
+    for name in ("ablation", "addition"):
+        dmg = ev["damage"][name]
+        assert dmg["kl_harmless"] >= 0 and dmg["ce_edited"] > 0 and dmg["n"] == 4
+    assert {"direction", "steering", "evaluation"} <= set(r["timings"])
+    assert any(f.startswith("Selected refusal direction") for f in r["findings"])
+    assert any(f.startswith("Held-out test prompts") for f in r["findings"])
+
+
 def test_second_identical_run_recomputes_nothing(run_dir, tiny_dir, monkeypatch):
     before = read_results(run_dir)
     mtimes = step_mtimes(run_dir)
-    assert len(mtimes) == len(GRIDS) + 4
+    assert len(mtimes) == len(GRIDS) + 7  # + baseline, dla, attribution, heads, direction, steering, evaluation
 
     import refusal_lab.replication as replication
+    import refusal_lab.steering.pipeline as pipeline
 
     def no_patching(*a, **k):
         raise AssertionError("a finished grid was recomputed")
 
+    def no_steering(*a, **k):
+        raise AssertionError("a finished steering step was recomputed")
+
     monkeypatch.setattr(replication, "patch_grid", no_patching)
-    assert run_cli(["run", "--model", tiny_dir, "--out", run_dir, "--quiet"]) == 0
+    for name in ("direction_step", "steering_step", "evaluation_step"):
+        monkeypatch.setattr(pipeline, name, no_steering)
+    assert run_cli(["run", "--model", tiny_dir, "--out", run_dir, "--quiet", "--config", small_config(tiny_dir)]) == 0
     assert step_mtimes(run_dir) == mtimes
     after = read_results(run_dir)
     assert without_timings(after) == without_timings(before)
@@ -138,7 +195,7 @@ def necessity_dir(tiny_dir, tmp_path_factory) -> Path:
     """A smaller run in both directions (two grids, no attribution)."""
     out = tmp_path_factory.mktemp("runs") / "necessity"
     assert run_cli(["run", "--model", tiny_dir, "--out", out, "--quiet", "--necessity",
-                    "--grids", "resid_pre,heads", "--no-attribution"]) == 0
+                    "--grids", "resid_pre,heads", "--no-attribution", "--no-steering"]) == 0
     return out
 
 
@@ -169,7 +226,7 @@ def test_force_recomputes_every_step(necessity_dir, tiny_dir, tmp_path):
     shutil.copytree(necessity_dir, copy)
     mtimes = step_mtimes(copy)
     argv = ["run", "--model", tiny_dir, "--out", copy, "--quiet", "--necessity", "--grids", "resid_pre,heads",
-            "--no-attribution"]
+            "--no-attribution", "--no-steering"]
     assert run_cli(argv + ["--force"]) == 0
     new = step_mtimes(copy)
     assert set(new) == set(mtimes)

@@ -16,7 +16,7 @@ import transformers
 
 import refusal_lab
 from refusal_lab.cli import main
-from tests.helpers_tiny_chat import make_tiny_chat_model
+from tests.helpers_tiny_chat import make_tiny_chat_model, small_steering_config
 
 FAST = ["--grids", "resid_pre,heads", "--no-attribution", "--quiet"]
 
@@ -30,7 +30,8 @@ def _run(model: Path, out: Path, *extra: str) -> dict:
 def two_runs(tmp_path_factory):
     model = make_tiny_chat_model(tmp_path_factory.mktemp("models"))
     root = tmp_path_factory.mktemp("runs")
-    return _run(model, root / "a"), _run(model, root / "b")
+    cfg = small_steering_config(root / "cfg")  # the steering steps (generation included) are deterministic too
+    return _run(model, root / "a", "--config", str(cfg)), _run(model, root / "b", "--config", str(cfg))
 
 
 def test_two_runs_give_identical_results(two_runs):

@@ -34,7 +34,7 @@ def cli_env() -> dict[str, str]:
 
 
 def start_run(model: Path, out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "refusal_lab.cli", "run", "--model", str(model), "--out", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "refusal_lab.cli", "run", "--model", str(model), "--out", str(out), "--quiet", "--no-steering"]
     return subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="the whole replication: DLA, every patching grid, refusal heads, report")
+    run = sub.add_parser("run", help="the whole replication: DLA, every patching grid, refusal heads, steering, report")
     _add_model_args(run)
     run.add_argument("--out", type=Path, help="run folder (default: runs/<model>)")
     run.add_argument("--config", type=Path, help="JSON file with run settings (see RunConfig); flags override it")
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--heads-position", help="label or index of the head-patching position (default post_obj)")
     run.add_argument("--threshold", type=float, help="refusal-head threshold (default 0.005)")
     run.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
+    run.add_argument("--no-steering", action="store_true",
+                     help="skip the steering steps (direction selection, alpha sweeps, held-out refusal rates)")
     run.add_argument("--force", action="store_true", help="recompute finished steps / overwrite a different run")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -130,6 +132,8 @@ def cmd_run(args) -> int:
         data["directions"] = ["sufficiency", "necessity"]
     if args.no_attribution:
         data["attribution"] = False
+    if args.no_steering:
+        data["steering"] = False
     cfg = RunConfig.from_dict(data, where=str(args.config) if args.config else "the options")
     args.model, args.dtype = cfg.model, cfg.dtype
     _check_prompt_inputs(cfg.objects, cfg.template)

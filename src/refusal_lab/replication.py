@@ -8,6 +8,10 @@ is started again unless ``force``):
 ``patch_<grid>`` exact activation patching (cone engine) of every grid, per direction
 ``attribution``  attribution patching of every grid and its agreement with the exact grids
 ``heads``        refusal heads above a threshold, their joint sufficiency, patched generations
+``direction``    refusal-direction selection on instruction train/val splits (``steering/pipeline.py``)
+``steering``     alpha sweeps: the direction on val instructions; the object-prompt difference vector
+                 and the refusal heads' vector on the object prompts
+``evaluation``   held-out test refusal rates (added / ablated / subtracted, baselines beside them), KL, CE
 
 Then ``results.json``, tidy tables (``tables/*.csv``), figures and ``report.html`` are assembled.
 Pairing: harmful object i is paired with harmless object i (as in the original).
@@ -66,6 +70,16 @@ class RunConfig:
     generate_tokens: int = 24
     max_rows: int = 256
     seed: int = 0
+    steering: bool = True
+    steering_n_train: int = 32
+    steering_n_val: int = 16
+    steering_n_test: int = 50
+    steering_alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0])
+    steering_object_alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
+    steering_object_position: str | int = "last"
+    steering_tokens: int = 16
+    kl_max: float = 0.1
+    max_layer_frac: float = 0.8
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "config") -> "RunConfig":
@@ -90,9 +104,21 @@ class RunConfig:
             "directions": lambda v: isinstance(v, list) and v and all(isinstance(d, str) and d in DIRECTIONS for d in v),
             "refusal": lambda v: isinstance(v, str) and v,
             "compliance": lambda v: isinstance(v, str) and v,
-            "heads_position": lambda v: isinstance(v, (str, int)),
+            "heads_position": lambda v: isinstance(v, (str, int)) and not isinstance(v, bool),
+            "steering": lambda v: isinstance(v, bool),
+            **{k: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0)
+               for k in ("steering_n_train", "steering_n_val", "steering_n_test")},
+            **{k: (lambda v: isinstance(v, list) and v and all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                                                 and a >= 0 for a in v))
+               for k in ("steering_alphas", "steering_object_alphas")},
+            "steering_object_position": lambda v: isinstance(v, (str, int)) and not isinstance(v, bool),
+            "steering_tokens": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            "kl_max": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+            "max_layer_frac": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
         }
         hints = {"grids": f"a list from {', '.join(GRIDS)}", "directions": "a list from sufficiency, necessity",
+                 "steering_alphas": "a non-empty list of alphas >= 0", "steering_object_alphas": "a non-empty list of alphas >= 0",
+                 "max_layer_frac": "a number in (0, 1]", "kl_max": "a positive number",
                  "dtype": "float32, bfloat16 or float16", "mode": "single_token or align"}
         for key, ok in checks.items():
             if not ok(getattr(self, key)):
@@ -188,6 +214,8 @@ class Replication:
         self.cols = list(range(self.prompts.obj_index, self.prompts.seq_len))
         if "heads" in config.grids:
             self.prompts.resolve_positions(config.heads_position)  # a bad label fails now, not after the grids
+        if config.steering:
+            self.prompts.resolve_positions(config.steering_object_position)
         # A run that clearly does not fit in memory fails now, not hours later.
         check_run_memory(model, len(self.prompts.harmful_objects), self.prompts.seq_len, config.max_rows,
                          sides=len(config.directions))
@@ -335,6 +363,58 @@ class Replication:
 
         return self._step("heads", compute)
 
+    # ---------------------------------------------------------------- steering (steering/pipeline.py)
+    def steering_settings(self):
+        from refusal_lab.steering.pipeline import SteeringSettings
+
+        c = self.cfg
+        return SteeringSettings(n_train=c.steering_n_train, n_val=c.steering_n_val, n_test=c.steering_n_test,
+                                alphas=c.steering_alphas, object_alphas=c.steering_object_alphas,
+                                max_new_tokens=c.steering_tokens, kl_max=c.kl_max, max_layer_frac=c.max_layer_frac,
+                                seed=c.seed)
+
+    def save_vector(self, name: str, vector: torch.Tensor, meta: dict) -> None:
+        from refusal_lab.steering.vectors import save_vector
+
+        save_vector(self.folder.root / "vectors" / f"{name}.safetensors", vector, meta)
+
+    def load_vector(self, name: str) -> torch.Tensor:
+        from refusal_lab.steering.vectors import load_vector
+
+        path = self.folder.root / "vectors" / f"{name}.safetensors"
+        if not path.is_file():
+            raise RefusalLabError(f"{path} is missing although its step finished; rerun with --force.")
+        return load_vector(path)[0]
+
+    def step_direction(self) -> dict:
+        from refusal_lab.steering.pipeline import direction_step
+
+        return self._step("direction", lambda: direction_step(self.model, self.steering_settings(), self.save_vector,
+                                                                progress=self.progress))
+
+    def step_steering(self, direction: dict, heads: dict | None, h_mean: float, s_mean: float) -> dict:
+        from refusal_lab.steering.pipeline import steering_step
+
+        def compute():
+            sel = [(x["layer"], x["head"]) for x in (heads or {}).get("selected") or []]
+            heads_col = (heads or {}).get("cols") or [None]
+            return steering_step(
+                self.model, self.steering_settings(), direction, self.load_vector("direction"),
+                object_batches={k: (b.ids, b.mask) for k, b in self.batches.items()},
+                objects={"harmful": self.prompts.harmful_objects, "harmless": self.prompts.harmless_objects},
+                metric_fn=lambda logits: self.metric.from_logits(logits, None), harmful_mean=h_mean,
+                harmless_mean=s_mean, object_position=self.prompts.resolve_positions(self.cfg.steering_object_position)[0],
+                heads=sel, heads_position=heads_col[0], save_vector=self.save_vector)
+
+        return self._step("steering", compute)
+
+    def step_evaluation(self, direction: dict, steering: dict) -> dict:
+        from refusal_lab.steering.pipeline import evaluation_step
+
+        alpha = steering["instructions"]["chosen_alpha"]
+        return self._step("evaluation", lambda: evaluation_step(self.model, self.steering_settings(), direction,
+                                                                  self.load_vector("direction"), alpha))
+
     # ---------------------------------------------------------------- the whole run
     def run(self) -> dict:
         t_all = time.perf_counter()
@@ -353,6 +433,14 @@ class Replication:
         if "heads" in self.cfg.grids and "sufficiency" in self.cfg.directions:
             heads = self.step_heads(grids[("heads", "sufficiency")], s_mean, h_mean)
         results = self.assemble(base, dla, grids, attr, heads, h_mean, s_mean)
+        if self.cfg.steering:
+            steps = {"direction": self.step_direction()}
+            steps["steering"] = self.step_steering(steps["direction"], heads, h_mean, s_mean)
+            steps["evaluation"] = self.step_evaluation(steps["direction"], steps["steering"])
+            for k, v in steps.items():
+                results["timings"][k] = v.get("_seconds", 0.0)
+                results[k] = {kk: vv for kk, vv in v.items() if not kk.startswith("_")}
+            results["findings"] += steering_findings(results)
         results["timings"]["total"] = time.perf_counter() - t_all
         write_json(self.folder.root / "results.json", results)
         self.write_tables(base, grids, heads)
@@ -461,6 +549,33 @@ def versions() -> dict:
 
     return {"refusal_lab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
+
+
+def steering_findings(r: dict) -> list[str]:
+    """Headline steering numbers in words (direction, sweeps, held-out refusal rates)."""
+    out = []
+    d, st, ev = r.get("direction"), r.get("steering"), r.get("evaluation")
+    if d:
+        tok = f" ({d['position_token']!r})" if d.get("position_token") else ""
+        out.append(f"Selected refusal direction: layer {d['layer']}, eoi column {d['position']}{tok}; on val, ablating it "
+                   f"moves harmful refusal log-odds {d['baseline']['harmful_val_log_odds']:.2f} -> {d['bypass']:.2f}, adding it "
+                   f"moves harmless {d['baseline']['harmless_val_log_odds']:.2f} -> {d['induce']:.2f} (KL {d['kl']:.3f})"
+                   + (" [fallback: every candidate was filtered out]" if d.get("fallback") else "") + ".")
+    if ev:
+        a, b, c = (ev["harmless_refusal_rate_added"], ev["harmful_refusal_rate_ablated"],
+                   ev["harmful_refusal_rate_subtracted"])
+        out.append(f"Held-out test prompts: harmless refusal rate {a['baseline']:.2f} -> {a['value']:.2f} with the direction "
+                   f"added (alpha {ev['alpha']:g}, n={a['n']}); harmful refusal rate {b['baseline']:.2f} -> {b['value']:.2f} "
+                   f"with it ablated (n={b['n']}) and {c['value']:.2f} with it subtracted.")
+    for name, o in ((st or {}).get("objects") or {}).items():
+        rows = o.get("rows") or []
+        if rows:
+            top = max(rows, key=lambda x: x["harmless_normalised"])
+            low = min(rows, key=lambda x: x["harmful_normalised"])
+            out.append(f"Object prompts, {name} vector: adding it to harmless objects reaches normalised metric "
+                       f"{top['harmless_normalised']:.2f} at alpha {top['alpha']:g}; subtracting it from harmful objects "
+                       f"goes down to {low['harmful_normalised']:.2f} (1 = harmful baseline, 0 = harmless).")
+    return out
 
 
 def findings(r: dict) -> list[str]:

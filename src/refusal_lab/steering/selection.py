@@ -41,6 +41,7 @@ class SelectionResult:
     table: list[dict] = field(default_factory=list)  # one row per (layer, position)
     candidates: torch.Tensor | None = None  # float64 [L, P, d]
     positions: tuple[int, ...] = ()
+    fallback: str | None = None  # set when every candidate was filtered out and on_empty="best"
 
     @property
     def chosen(self) -> dict:
@@ -79,12 +80,18 @@ def select_direction(
     max_layer_frac: float = 0.8,
     alpha: float = 1.0,
     batch_size: int = 16,
+    on_empty: str = "raise",
+    progress: bool = False,
 ) -> SelectionResult:
     """Score every (layer, eoi position) diff-in-means candidate and pick the best (see module doc).
 
     Each split is an ``(ids, mask)`` pair of left-padded prompts (``mask`` may be None).
-    Raises :class:`RefusalLabError` when the filters reject every candidate.
+    When the filters reject every candidate, ``on_empty="raise"`` raises :class:`RefusalLabError`
+    with the counts per filter; ``on_empty="best"`` instead returns the candidate with the lowest
+    bypass among those below the layer limit, with ``fallback`` holding that sentence.
     """
+    if on_empty not in ("raise", "best"):
+        raise RefusalLabError(f"on_empty must be 'raise' or 'best', got {on_empty!r}.")
     positions = tuple(int(p) for p in positions)
     if refusal_ids is None:
         if model.tokenizer is None:
@@ -101,7 +108,12 @@ def select_direction(
     layer_limit = max_layer_frac * L
 
     table: list[dict] = []
-    for l in range(L):
+    layers = range(L)
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="direction candidates", unit="layer", leave=False)
+    for l in layers:
         for j, p in enumerate(positions):
             r = cands[l, j]
             row = {"layer": l, "position": p, "norm": float(r.norm())}
@@ -125,6 +137,7 @@ def select_direction(
                                 "kept": not reasons, "reason": "; ".join(reasons) or "kept"})
 
     kept = [r for r in table if r["kept"]]
+    fallback = None
     if not kept:
         n = len(table)
         n_kl = sum(1 for r in table if "kl " in r["reason"])
@@ -132,13 +145,15 @@ def select_direction(
         n_lay = sum(1 for r in table if "layer " in r["reason"])
         n_zero = sum(1 for r in table if r["reason"] == "zero direction")
         zero = f", {n_zero} were zero vectors" if n_zero else ""
-        raise RefusalLabError(
-            f"All {n} candidate directions were filtered out ({n_kl} failed KL < kl_max={kl_max:g}, "
-            f"{n_ind} failed induce > 0, {n_lay} failed layer < max_layer_frac*L={layer_limit:g}{zero}); "
-            "loosen kl_max or raise max_layer_frac (or use more/other validation prompts)."
-        )
+        msg = (f"All {n} candidate directions were filtered out ({n_kl} failed KL < kl_max={kl_max:g}, "
+               f"{n_ind} failed induce > 0, {n_lay} failed layer < max_layer_frac*L={layer_limit:g}{zero})")
+        usable = [r for r in table if r["reason"] != "zero direction" and r["layer"] < layer_limit]
+        if on_empty == "raise" or not usable:
+            raise RefusalLabError(msg + "; loosen kl_max or raise max_layer_frac (or use more/other validation prompts).")
+        kept = usable
+        fallback = msg + "; the candidate with the lowest bypass below the layer limit was taken instead."
     best = min(kept, key=lambda r: r["bypass"])
     j = positions.index(best["position"])
     return SelectionResult(direction=cands[best["layer"], j].clone(), layer=best["layer"], position=best["position"],
                            bypass=best["bypass"], induce=best["induce"], kl=best["kl"], table=table,
-                           candidates=cands, positions=positions)
+                           candidates=cands, positions=positions, fallback=fallback)

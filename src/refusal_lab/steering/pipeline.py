@@ -1,0 +1,252 @@
+"""The steering part of ``refusal-lab run``: three resumable steps on top of the replication.
+
+``direction``   the paper's direction selection (Arditi et al. 2024): difference-in-means candidates
+                at every layer x end-of-instruction column on *train* instructions, scored on *val*
+                instructions (bypass, induce, KL), filtered, the lowest bypass chosen.
+``steering``    alpha sweeps. (a) The selected direction on the *val* instructions: +alpha on harmless
+                (induce), -alpha and directional ablation on harmful (suppress) — refusal rate of
+                greedy completions and mean refusal log-odds. (b) The replication's two vectors on its
+                own object prompts: the object-prompt difference vector and the refusal heads'
+                contribution vector, added to harmless objects (+alpha) and subtracted from harmful
+                ones (-alpha), normalised refusal metric and refusal rate per alpha.
+``evaluation``  held-out *test* instructions (never used for choices): refusal rate of harmless
+                prompts with the direction added (alpha chosen on val) and of harmful prompts with the
+                direction ablated / subtracted, each beside its baseline and with the number of
+                prompts; KL and cross-entropy on harmless prompts, the damage each edit does.
+
+Every choice (layer, column, alpha) is made on train/val splits, so the test rates are honest.
+Vectors are saved as safetensors under ``vectors/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
+from refusal_lab.prompts import build_instruction_prompts, load_instructions
+from refusal_lab.prompts.builder import eoi_tokens
+from refusal_lab.steering.evaluation import (
+    REFUSAL_SUBSTRINGS, Judge, SubstringJudge, completion_cross_entropy, kl_on_harmless,
+)
+from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
+from refusal_lab.steering.selection import select_direction
+from refusal_lab.steering.sweep import alpha_sweep, evaluate_hooks
+from refusal_lab.steering.vectors import diff_in_means, head_vector
+
+__all__ = ["SteeringSettings", "choose_alpha", "direction_step", "evaluation_step", "steering_step"]
+
+
+@dataclass
+class SteeringSettings:
+    """Sizes and grids of the steering steps (the run's config fields ``steering_*``)."""
+
+    n_train: int = 32
+    n_val: int = 16
+    n_test: int = 50
+    alphas: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 3.0)
+    object_alphas: Sequence[float] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    max_new_tokens: int = 16
+    kl_max: float = 0.1
+    max_layer_frac: float = 0.8
+    batch_size: int = 16
+    seed: int = 0
+    n_samples: int = 3
+    judge: Judge = field(default_factory=SubstringJudge)
+
+
+def _eoi_positions(tokenizer) -> list[int]:
+    n = len(eoi_tokens(tokenizer))
+    return list(range(-max(n, 1), 0))
+
+
+def _cap(n: int, split: str, kind: str) -> int:
+    return min(n, len(load_instructions(split, kind)))
+
+
+# ------------------------------------------------------------------------------------ direction
+
+def direction_step(model, s: SteeringSettings, save_vector: Callable[[str, torch.Tensor, dict], None],
+                   progress: bool = True) -> dict:
+    """Select the refusal direction; returns the ``direction`` results entry (JSON-ready)."""
+    tok = model.tokenizer
+    train = {k: load_instructions("train", k, n=_cap(s.n_train, "train", k), seed=s.seed) for k in ("harmful", "harmless")}
+    val = {k: load_instructions("val", k, n=_cap(s.n_val, "val", k), seed=s.seed) for k in ("harmful", "harmless")}
+    enc = {(split, k): build_instruction_prompts(tok, v[k]) for split, v in (("train", train), ("val", val))
+           for k in ("harmful", "harmless")}
+    positions = _eoi_positions(tok)
+    refusal_ids = default_refusal_token_ids(tok)
+    res = select_direction(model, enc["train", "harmful"], enc["train", "harmless"], enc["val", "harmful"],
+                           enc["val", "harmless"], positions=positions, refusal_ids=refusal_ids,
+                           kl_max=s.kl_max, max_layer_frac=s.max_layer_frac, batch_size=s.batch_size,
+                           on_empty="best", progress=progress)
+    eoi = eoi_tokens(tok)
+    base = {k: float(refusal_log_odds(_last(model, *enc["val", k], s.batch_size), refusal_ids).mean())
+            for k in ("harmful", "harmless")}
+    meta = {"model": model.cfg.model_name, "layer": res.layer, "position": res.position,
+            "site": "hook_resid_pre", "dataset": f"instructions train ({len(train['harmful'])} harmful, "
+                                                  f"{len(train['harmless'])} harmless, seed {s.seed})",
+            "kind": "difference-in-means"}
+    save_vector("direction", res.direction, meta)
+    save_vector("direction_candidates", res.candidates, {"positions": list(res.positions), "kind": "candidates [L, P, d]"})
+    return {
+        "layer": res.layer, "position": res.position,
+        "position_token": eoi[res.position] if -len(eoi) <= res.position < 0 and eoi else None,
+        "site": f"blocks.{res.layer}.hook_resid_pre", "norm": float(res.direction.norm()),
+        "bypass": res.bypass, "induce": res.induce, "kl": res.kl,
+        "baseline": {"harmful_val_log_odds": base["harmful"], "harmless_val_log_odds": base["harmless"]},
+        "filters": {"kl_max": s.kl_max, "max_layer_frac": s.max_layer_frac, "induce_min": 0.0},
+        "fallback": res.fallback,
+        "n_train": {k: len(v) for k, v in train.items()}, "n_val": {k: len(v) for k, v in val.items()},
+        "positions": list(res.positions), "eoi_tokens": eoi,
+        "table": res.table,
+        "note": "bypass = mean refusal log-odds of harmful val prompts under directional ablation (lower is better); "
+                "induce = that of harmless val prompts with the direction added at its layer; kl = KL(base || ablated) "
+                "of harmless val prompts' next-token distribution.",
+    }
+
+
+@torch.no_grad()
+def _last(model, ids, mask, batch_size, hooks=()) -> torch.Tensor:
+    out = []
+    for i in range(0, ids.shape[0], batch_size):
+        out.append(model(ids[i:i + batch_size].to(model.device), mask[i:i + batch_size].to(model.device),
+                         fwd_hooks=list(hooks), logits="last").float().cpu())
+    return torch.cat(out)
+
+
+def choose_alpha(rows: Sequence[dict], target: float = 0.5) -> tuple[float, str]:
+    """The smallest positive alpha whose induce refusal rate on val reaches ``target``, else the one
+    with the highest rate (ties: the smallest alpha)."""
+    pos = [r for r in rows if r["alpha"] > 0 and r.get("induce_refusal_rate") is not None]
+    if not pos:
+        return 1.0, "no positive alpha in the sweep; alpha 1 (the raw difference-in-means vector)"
+    hit = [r for r in pos if r["induce_refusal_rate"] >= target]
+    if hit:
+        a = min(r["alpha"] for r in hit)
+        return a, f"smallest alpha whose harmless val refusal rate reaches {target:g}"
+    best = max(pos, key=lambda r: (r["induce_refusal_rate"], -r["alpha"]))
+    return best["alpha"], f"no alpha reached {target:g} on val; the one with the highest harmless val refusal rate"
+
+
+# ------------------------------------------------------------------------------------- steering
+
+@torch.no_grad()
+def _object_sweep(model, batches, metric_fn, harmful_mean, harmless_mean, vector, layer, alphas, s: SteeringSettings,
+                  objects) -> dict:
+    """+alpha on harmless objects, -alpha on harmful objects: normalised metric and refusal rate."""
+    rows, samples = [], []
+    gap = harmful_mean - harmless_mean
+    for alpha in alphas:
+        row = {"alpha": float(alpha)}
+        for side, sign in (("harmless", 1.0), ("harmful", -1.0)):
+            ids, mask = batches[side]
+            hooks = addition_hooks(vector, layer, sign * alpha) if alpha else []
+            logits = model(ids, mask, fwd_hooks=hooks, logits="last").float()
+            score = metric_fn(logits).mean().item()
+            row[f"{side}_metric"] = score
+            row[f"{side}_normalised"] = (score - harmless_mean) / gap
+            if s.max_new_tokens:
+                new = model.generate(ids, mask, max_new_tokens=s.max_new_tokens, fwd_hooks=hooks)
+                texts = model.tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)
+                refused = list(s.judge(objects[side], texts))
+                row[f"{side}_refusal_fraction"] = sum(refused) / len(refused)
+                for o, t, r in list(zip(objects[side], texts, refused))[: s.n_samples]:
+                    samples.append({"side": side, "alpha": float(alpha) * sign, "object": o, "completion": t, "refused": r})
+        rows.append(row)
+    return {"rows": rows, "samples": samples}
+
+
+def steering_step(model, s: SteeringSettings, direction: dict, direction_vector: torch.Tensor, *,
+                  object_batches: dict, objects: dict, metric_fn, harmful_mean: float, harmless_mean: float,
+                  object_position: int, heads: Sequence[tuple[int, int]] = (), heads_position: int | None = None,
+                  save_vector: Callable[[str, torch.Tensor, dict], None]) -> dict:
+    """Alpha sweeps of the selected direction (val instructions) and of the replication's vectors (objects)."""
+    tok = model.tokenizer
+    layer = direction["layer"]
+    val = {k: load_instructions("val", k, n=_cap(s.n_val, "val", k), seed=s.seed) for k in ("harmful", "harmless")}
+    sweep = alpha_sweep(model, direction_vector.to(model.dtype), layer, list(s.alphas), val["harmless"], val["harmful"],
+                        positions="all", ablate=True, judge=s.judge, max_new_tokens=s.max_new_tokens,
+                        batch_size=s.batch_size, n_samples=s.n_samples)
+    alpha, why = choose_alpha(sweep["rows"])
+    out = {
+        "instructions": {
+            "vector": "selected direction", "layer": layer, "positions": "all", "split": "val",
+            "n_harmless": len(val["harmless"]), "n_harmful": len(val["harmful"]),
+            "rows": sweep["rows"], "ablation": sweep["ablation"], "samples": sweep["samples"],
+            "chosen_alpha": alpha, "chosen_alpha_reason": why,
+        },
+        "objects": {},
+    }
+    # The replication's vectors, on its own object prompts, added at the selected layer.
+    ids_h, mask_h = object_batches["harmful"]
+    ids_s, mask_s = object_batches["harmless"]
+    vectors = {"difference": (diff_in_means(model, ids_h, mask_h, ids_s, mask_s, layer=layer, position=object_position,
+                                            batch_size=s.batch_size), layer,
+                              f"object prompts, blocks.{layer}.hook_resid_pre at column {object_position}")}
+    if heads:
+        last_layer = max(l for l, _ in heads)
+        add_layer = min(last_layer + 1, model.cfg.n_layers - 1)
+        hv = head_vector(model, ids_h, mask_h, ids_s, mask_s, heads=list(heads),
+                         position=heads_position if heads_position is not None else -1, batch_size=s.batch_size)
+        vectors["heads"] = (hv, add_layer, f"{len(heads)} refusal heads' summed outputs at column {heads_position}, "
+                                           f"added at blocks.{add_layer}.hook_resid_pre")
+    for name, (vec, at, desc) in vectors.items():
+        save_vector(f"objects_{name}", vec, {"model": model.cfg.model_name, "layer": at, "kind": name, "description": desc})
+        res = _object_sweep(model, object_batches, metric_fn, harmful_mean, harmless_mean, vec.to(model.dtype), at,
+                            list(s.object_alphas), s, objects)
+        out["objects"][name] = {"description": desc, "layer": at, "norm": float(vec.norm()), **res}
+    return out
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vector: torch.Tensor, alpha: float) -> dict:
+    """Held-out test refusal rates with baselines, and KL / cross-entropy on harmless prompts."""
+    layer = direction["layer"]
+    test = {k: load_instructions("test", k, n=_cap(s.n_test, "test", k), seed=s.seed) for k in ("harmful", "harmless")}
+    v = direction_vector.to(model.dtype)
+    kw = dict(judge=s.judge, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
+    add = addition_hooks(v, layer, alpha, "all")
+    sub = addition_hooks(v, layer, -alpha, "all")
+    abl = ablation_hooks(model, direction_vector)
+    runs = {
+        "harmless_baseline": evaluate_hooks(model, test["harmless"], [], **kw),
+        "harmless_added": evaluate_hooks(model, test["harmless"], add, **kw),
+        "harmful_baseline": evaluate_hooks(model, test["harmful"], [], **kw),
+        "harmful_ablated": evaluate_hooks(model, test["harmful"], abl, **kw),
+        "harmful_subtracted": evaluate_hooks(model, test["harmful"], sub, **kw),
+    }
+
+    def rate(key, base_key, what):
+        r, b = runs[key], runs[base_key]
+        return {"value": r["refusal_rate"], "baseline": b["refusal_rate"], "n": r["n"],
+                "refusal_score": r["refusal_score"], "baseline_refusal_score": b["refusal_score"], "intervention": what}
+
+    tok = model.tokenizer
+    n_dmg = min(len(test["harmless"]), 16)
+    ids, mask = build_instruction_prompts(tok, test["harmless"][:n_dmg])
+    damage = {}
+    for name, hooks in (("ablation", abl), ("addition", add)):
+        ce = completion_cross_entropy(model, ids, mask, hooks, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
+        damage[name] = {"kl_harmless": kl_on_harmless(model, ids, mask, hooks, batch_size=s.batch_size), **ce,
+                        "n": n_dmg}
+    samples = []
+    for key, instr in (("harmless_added", test["harmless"]), ("harmful_ablated", test["harmful"]),
+                       ("harmful_baseline", test["harmful"]), ("harmless_baseline", test["harmless"])):
+        for ins, c, r in list(zip(instr, runs[key]["completions"], runs[key]["refused"]))[: max(s.n_samples, 5)]:
+            samples.append({"setting": key, "instruction": ins, "completion": c, "refused": r})
+    return {
+        "split": "test", "judge": type(s.judge).__name__, "max_new_tokens": s.max_new_tokens,
+        "layer": layer, "alpha": alpha, "substrings": list(REFUSAL_SUBSTRINGS) if isinstance(s.judge, SubstringJudge) else None,
+        "harmless_refusal_rate_added": rate("harmless_added", "harmless_baseline",
+                                            f"add {alpha:g} x direction at blocks.{layer}.hook_resid_pre, every position"),
+        "harmful_refusal_rate_ablated": rate("harmful_ablated", "harmful_baseline",
+                                             "directional ablation from every residual write, every layer and position"),
+        "harmful_refusal_rate_subtracted": rate("harmful_subtracted", "harmful_baseline",
+                                                f"subtract {alpha:g} x direction at blocks.{layer}.hook_resid_pre"),
+        "damage": damage,
+        "samples": samples,
+    }
