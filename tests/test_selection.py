@@ -59,3 +59,30 @@ def test_all_filtered_raises_clear_error(tiny):
     n = tiny.cfg.n_layers * len(POS)
     assert f"All {n} candidate directions" in msg and "max_layer_frac" in msg
     assert not isinstance(e.value, AssertionError)
+
+
+def test_all_filtered_fallback_best(tiny):
+    """on_empty="best" (what `refusal-lab run` uses): the lowest bypass below the layer limit, with the reason."""
+    L = tiny.cfg.n_layers
+    res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)), kl_max=1e-12,
+                           max_layer_frac=0.7, on_empty="best")
+    assert not any(r["kept"] for r in res.table)
+    assert res.fallback and f"All {L * len(POS)} candidate directions" in res.fallback
+    usable = [r for r in res.table if r["layer"] < 0.7 * L]
+    assert res.bypass == min(r["bypass"] for r in usable) and res.layer < 0.7 * L
+
+
+def test_on_empty_must_be_known(tiny):
+    with pytest.raises(RefusalLabError, match="on_empty"):
+        select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=[0], on_empty="maybe")
+
+
+def test_choose_alpha():
+    from refusal_lab.steering.pipeline import choose_alpha
+
+    rows = [{"alpha": a, "induce_refusal_rate": r} for a, r in ((0.0, 0.1), (1.0, 0.3), (2.0, 0.6), (3.0, 0.9))]
+    assert choose_alpha(rows)[0] == 2.0  # smallest alpha reaching 0.5
+    rows = [{"alpha": a, "induce_refusal_rate": r} for a, r in ((0.0, 0.0), (1.0, 0.2), (2.0, 0.2), (3.0, 0.1))]
+    alpha, why = choose_alpha(rows)
+    assert alpha == 1.0 and "highest" in why  # none reaches 0.5: the best rate, ties to the smaller alpha
+    assert choose_alpha([{"alpha": 0.0, "induce_refusal_rate": 0.0}])[0] == 1.0
