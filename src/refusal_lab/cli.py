@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
     run.add_argument("--no-steering", action="store_true",
                      help="skip the steering steps (direction selection, alpha sweeps, held-out refusal rates)")
+    run.add_argument("--judge", help="refusal judge for generations: substring (default), self (ask the model "
+                                     "itself yes/no), or a chat model's hub id / folder")
     run.add_argument("--force", action="store_true", help="recompute finished steps / overwrite a different run")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -124,7 +126,7 @@ def cmd_run(args) -> int:
             raise ConfigError(f"Config file {args.config} must hold a JSON object of settings.")
     flags = {"model": args.model, "dtype": args.dtype, "device": args.device, "objects": args.objects,
              "template": args.template, "mode": args.mode, "refusal": args.refusal, "compliance": args.compliance,
-             "heads_position": args.heads_position, "threshold": args.threshold}
+             "heads_position": args.heads_position, "threshold": args.threshold, "judge": args.judge}
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.grids:
         data["grids"] = [g.strip() for g in args.grids.split(",") if g.strip()]

@@ -80,6 +80,7 @@ class RunConfig:
     steering_tokens: int = 16
     kl_max: float = 0.1
     max_layer_frac: float = 0.8
+    judge: str = "substring"
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "config") -> "RunConfig":
@@ -115,10 +116,12 @@ class RunConfig:
             "steering_tokens": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
             "kl_max": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
             "max_layer_frac": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+            "judge": lambda v: isinstance(v, str) and v.strip() != "",
         }
         hints = {"grids": f"a list from {', '.join(GRIDS)}", "directions": "a list from sufficiency, necessity",
                  "steering_alphas": "a non-empty list of alphas >= 0", "steering_object_alphas": "a non-empty list of alphas >= 0",
                  "max_layer_frac": "a number in (0, 1]", "kl_max": "a positive number",
+                 "judge": "'substring', 'self' or a judge model (hub id or folder)",
                  "dtype": "float32, bfloat16 or float16", "mode": "single_token or align"}
         for key, ok in checks.items():
             if not ok(getattr(self, key)):
@@ -371,7 +374,23 @@ class Replication:
         return SteeringSettings(n_train=c.steering_n_train, n_val=c.steering_n_val, n_test=c.steering_n_test,
                                 alphas=c.steering_alphas, object_alphas=c.steering_object_alphas,
                                 max_new_tokens=c.steering_tokens, kl_max=c.kl_max, max_layer_frac=c.max_layer_frac,
-                                seed=c.seed)
+                                seed=c.seed, judge=self.judge(), judge_name=c.judge)
+
+    def judge(self):
+        """The refusal judge named by ``config.judge``: substrings, the model itself, or another chat model."""
+        from refusal_lab.steering.evaluation import ChatModelJudge, SubstringJudge
+
+        name = self.cfg.judge
+        if name == "substring":
+            return SubstringJudge()
+        if not hasattr(self, "_judge"):
+            if name == "self":
+                self._judge = ChatModelJudge(self.model)
+            else:
+                from refusal_lab.models.loading import load_model
+
+                self._judge = ChatModelJudge(load_model(name, dtype=self.cfg.dtype, device=self.cfg.device))
+        return self._judge
 
     def save_vector(self, name: str, vector: torch.Tensor, meta: dict) -> None:
         from refusal_lab.steering.vectors import save_vector

@@ -55,6 +55,7 @@ class SteeringSettings:
     seed: int = 0
     n_samples: int = 3
     judge: Judge = field(default_factory=SubstringJudge)
+    judge_name: str | None = None  # how results name the judge (e.g. the run config's ``judge``)
 
 
 def _eoi_positions(tokenizer) -> list[int]:
@@ -239,7 +240,7 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
         for ins, c, r in list(zip(instr, runs[key]["completions"], runs[key]["refused"]))[: max(s.n_samples, 5)]:
             samples.append({"setting": key, "instruction": ins, "completion": c, "refused": r})
     return {
-        "split": "test", "judge": type(s.judge).__name__, "max_new_tokens": s.max_new_tokens,
+        "split": "test", "judge": s.judge_name or type(s.judge).__name__, "max_new_tokens": s.max_new_tokens,
         "layer": layer, "alpha": alpha, "substrings": list(REFUSAL_SUBSTRINGS) if isinstance(s.judge, SubstringJudge) else None,
         "harmless_refusal_rate_added": rate("harmless_added", "harmless_baseline",
                                             f"add {alpha:g} x direction at blocks.{layer}.hook_resid_pre, every position"),
