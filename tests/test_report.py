@@ -174,7 +174,7 @@ def test_script_json_cannot_break_out():
 def test_report_contents(run_dir, report_html):
     r = json.loads((run_dir / "results.json").read_text())
     h = headline(r)
-    for sec in ("overview", "findings", "prompts", "baseline", "dla", "patching", "heads", "extras", "objects", "run"):
+    for sec in ("overview", "findings", "prompts", "baseline", "dla", "patching", "heads", "steering", "objects", "run"):
         assert f'id="{sec}"' in report_html, sec
     assert f"{h['gap']:.3f}" in report_html  # the gap card
     assert "0 = harmless baseline, 1 = harmful baseline" in report_html
