@@ -397,8 +397,11 @@ def chromium(url: str, profile: Path, *extra: str) -> subprocess.CompletedProces
 def test_report_in_headless_chromium(run_dir, report_html, tmp_path):
     assert CHROMIUM, "chromium is required in CI (apt-get install -y chromium)"
     url = (run_dir / "report.html").resolve().as_uri()
-    dom = chromium(url, tmp_path / "profile1", "--dump-dom").stdout
+    proc = chromium(url, tmp_path / "profile1", "--dump-dom", "--enable-logging=stderr", "--v=0")
+    dom = proc.stdout
     assert "</html>" in dom, "chromium produced no DOM"
+    errors = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and ("Uncaught" in ln or "Error" in ln)]
+    assert not errors, errors  # no JavaScript error (console messages are logged with --enable-logging)
     # no injected script ran
     assert re.search(r"<title>refusal-lab report", dom) and "PWNED" not in dom.split("</title>")[0]
     dom_tags = tags_of(dom)
