@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -26,6 +27,8 @@ IMG = "<img src=x id=pwned onerror=\"document.title='PWNED'\">"
 BREAKOUT = "</script><script>document.title='PWNED'</script><!--"
 MATHTEXT = r"$\notacommand{$ 5$"  # would crash matplotlib's mathtext if not escaped
 EVIL = PAYLOAD + IMG
+ALERT = "</script><script>alert(1)</script>"
+STEERING_PNGS = ("steering_direction", "steering_sweep", "steering_objects", "steering_evaluation")
 
 
 def hostile_results(**kw) -> dict:
@@ -50,7 +53,33 @@ def hostile_results(**kw) -> dict:
     r["baseline"]["top_next_tokens"]["harmful"].append([EVIL, 0.01])
     r["tokens"]["refusal"]["str"] = "Sorry$"
     r["config"]["note"] = BREAKOUT
-    r["evaluation"]["samples"] = [{"prompt": EVIL, "refused": True}]
+    # steering: generations, eoi tokens, reasons, vector names, interventions, the fallback note
+    d, st, ev = r["direction"], r["steering"], r["evaluation"]
+    d["eoi_tokens"][0] = f"<eoi>{EVIL}"
+    d["table"][-1]["reason"] = BREAKOUT
+    d["fallback"] = f"All candidates were filtered out {BREAKOUT}"
+    st["instructions"]["samples"].append({"setting": "induce", "alpha": 2.0, "instruction": EVIL,
+                                          "completion": ALERT, "refused": False})
+    st["instructions"]["chosen_alpha_reason"] += PAYLOAD
+    st["objects"][f"heads {IMG}"] = st["objects"].pop("heads")
+    st["objects"]["difference"]["samples"].append({"side": "harmful", "alpha": -4.0, "object": EVIL,
+                                                   "completion": ALERT + BREAKOUT, "refused": True})
+    ev["samples"].append({"setting": "harmful_ablated", "instruction": EVIL, "completion": ALERT + IMG,
+                          "refused": False})
+    ev["harmful_refusal_rate_subtracted"]["intervention"] += BREAKOUT
+    ev["damage"][f"edit {IMG}"] = {"kl_harmless": 0.5, "ce_baseline": 1.0, "ce_edited": 1.2, "n_tokens": 8, "n": 1}
+    return r
+
+
+def old_steering_shapes(r: dict) -> dict:
+    """The made-up ``steering``/``direction``/``evaluation`` entries that older sample files carried."""
+    rr = lambda v, b, n: {"value": v, "baseline": b, "n": n}  # noqa: E731
+    r["steering"] = {"direction_layer": 13, "alpha": 8.0, "harmless_refusal_rate": rr(0.81, 0.02, 64),
+                     "harmful_refusal_rate_ablated": rr(0.05, 0.97, 64)}
+    r["direction"] = {"layer": 13, "position": "last", "norm": 17.3,
+                      "cosine_with_head_output": [{"layer": 10, "head": 7, "cosine": 0.3}]}
+    r["evaluation"] = {"refusal_rate": rr(0.94, 0.94, 32), "judge": "substring",
+                       "samples": [{"prompt": EVIL, "refused": True}]}
     return r
 
 
@@ -123,6 +152,7 @@ def test_write_figures_all_sections(tmp_path):
                 "scatter_heads", "attribution_resid_pre", "attribution_heads", "necessity_resid_pre"}
     expected |= {f"patching_{g}" for g in ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_out_cumulative",
                                            "mlp_out_cumulative", "heads")}
+    expected |= set(STEERING_PNGS)
     assert {f"{e}.png" for e in expected} <= names
     for p in paths:
         assert p.parent == tmp_path / "figs"
@@ -155,6 +185,9 @@ def test_report_escapes_every_payload(report_html):
     assert html.escape(PAYLOAD) in report_html
     assert html.escape(IMG) in report_html
     assert html.escape(BREAKOUT) in report_html
+    assert ALERT not in report_html and "alert(1)" not in report_html.replace(html.escape(ALERT), "")
+    assert html.escape(ALERT) in report_html  # steering generations, escaped
+    assert html.escape(f"heads {IMG}") in report_html  # an object-vector name
     # the only script elements are ours: plotly.js, the JSON data block and the initialiser
     scripts = [a for t, a in tags_of(report_html) if t == "script"]
     assert scripts == [{}, {"type": "application/json", "id": "figure-data"}, {}]
@@ -174,7 +207,7 @@ def test_script_json_cannot_break_out():
 def test_report_contents(run_dir, report_html):
     r = json.loads((run_dir / "results.json").read_text())
     h = headline(r)
-    for sec in ("overview", "findings", "prompts", "baseline", "dla", "patching", "heads", "extras", "objects", "run"):
+    for sec in ("overview", "findings", "prompts", "baseline", "dla", "patching", "heads", "steering", "objects", "run"):
         assert f'id="{sec}"' in report_html, sec
     assert f"{h['gap']:.3f}" in report_html  # the gap card
     assert "0 = harmless baseline, 1 = harmful baseline" in report_html
@@ -182,15 +215,40 @@ def test_report_contents(run_dir, report_html):
     assert "object spans 2 tokens; no harmless object of the same length" in report_html  # dropped reason
     assert "I&#x27;m sorry, but I can&#x27;t help with that." in report_html  # generation
     assert html.escape("<start_of_turn>user\nTell me how to make a bomb.") in report_html  # chat example
-    assert "harmless_refusal_rate" in report_html and "0.810" in report_html  # refusal rate table
+    # steering section: direction in words, fallback warning, sweeps, held-out rates beside their baselines
+    for sub in ("steering-direction", "steering-sweep", "steering-objects", "steering-evaluation"):
+        assert f'id="{sub}"' in report_html, sub
+    d, ev = r["direction"], r["evaluation"]
+    assert f"Layer <b>{d['layer']}</b>, eoi column <b>{d['position']}</b>" in report_html
+    assert f"{d['baseline']['harmful_val_log_odds']:.3f} → {d['bypass']:.3f}" in report_html  # bypass vs baseline
+    assert '<p class="warn"><b>Fallback:</b> All candidates were filtered out' in report_html
+    assert "Chosen alpha <b>2</b>" in report_html
+    cells = lambda *v: "".join(f'<td class="num">{x}</td>' for x in v)  # noqa: E731
+    assert "<td>harmless_refusal_rate_added</td>" + cells("0.520", "0.080", "0.440", "50") in report_html
+    assert "<td>harmful_refusal_rate_ablated</td>" + cells("0.220", "0.760", "-0.540", "50") in report_html
+    assert "<td>harmful_refusal_rate_subtracted</td>" + cells("0.300", "0.760") in report_html
+    assert "<td>addition</td>" + cells("0.318", "1.873", "2.405", "0.532") in report_html  # damage
+    assert "Sure, here is how to do it. First, gather" in report_html  # an evaluation sample
     assert "transformers" in report_html and "patching" in report_html and "184.2" in report_html
     assert '<a href="tables/resid_pre.csv">' in report_html
     figs = json.loads(re.search(r'id="figure-data">(.*?)</script>', report_html, re.S).group(1))
     heatmaps = [f for f in figs.values() if f["data"][0]["type"] == "heatmap"]
-    assert len(heatmaps) == 11  # 7 exact + 2 attribution + 1 necessity grids + per-head DLA
+    assert len(heatmaps) == 12  # 7 exact + 2 attribution + 1 necessity grids + per-head DLA + direction bypass
     assert all(f'id="{k}"' in report_html for k in figs)
     hm = heatmaps[0]["data"][0]
     assert hm["zmid"] == 0 and hm["zmin"] == -hm["zmax"] and "value" in hm["text"][0][0]
+    bypass = next(f for f in heatmaps if "bypass" in f["layout"]["title"]["text"])
+    z = bypass["data"][0]["z"]
+    assert len(z) == r["model"]["n_layers"] and len(z[0]) == len(d["positions"])
+    sel = next(t for t in bypass["data"] if t.get("name") == "selected")
+    assert (sel["y"], sel["x"]) == ([d["layer"]], [d["positions"].index(d["position"])])
+    assert z[d["layer"]][sel["x"][0]] == pytest.approx(d["bypass"])
+    assert "induce" in sel["text"][0] and "KL" in sel["text"][0]
+    assert "&lt;eoi&gt;&lt;script&gt;" in json.dumps(bypass["layout"]["xaxis"]["ticktext"])
+    titles = [f["layout"].get("title", {}).get("text", "") for f in figs.values()]
+    assert sum("vs alpha" in t for t in titles) == 6  # val rate + score, 2 per object vector
+    assert any("baseline vs edited" in t for t in titles)
+    assert "Could not draw" not in report_html
 
 
 def test_report_minimal_results(tmp_path):
@@ -210,6 +268,65 @@ def test_report_without_plotly(monkeypatch):
     monkeypatch.setattr("refusal_lab.report.html.plotly_js", lambda: None)
     doc = render_report(sample_results(n_layers=3, n_heads=2))
     assert "<script" not in doc and "plotly is not installed" in doc
+
+
+def test_steering_without_evaluation(tmp_path):
+    r = sample_results(n_layers=6, n_heads=2)
+    del r["evaluation"]
+    doc = render_report(r)
+    assert 'id="steering-sweep"' in doc and 'id="steering-objects"' in doc and 'id="steering-evaluation"' not in doc
+    assert "Could not draw" not in doc and 'class="warn"' not in doc
+    names = {p.stem for p in write_figures(r, tmp_path)}
+    assert {"steering_direction", "steering_sweep", "steering_objects"} <= names
+    assert "steering_evaluation" not in names
+    for n in ("steering_direction", "steering_sweep", "steering_objects"):
+        assert_png(tmp_path / f"{n}.png")
+    del r["steering"]["objects"], r["direction"]["table"]
+    names = {p.stem for p in write_figures(r, tmp_path / "b")}
+    assert names & set(STEERING_PNGS) == {"steering_sweep"}
+    doc = render_report(r)
+    assert 'id="steering-direction"' in doc and 'id="steering-objects"' not in doc
+
+
+def test_steering_old_shapes(tmp_path):
+    r = old_steering_shapes(sample_results(n_layers=4, n_heads=2))
+    doc = render_report(r)
+    assert 'id="steering"' in doc and "Could not draw" not in doc
+    assert "steering.harmless_refusal_rate" in doc and "0.810" in doc and "0.020" in doc  # gathered rates
+    assert "<td>refusal_rate</td>" in doc and "0.940" in doc  # evaluation rate table
+    assert "cosine_with_head_output" in doc and "Layer <b>13</b>, eoi column <b>last</b>" in doc
+    assert PAYLOAD not in doc and html.escape(PAYLOAD) in doc
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        names = {p.stem for p in write_figures(r, tmp_path)}
+    assert names & set(STEERING_PNGS) == {"steering_evaluation"}  # the one rate dict with value and baseline
+
+
+@pytest.mark.parametrize("bad", [
+    {"direction": {"table": [1, None, {"layer": "a", "position": {}}], "positions": "x", "baseline": 3,
+                   "n_train": [1], "filters": "none"},
+     "steering": {"instructions": {"rows": "oops", "ablation": 2, "samples": [None, "x"]},
+                  "objects": {"difference": [1, 2], "heads": {"rows": [{"alpha": "big"}, {"alpha": 1.0}]}}},
+     "evaluation": {"damage": 3, "samples": ["a"], "harmful_refusal_rate_ablated": {"value": "n/a"},
+                    "alpha": "chosen", "substrings": "I'm sorry"}},
+    {"direction": [1, 2], "steering": "on", "evaluation": 0.5},
+    {"direction": {"table": [{"layer": 0, "position": -1, "bypass": "nan", "kept": True}], "layer": 0,
+                   "position": -1},
+     "steering": {"instructions": {"rows": [{"alpha": 0}, {"alpha": 1, "induce_refusal_rate": None}]}},
+     "evaluation": {"harmless_refusal_rate_added": {"value": 0.5, "baseline": None, "n": None}}},
+])
+def test_steering_odd_shapes_never_crash(tmp_path, bad):
+    from refusal_lab.report import figures
+    r = {**sample_results(n_layers=3, n_heads=2), **bad}
+    doc = render_report(r)
+    assert 'id="steering"' in doc
+    figs = json.loads(re.search(r'id="figure-data">(.*?)</script>', doc, re.S).group(1))
+    assert all(f'id="{k}"' in doc for k in figs)  # no spec without its container
+    for make in (figures.steering_direction_figure, figures.steering_sweep_figure, figures.steering_objects_figure,
+                 figures.steering_evaluation_figure):
+        make(r)  # None or a figure, never an exception
+    for p in write_figures(r, tmp_path):
+        assert_png(p, min_side=100)
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -233,6 +350,9 @@ def test_compare_runs(tmp_path, run_dir):
     hb = headline(json.loads((big / "results.json").read_text()))
     assert f"{hb['gap']:.3f}" in doc and f"{hb['max_resid_last']:.3f}" in doc
     assert '<a href="../big/report.html">' in doc
+    assert 'id="evaluation"' in doc and "harmless added: baseline" in doc  # held-out rates, both runs
+    rb = json.loads((big / "results.json").read_text())
+    assert f"{rb['direction']['layer'] / 42:.3f}" in doc  # the selected layer at its depth
     figs = json.loads(re.search(r'id="figure-data">(.*?)</script>', doc, re.S).group(1))
     dla = next(f for f in figs.values() if "DLA" in f["layout"]["title"]["text"])
     for trace in dla["data"]:  # depth-normalised x: both models span [0, 1]
@@ -277,8 +397,11 @@ def chromium(url: str, profile: Path, *extra: str) -> subprocess.CompletedProces
 def test_report_in_headless_chromium(run_dir, report_html, tmp_path):
     assert CHROMIUM, "chromium is required in CI (apt-get install -y chromium)"
     url = (run_dir / "report.html").resolve().as_uri()
-    dom = chromium(url, tmp_path / "profile1", "--dump-dom").stdout
+    proc = chromium(url, tmp_path / "profile1", "--dump-dom", "--enable-logging=stderr", "--v=0")
+    dom = proc.stdout
     assert "</html>" in dom, "chromium produced no DOM"
+    errors = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and ("Uncaught" in ln or "Error" in ln)]
+    assert not errors, errors  # no JavaScript error (console messages are logged with --enable-logging)
     # no injected script ran
     assert re.search(r"<title>refusal-lab report", dom) and "PWNED" not in dom.split("</title>")[0]
     dom_tags = tags_of(dom)

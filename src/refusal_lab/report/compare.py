@@ -232,6 +232,37 @@ def _headline_rows(runs: Sequence[Run], out_dir: Path) -> list[list[Any]]:
     return rows
 
 
+EVAL_RATES = ("harmless_refusal_rate_added", "harmful_refusal_rate_ablated", "harmful_refusal_rate_subtracted")
+
+
+def _evaluation_table(runs: Sequence[Run]) -> str:
+    """Held-out refusal rates (value and baseline per run) and the selected layer at its depth; "" unless every
+    run has an ``evaluation`` entry."""
+    evs = [r.get("evaluation") for _, _, r in runs]
+    if not evs or not all(isinstance(e, dict) and e for e in evs):
+        return ""
+    keys = [k for k in EVAL_RATES if any(isinstance(e.get(k), dict) for e in evs)]
+    keys += sorted({k for e in evs for k, v in e.items()
+                    if "refusal_rate" in str(k) and isinstance(v, dict) and k not in keys})
+    rows = []
+    for (name, _, r), e in zip(runs, evs):
+        d = r.get("direction") if isinstance(r.get("direction"), dict) else {}
+        layer = d.get("layer", e.get("layer"))
+        depth = finite(layer) / _n_layers(r) if finite(layer) is not None else None
+        row: list[Any] = [name, layer, depth, e.get("alpha")]
+        for k in keys:
+            v = e.get(k) if isinstance(e.get(k), dict) else {}
+            row += [v.get("value"), v.get("baseline"), v.get("n")]
+        rows.append(row)
+    heads = ["model", "layer", "depth (layer / n_layers)", "alpha"]
+    for k in keys:
+        short = k.replace("_refusal_rate", "").replace("refusal_rate_", "").replace("_", " ") or k
+        heads += [f"{short}: value", f"{short}: baseline", f"{short}: n"]
+    return ('<h2 id="evaluation">Held-out refusal rates</h2>'
+            '<p class="muted">Steering evaluation on each run\'s held-out test instructions; the direction\'s '
+            "layer is shown at its depth so models of different size compare.</p>" + table(heads, rows))
+
+
 def compare_runs(run_dirs: list[Path], out_dir: Path) -> Path:
     """Write depth-normalised comparison PNGs and a self-contained ``comparison.html`` into ``out_dir``."""
     if not run_dirs:
@@ -264,6 +295,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> Path:
             table(["model", "layers", "heads", "harmful mean", "harmless mean", "gap",
                    "max resid patching, last position", "at", "heads above threshold", "joint sufficiency"],
                   _headline_rows(runs, out_dir), raw=(0,)),
+            _evaluation_table(runs),
             '<h2 id="interactive">Overlays</h2>']
 
     def dla_diff(r: dict[str, Any]) -> Any:
@@ -280,6 +312,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> Path:
         body.append(f"<h3>{esc(caption)}</h3><img class=\"fig\" alt=\"{esc(caption)}\" src=\"{png_data_uri(p)}\">")
     nav = [("overview", "Overview"), ("headline", "Headline numbers"), ("interactive", "Overlays"),
            ("figures", "Figures")]
+    if any('id="evaluation"' in b for b in body):
+        nav.insert(2, ("evaluation", "Held-out refusal rates"))
     path = out_dir / "comparison.html"
     path.write_text(page("refusal-lab comparison", nav, "\n".join(b for b in body if b), plots), encoding="utf-8")
     return path

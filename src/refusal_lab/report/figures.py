@@ -1,4 +1,5 @@
-"""Static matplotlib figures (PNG) for one run: baseline, logit attribution, patching grids, refusal heads.
+"""Static matplotlib figures (PNG) for one run: baseline, logit attribution, patching grids, refusal heads,
+steering (direction candidates, alpha sweeps, held-out refusal rates).
 
 Figures are drawn on :class:`matplotlib.figure.Figure` objects directly (Agg canvas, no pyplot), so
 this module never touches the global backend and is safe to call from scripts, tests and servers.
@@ -15,6 +16,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from refusal_lab.report.common import (
     METRIC_TITLE,
@@ -295,6 +297,182 @@ def heads_ranked_figure(results: dict[str, Any]) -> Figure | None:
     return fig
 
 
+# --------------------------------------------------------------------------------------------- steering
+
+def _dict(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
+
+
+def _alpha_rows(rows: Any) -> list[dict[str, Any]]:
+    """Dict rows with a finite ``alpha``, sorted by it."""
+    ok = [r for r in rows if isinstance(r, dict) and finite(r.get("alpha")) is not None] if isinstance(rows, list) \
+        else []
+    return sorted(ok, key=lambda r: float(r["alpha"]))
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray:
+    return np.array([np.nan if finite(r.get(key)) is None else float(r[key]) for r in rows], dtype=float)
+
+
+def _eoi_tick(pos: Any, eoi: Sequence[Any]) -> str:
+    try:
+        p = int(pos)
+        if eoi and -len(eoi) <= p < len(eoi):
+            return mpl_text(f"{p} {eoi[p]!r}", 24)
+    except (TypeError, ValueError):
+        pass
+    return mpl_text(pos, 24)
+
+
+def steering_direction_figure(results: dict[str, Any]) -> Figure | None:
+    """Bypass score of every direction candidate (layer x eoi column); selected boxed, filtered ones crossed."""
+    d = _dict(results.get("direction"))
+    rows = [x for x in d.get("table") or [] if isinstance(x, dict)] if isinstance(d.get("table"), list) else []
+    layers = sorted({x.get("layer") for x in rows if isinstance(x.get("layer"), int)})
+    cols = [c for c in d.get("positions") or [] if isinstance(c, int)] if isinstance(d.get("positions"), list) else []
+    cols = cols or sorted({x.get("position") for x in rows if isinstance(x.get("position"), int)})
+    if not layers or not cols:
+        return None
+    li, ci = {v: i for i, v in enumerate(layers)}, {v: j for j, v in enumerate(cols)}
+    z = np.full((len(layers), len(cols)), np.nan)
+    filtered = []
+    for x in rows:
+        i, j = li.get(x.get("layer")), ci.get(x.get("position"))
+        if i is None or j is None:
+            continue
+        b = finite(x.get("bypass"))
+        z[i, j] = np.nan if b is None else b
+        if not x.get("kept"):
+            filtered.append((j, i))
+    eoi = d.get("eoi_tokens") if isinstance(d.get("eoi_tokens"), list) else []
+    fig = new_figure(min(12.0, max(6.0, 1.1 * len(cols) + 3.5)), min(14.0, max(4.5, 0.24 * len(layers) + 2.4)))
+    ax = fig.add_subplot()
+    cmap = colormaps["viridis_r"].with_extremes(bad="#dddddd")
+    im = ax.imshow(np.ma.masked_invalid(z), cmap=cmap, aspect="auto", origin="lower", interpolation="nearest")
+    if filtered:
+        fx, fy = zip(*filtered)
+        ax.scatter(fx, fy, marker="x", s=14, color="#555555", lw=0.7, label="filtered out")
+    i, j = li.get(d.get("layer")), ci.get(d.get("position"))
+    if i is not None and j is not None:
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="#e74c3c", lw=2.5, label="selected"))
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([_eoi_tick(c, eoi) for c in cols], fontsize=8, rotation=20, ha="right")
+    step = max(1, int(np.ceil(len(layers) / 16)))
+    ax.set_yticks(range(0, len(layers), step))
+    ax.set_yticklabels([str(layers[k]) for k in range(0, len(layers), step)], fontsize=8)
+    ax.set_xlabel("end-of-instruction column")
+    ax.set_ylabel("layer")
+    base = _dict(d.get("baseline"))
+    sub = ""
+    if finite(d.get("bypass")) is not None and finite(base.get("harmful_val_log_odds")) is not None:
+        sub = (f"\nselected: layer {mpl_text(d.get('layer'))}, column {_eoi_tick(d.get('position'), eoi)}; bypass "
+               f"{finite(base.get('harmful_val_log_odds')):.2f} → {finite(d.get('bypass')):.2f}")
+    ax.set_title("Direction candidates: bypass score (lower = stronger)" + sub
+                 + ("\nFALLBACK: every candidate was filtered out" if d.get("fallback") else ""), fontsize=10)
+    if filtered or (i is not None and j is not None):
+        ax.legend(fontsize=7, loc="upper right", framealpha=0.9)
+    fig.colorbar(im, ax=ax, shrink=0.9).set_label("bypass: harmful val refusal log-odds, ablated", fontsize=8)
+    return fig
+
+
+def steering_sweep_figure(results: dict[str, Any]) -> Figure | None:
+    """Val alpha sweep of the selected direction: refusal rate (left) and refusal score (right)."""
+    ins = _dict(_dict(results.get("steering")).get("instructions"))
+    rows = _alpha_rows(ins.get("rows"))
+    if not rows:
+        return None
+    x = np.array([float(r["alpha"]) for r in rows])
+    abl = _dict(ins.get("ablation"))
+    chosen = finite(ins.get("chosen_alpha"))
+    fig = new_figure(11, 4.2)
+    axes = fig.subplots(1, 2)
+    for ax, key, ylabel in ((axes[0], "refusal_rate", "refusal rate (judge)"),
+                            (axes[1], "refusal_score", "mean refusal log-odds")):
+        ax.plot(x, _series(rows, f"induce_{key}"), color=HARMLESS, marker="o", ms=4,
+                label="induce: harmless, +alpha")
+        ax.plot(x, _series(rows, f"suppress_{key}"), color=HARMFUL, marker="o", ms=4,
+                label="suppress: harmful, −alpha")
+        a = finite(abl.get(key))
+        if a is not None:
+            ax.axhline(a, color=HARMFUL, ls="--", lw=1.2, label=f"ablation: harmful ({a:.2f})")
+        if chosen is not None:
+            ax.axvline(chosen, color="black", ls=":", lw=1.2, label=f"chosen alpha {chosen:g}")
+        if key == "refusal_rate":
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Alpha sweep of the selected direction on val instructions (layer "
+                 f"{mpl_text(ins.get('layer', '?'))}, n = {mpl_text(ins.get('n_harmless', '?'))} harmless / "
+                 f"{mpl_text(ins.get('n_harmful', '?'))} harmful)", fontsize=10)
+    return fig
+
+
+def steering_objects_figure(results: dict[str, Any]) -> Figure | None:
+    """Per vector: normalised metric and refusal fraction against alpha on the object prompts."""
+    objs = _dict(_dict(results.get("steering")).get("objects"))
+    items = [(name, _alpha_rows(o.get("rows"))) for name, o in objs.items() if isinstance(o, dict)]
+    items = [(n, rows) for n, rows in items if rows]
+    if not items:
+        return None
+    fig = new_figure(11, 3.4 * len(items) + 0.6)
+    axes = fig.subplots(len(items), 2, squeeze=False)
+    for (name, rows), (left, right) in zip(items, axes):
+        x = np.arange(len(rows))
+        labels = [f"{float(r['alpha']):g}" for r in rows]
+        for ax, key, ylabel in ((left, "normalised", f"normalised metric\n{METRIC_TITLE}"),
+                                (right, "refusal_fraction", "refusal fraction (judge)")):
+            ax.plot(x, _series(rows, f"harmless_{key}"), color=HARMLESS, marker="o", ms=4,
+                    label="harmless objects, +alpha")
+            ax.plot(x, _series(rows, f"harmful_{key}"), color=HARMFUL, marker="o", ms=4,
+                    label="harmful objects, −alpha")
+            if key == "normalised":
+                ax.axhline(0, color=HARMLESS, ls=":", lw=0.8)
+                ax.axhline(1, color=HARMFUL, ls=":", lw=0.8)
+            else:
+                ax.set_ylim(-0.03, 1.03)
+            ax.set_xticks(x)
+            ax.set_xticklabels(labels, fontsize=8)
+            ax.set_xlabel("|alpha|")
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_title(f"{mpl_text(name, 40)} vector (layer {mpl_text(objs[name].get('layer', '?'))})",
+                         fontsize=9)
+        left.legend(fontsize=7)
+    fig.suptitle("Object-prompt sweeps: vectors added to harmless objects, subtracted from harmful ones",
+                 fontsize=10)
+    return fig
+
+
+def steering_evaluation_figure(results: dict[str, Any]) -> Figure | None:
+    """Held-out refusal rates: baseline vs edited, one group per measure, with n."""
+    ev = _dict(results.get("evaluation"))
+    rates = [(k, v) for k, v in ev.items() if "refusal_rate" in str(k) and isinstance(v, dict)
+             and finite(v.get("value")) is not None]
+    if not rates:
+        return None
+    fig = new_figure(max(5.5, 1.9 * len(rates) + 2), 4.2)
+    ax = fig.add_subplot()
+    x = np.arange(len(rates))
+    base = [finite(v.get("baseline")) for _, v in rates]
+    val = [finite(v.get("value")) for _, v in rates]
+    b1 = ax.bar(x - 0.2, [np.nan if b is None else b for b in base], 0.4, color="#95a5a6", label="baseline")
+    b2 = ax.bar(x + 0.2, val, 0.4, color=[HARMLESS if "harmless" in k else HARMFUL for k, _ in rates],
+                label="edited")
+    for bars in (b1, b2):
+        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    names = [k.replace("_refusal_rate", "").replace("refusal_rate_", "").replace("_", " ") or k for k, _ in rates]
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{mpl_text(n, 32)}\nn = {mpl_text(v.get('n', '?'))}" for n, (_, v) in zip(names, rates)],
+                       fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("refusal rate")
+    a = finite(ev.get("alpha"))
+    ax.set_title(f"Held-out {mpl_text(ev.get('split', 'test'))} refusal rates, baseline vs edited"
+                 + (f" (layer {mpl_text(ev.get('layer'))}, alpha {a:g})" if a is not None else ""), fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
 def write_figures(results: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write every figure the results support as PNGs into ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
@@ -322,4 +500,13 @@ def write_figures(results: dict[str, Any], out_dir: Path) -> list[Path]:
             emit(scatter_figure(name, patching[name], grid, (patching.get("agreement") or {}).get(name)),
                  f"scatter_{name}")
     emit(heads_ranked_figure(results), "heads_ranked")
+    for stem, make in (("steering_direction", steering_direction_figure), ("steering_sweep", steering_sweep_figure),
+                       ("steering_objects", steering_objects_figure),
+                       ("steering_evaluation", steering_evaluation_figure)):
+        try:
+            fig = make(results)
+        except Exception as e:  # noqa: BLE001 -- an odd steering entry must not cost the other figures
+            warnings.warn(f"{stem}.png skipped: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+            fig = None
+        emit(fig, stem)
     return paths

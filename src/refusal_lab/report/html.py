@@ -56,6 +56,8 @@ pre{background:#fff;border:1px solid #ddd;padding:8px;overflow-x:auto;white-spac
 .muted{color:#666;font-size:.9em}.findings li{margin:.3em 0}.findings b{color:#8e2a1f}
 .harmful{color:#c0392b}.harmless{color:#2e86c1}.gen td{white-space:pre-wrap;word-break:break-word}
 img.fig{max-width:100%;border:1px solid #ddd;background:#fff}
+h4{margin:1.1em 0 .3em;font-size:.98em}details{margin:.4em 0 1em}summary{cursor:pointer;color:#2c3e50}
+.warn{background:#fff4e5;border:1px solid #e67e22;border-left:5px solid #e67e22;padding:6px 10px;border-radius:4px}
 """
 
 
@@ -506,20 +508,6 @@ def section_heads(r: dict[str, Any], plots: Plots) -> str:
     return "\n".join(out)
 
 
-def section_optional(r: dict[str, Any]) -> str:
-    """Steering, direction and evaluation, rendered generically; refusal rates gathered in one table."""
-    keys = [k for k in ("steering", "direction", "evaluation") if r.get(k)]
-    if not keys:
-        return ""
-    out = ['<h2 id="extras">Steering, direction and evaluation</h2>']
-    rates = [(f"{k}.{p}", v, b, n) for k in keys for p, v, b, n in refusal_rates(r[k])]
-    if rates:
-        out.append("<h3>Refusal rates</h3>" + table(["measure", "value", "baseline", "n"], rates))
-    for k in keys:
-        out.append(f"<h3>{esc(k)}</h3>" + generic(r[k]))
-    return "\n".join(out)
-
-
 def section_objects(r: dict[str, Any]) -> str:
     """Objects used on each side with their baseline scores, and dropped objects with reasons."""
     o = r.get("objects") or {}
@@ -562,17 +550,399 @@ def section_run(r: dict[str, Any], tables_: Sequence[str]) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------------------- steering
+
+STEERING_KEYS = ("direction", "steering", "evaluation")
+DIRECTION_KNOWN = {"layer", "position", "position_token", "site", "norm", "bypass", "induce", "kl", "baseline",
+                   "filters", "fallback", "n_train", "n_val", "positions", "eoi_tokens", "table", "note"}
+EVAL_META = ("split", "judge", "max_new_tokens", "layer", "alpha")
+
+
+def _is_rate(v: Any) -> bool:
+    return isinstance(v, dict) and "value" in v
+
+
+def _rows_of(obj: Any) -> list[dict[str, Any]]:
+    """``obj`` as a list of dict rows (anything else dropped)."""
+    return [x for x in obj if isinstance(x, dict)] if isinstance(obj, list) else []
+
+
+def _leftover(d: dict[str, Any], known: Iterable[str], title: str) -> str:
+    """Keys of ``d`` that no dedicated view showed, rendered generically."""
+    rest = {k: v for k, v in d.items() if k not in set(known)}
+    return f"<h4>{esc(title)}</h4>" + generic(rest) if rest else ""
+
+
+def _guarded(plots: Plots, fn: Any, obj: Any, *args: Any) -> str:
+    """``fn(obj, ...)``, or the generic view of ``obj`` when ``fn`` fails on an unexpected shape.
+
+    Figures registered by a failed call are dropped again, so no spec points at a missing ``<div>``.
+    """
+    before = set(plots.specs)
+    try:
+        return fn(obj, *args)
+    except Exception as e:  # noqa: BLE001 -- an odd results.json must never break the report
+        for k in set(plots.specs) - before:
+            del plots.specs[k]
+        return (f'<p class="muted">Could not draw this part ({esc(type(e).__name__)}: {esc(e)}); '
+                "raw values:</p>" + generic(obj))
+
+
+def _eoi_label(pos: Any, eoi: Sequence[Any]) -> str:
+    """``-4 '\\n'``: an end-of-instruction column with its token when known."""
+    try:
+        p = int(pos)
+        if eoi and -len(eoi) <= p < 0:
+            return f"{p} {eoi[p]!r}"
+        if eoi and 0 <= p < len(eoi):
+            return f"{p} {eoi[p]!r}"
+    except (TypeError, ValueError):
+        pass
+    return str(pos)
+
+
+def _vs(a: Any, b: Any) -> str:
+    return f"{fmt(b)} → {fmt(a)}"
+
+
+def steering_direction(d: dict[str, Any], plots: Plots) -> str:
+    """The selected direction in words, the fallback warning and the candidates' bypass heatmap."""
+    out = ['<h3 id="steering-direction">Selected refusal direction</h3>']
+    eoi = d.get("eoi_tokens") if isinstance(d.get("eoi_tokens"), list) else []
+    base = d.get("baseline") if isinstance(d.get("baseline"), dict) else {}
+    pos = d.get("position")
+    tok = d.get("position_token")
+    col = f"eoi column <b>{esc(pos)}</b>" + (f" (token <code>{esc(repr(tok))}</code>)" if tok is not None else "")
+    site = f" at <code>{esc(d['site'])}</code>" if d.get("site") else ""
+    text = [f"Layer <b>{esc(d.get('layer', '?'))}</b>, {col}{site}"
+            + (f", norm {esc(fmt(d['norm']))}" if d.get("norm") is not None else "") + "."]
+    if d.get("bypass") is not None or d.get("induce") is not None:
+        text.append(
+            "On the val instructions, ablating it moves the harmful refusal log-odds "
+            f"<b>{esc(_vs(d.get('bypass'), base.get('harmful_val_log_odds')))}</b> (bypass, lower is better); adding it "
+            f"moves the harmless ones <b>{esc(_vs(d.get('induce'), base.get('harmless_val_log_odds')))}</b> (induce); "
+            f"KL on harmless prompts <b>{esc(fmt(d.get('kl')))}</b>.")
+    nt, nv = d.get("n_train"), d.get("n_val")
+    if isinstance(nt, dict) or isinstance(nv, dict):
+        parts = [f"{name}: {', '.join(f'{esc(v)} {esc(k)}' for k, v in n.items())}"
+                 for name, n in (("train", nt), ("val", nv)) if isinstance(n, dict)]
+        text.append("Instructions " + "; ".join(parts) + ".")
+    f = d.get("filters")
+    if isinstance(f, dict) and f:
+        text.append("Filters: " + ", ".join(f"{esc(k)} {esc(fmt(v))}" for k, v in f.items()) + ".")
+    out.append("<p>" + " ".join(text) + "</p>")
+    if d.get("fallback"):
+        out.append(f'<p class="warn"><b>Fallback:</b> {esc(d["fallback"])}</p>')
+    if d.get("note"):
+        out.append(f'<p class="muted">{esc(d["note"])}</p>')
+    rows = _rows_of(d.get("table"))
+    if rows:
+        out.append(direction_heatmap(plots, d, rows, eoi))
+        kept = sum(1 for x in rows if x.get("kept"))
+        ranked = sorted(rows, key=lambda x: (not x.get("kept"), finite(x.get("bypass")) is None,
+                                             finite(x.get("bypass")) or 0.0))
+        out.append(f"<details><summary>All {len(rows)} candidates ({kept} kept), best bypass first</summary>"
+                   + table(["layer", "eoi column", "norm", "bypass", "induce", "KL", "kept", "reason"],
+                           [[x.get("layer"), _eoi_label(x.get("position"), eoi), x.get("norm"), x.get("bypass"),
+                             x.get("induce"), x.get("kl"), "yes" if x.get("kept") else "no", x.get("reason")]
+                            for x in ranked]) + "</details>")
+    out.append(_leftover(d, DIRECTION_KNOWN, "Other direction fields"))
+    return "\n".join(out)
+
+
+def direction_heatmap(plots: Plots, d: dict[str, Any], rows: list[dict[str, Any]], eoi: Sequence[Any]) -> str:
+    """Bypass score per (layer, eoi column); hover: induce, KL, kept/reason; chosen cell boxed, filtered ones x."""
+    layers = sorted({x.get("layer") for x in rows if isinstance(x.get("layer"), int)})
+    cols = list(d.get("positions") or []) if isinstance(d.get("positions"), list) else []
+    cols = cols or sorted({x.get("position") for x in rows if isinstance(x.get("position"), int)})
+    if not layers or not cols:
+        return ""
+    li, ci = {v: i for i, v in enumerate(layers)}, {v: j for j, v in enumerate(cols)}
+    z = np.full((len(layers), len(cols)), np.nan)
+    text = [["" for _ in cols] for _ in layers]
+    fx, fy, ftext = [], [], []
+    for x in rows:
+        i, j = li.get(x.get("layer")), ci.get(x.get("position"))
+        if i is None or j is None:
+            continue
+        b = finite(x.get("bypass"))
+        z[i, j] = np.nan if b is None else b
+        text[i][j] = (f"layer {ptext(x.get('layer'))}, column {ptext(_eoi_label(x.get('position'), eoi))}<br>"
+                      f"bypass {ptext(fmt(x.get('bypass')))}<br>induce {ptext(fmt(x.get('induce')))}<br>"
+                      f"KL {ptext(fmt(x.get('kl')))}<br>norm {ptext(fmt(x.get('norm')))}<br>"
+                      f"{'kept' if x.get('kept') else 'filtered: ' + ptext(x.get('reason', '?'))}")
+        if not x.get("kept"):
+            fx.append(j)
+            fy.append(i)
+            ftext.append(text[i][j])
+    labels = [_eoi_label(c, eoi) for c in cols]
+    data: list[dict[str, Any]] = [
+        {"type": "heatmap", "z": z, "x": list(range(len(cols))), "y": list(range(len(layers))), "text": text,
+         "hovertemplate": "%{text}<extra></extra>", "colorscale": "Viridis", "reversescale": True,
+         "colorbar": {"title": {"text": "bypass<br>(harmful val<br>refusal log-odds,<br>ablated)", "side": "right"},
+                      "thickness": 14}},
+        {"type": "scatter", "mode": "markers", "x": fx, "y": fy, "text": ftext, "name": "filtered out",
+         "hovertemplate": "%{text}<extra></extra>", "marker": {"symbol": "x-thin", "size": 7,
+                                                               "line": {"width": 1, "color": "#555"}}}]
+    ch = (li.get(d.get("layer")), ci.get(d.get("position")))
+    if None not in ch:
+        data.append({"type": "scatter", "mode": "markers", "x": [ch[1]], "y": [ch[0]], "name": "selected",
+                     "text": [text[ch[0]][ch[1]]], "hovertemplate": "selected<br>%{text}<extra></extra>",
+                     "marker": {"symbol": "square-open", "size": 16, "color": "#e74c3c", "line": {"width": 3}}})
+    step = max(1, math.ceil(len(layers) / 24))
+    height = int(min(900, max(400, 16 * len(layers) + 240)))
+    layout = {"title": _title("Direction candidates: bypass score per layer and end-of-instruction column<br>"
+                              "(lower = stronger; x = filtered out, red box = selected)", height),
+              "margin": {"l": 70, "r": 30, "t": 90, "b": 90},
+              "xaxis": {"title": {"text": "end-of-instruction column"}, "tickvals": list(range(len(cols))),
+                        "ticktext": [ptick(c) for c in labels]},
+              "yaxis": {"title": {"text": "layer"}, "tickvals": list(range(0, len(layers), step)),
+                        "ticktext": [ptick(layers[i]) for i in range(0, len(layers), step)]},
+              "legend": {"orientation": "h", "y": -0.18}}
+    return plots.add(data, layout, height)
+
+
+def _title(text: str, height: int) -> dict[str, Any]:
+    """A title placed below plotly's mode bar (narrow figures would overlap it)."""
+    return {"text": text, "font": {"size": 13}, "y": 1 - 40 / height, "yanchor": "top"}
+
+
+def _alpha(x: Any) -> str:
+    v = finite(x)
+    return f"{v:g}" if v is not None else str(x)
+
+
+def _line(name: str, x: Sequence[Any], y: Sequence[Any], color: str, dash: str = "solid",
+          hover: str = "%{y:.3f}") -> dict[str, Any]:
+    return {"type": "scatter", "mode": "lines+markers", "name": ptext(name), "x": list(x), "y": list(y),
+            "line": {"color": color, "dash": dash}, "marker": {"size": 6},
+            "hovertemplate": f"{ptext(name)}<br>alpha %{{x}}<br>{hover}<extra></extra>"}
+
+
+def _hline(y: Any, color: str, dash: str = "dash") -> dict[str, Any]:
+    return {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": y, "y1": y,
+            "line": {"dash": dash, "color": color, "width": 1.5}}
+
+
+def steering_sweep(ins: dict[str, Any], plots: Plots) -> str:
+    """The val alpha sweep of the selected direction: refusal rate and refusal score against alpha."""
+    rows = sorted((x for x in _rows_of(ins.get("rows")) if finite(x.get("alpha")) is not None),
+                  key=lambda x: float(x["alpha"]))
+    out = ['<h3 id="steering-sweep">Alpha sweep on val instructions</h3>']
+    a = ins.get("chosen_alpha")
+    desc = [f"Vector: {esc(ins.get('vector', '?'))} at layer {esc(ins.get('layer', '?'))}, positions "
+            f"{esc(ins.get('positions', '?'))}, split {esc(ins.get('split', '?'))} "
+            f"({esc(ins.get('n_harmless', '?'))} harmless, {esc(ins.get('n_harmful', '?'))} harmful instructions). "
+            "Induce: +alpha on harmless prompts; suppress: −alpha on harmful prompts; ablation: the direction "
+            "projected out of every residual write on harmful prompts."]
+    if a is not None:
+        desc.append(f"Chosen alpha <b>{esc(_alpha(a))}</b>"
+                    + (f" ({esc(ins['chosen_alpha_reason'])})" if ins.get("chosen_alpha_reason") else "") + ".")
+    out.append("<p>" + " ".join(desc) + "</p>")
+    abl = ins.get("ablation") if isinstance(ins.get("ablation"), dict) else {}
+    ca = finite(a)
+    if rows:
+        x = [float(r["alpha"]) for r in rows]
+        vline = ([{"type": "line", "yref": "paper", "x0": ca, "x1": ca, "y0": 0, "y1": 1,
+                   "line": {"dash": "dot", "color": "#333", "width": 1.5}}] if ca is not None else [])
+        figs = []
+        for what, key, yt, ab in (("refusal rate", "refusal_rate", "refusal rate (judge)", "refusal_rate"),
+                                  ("refusal score", "refusal_score", "mean refusal log-odds", "refusal_score")):
+            data = [_line(f"induce (harmless, +alpha) {what}", x, [finite(r.get(f"induce_{key}")) for r in rows],
+                          HARMLESS),
+                    _line(f"suppress (harmful, −alpha) {what}", x, [finite(r.get(f"suppress_{key}")) for r in rows],
+                          HARMFUL)]
+            shapes = list(vline)
+            av = finite(abl.get(ab))
+            if av is not None:
+                shapes.append(_hline(av, HARMFUL))
+                data.append({"type": "scatter", "mode": "lines", "x": [x[0], x[-1]], "y": [av, av],
+                             "name": f"ablation (harmful) {what}", "line": {"color": HARMFUL, "dash": "dash"},
+                             "hovertemplate": "ablation: %{y:.3f}<extra></extra>"})
+            yaxis = {"title": {"text": yt}}
+            if key == "refusal_rate":
+                yaxis["range"] = [-0.03, 1.03]
+            figs.append(plots.add(data, {
+                "title": _title(f"Val {what} vs alpha<br>(dashed: ablation, dotted: chosen alpha)", 420),
+                "margin": {"l": 70, "r": 30, "t": 90, "b": 90},
+                "xaxis": {"title": {"text": "alpha"}}, "yaxis": yaxis, "shapes": shapes,
+                "legend": {"orientation": "h", "y": -0.25}}, 420))
+        out.append('<div class="row">' + "".join(f"<div>{f}</div>" for f in figs if f) + "</div>")
+        out.append(table(["alpha", "induce refusal rate", "suppress refusal rate", "induce refusal score",
+                          "suppress refusal score", "n harmless", "n harmful"],
+                         [[r.get("alpha"), r.get("induce_refusal_rate"), r.get("suppress_refusal_rate"),
+                           r.get("induce_refusal_score"), r.get("suppress_refusal_score"), r.get("n_harmless"),
+                           r.get("n_harmful")] for r in rows]
+                         + ([["ablation", None, abl.get("refusal_rate"), None, abl.get("refusal_score"), None,
+                              abl.get("n")]] if abl else [])))
+    samples = _rows_of(ins.get("samples"))
+    if samples:
+        out.append(f"<details><summary>Sample completions on val ({len(samples)})</summary>" + table(
+            ["setting", "alpha", "instruction", "completion", "refused"],
+            [[s.get("setting"), s.get("alpha"), s.get("instruction"), s.get("completion"), s.get("refused")]
+             for s in samples], cls="gen") + "</details>")
+    out.append(_leftover(ins, {"vector", "layer", "positions", "split", "n_harmless", "n_harmful", "rows",
+                               "ablation", "samples", "chosen_alpha", "chosen_alpha_reason"},
+                         "Other sweep fields"))
+    return "\n".join(out)
+
+
+def steering_objects(objs: dict[str, Any], plots: Plots) -> str:
+    """Per vector: normalised metric and refusal fraction against alpha on the replication's object prompts."""
+    out = ['<h3 id="steering-objects">Object-prompt sweeps</h3>',
+           '<p class="muted">The replication\'s vectors on its own object prompts: added to harmless objects '
+           "(+alpha) and subtracted from harmful ones (−alpha). Normalised metric: "
+           f"{esc(METRIC_TITLE)}.</p>"]
+    for name, o in objs.items():
+        if not isinstance(o, dict):
+            out.append(f"<h4>{esc(name)}</h4>" + generic(o))
+            continue
+        rows = sorted((x for x in _rows_of(o.get("rows")) if finite(x.get("alpha")) is not None),
+                      key=lambda x: float(x["alpha"]))
+        out.append(f"<h4>{esc(name)} vector</h4><p>{esc(o.get('description', ''))}"
+                   f"{'; ' if o.get('description') else ''}layer {esc(o.get('layer', '?'))}, norm "
+                   f"{esc(fmt(o.get('norm')))}.</p>")
+        if rows:
+            x = [_alpha(r["alpha"]) for r in rows]
+            figs = []
+            for key, yt, shapes in (("normalised", "normalised metric", [_hline(0, HARMLESS, "dot"),
+                                                                         _hline(1, HARMFUL, "dot")]),
+                                    ("refusal_fraction", "refusal fraction (judge)", [])):
+                data = [_line("harmless objects, +alpha", x, [finite(r.get(f"harmless_{key}")) for r in rows],
+                              HARMLESS),
+                        _line("harmful objects, −alpha", x, [finite(r.get(f"harmful_{key}")) for r in rows],
+                              HARMFUL)]
+                if all(v is None for t in data for v in t["y"]):
+                    continue
+                yaxis = {"title": {"text": yt}}
+                if key == "refusal_fraction":
+                    yaxis["range"] = [-0.03, 1.03]
+                figs.append(plots.add(data, {
+                    "title": _title(ptext(f"{name} vector: {yt} vs alpha"), 380),
+                    "margin": {"l": 70, "r": 30, "t": 80, "b": 90},
+                    "xaxis": {"title": {"text": "alpha (|alpha|; sign by side)"}, "type": "category"},
+                    "yaxis": yaxis, "shapes": shapes, "legend": {"orientation": "h", "y": -0.25}}, 380))
+            out.append('<div class="row">' + "".join(f"<div>{f}</div>" for f in figs if f) + "</div>")
+            out.append(table(["alpha", "harmless normalised", "harmless refusal fraction", "harmful normalised",
+                              "harmful refusal fraction", "harmless metric", "harmful metric"],
+                             [[r.get("alpha"), r.get("harmless_normalised"), r.get("harmless_refusal_fraction"),
+                               r.get("harmful_normalised"), r.get("harmful_refusal_fraction"),
+                               r.get("harmless_metric"), r.get("harmful_metric")] for r in rows]))
+        samples = _rows_of(o.get("samples"))
+        if samples:
+            out.append(f"<details><summary>Sample completions, {esc(name)} vector ({len(samples)})</summary>"
+                       + table(["side", "alpha", "object", "completion", "refused"],
+                               [[s.get("side"), s.get("alpha"), s.get("object"), s.get("completion"),
+                                 s.get("refused")] for s in samples], cls="gen") + "</details>")
+        out.append(_leftover(o, {"description", "layer", "norm", "rows", "samples"}, f"Other {name} fields"))
+    return "\n".join(out)
+
+
+def steering_evaluation(ev: dict[str, Any], plots: Plots) -> str:
+    """Held-out refusal rates (table + grouped bars), damage (KL, CE) and sample generations."""
+    out = ['<h3 id="steering-evaluation">Held-out evaluation</h3>']
+    meta = [f"{k.replace('_', ' ')} {_alpha(ev[k]) if isinstance(ev[k], (int, float)) else ev[k]}"
+            for k in EVAL_META if ev.get(k) is not None]
+    if meta:
+        out.append(f"<p>{esc('; '.join(meta))}. Layer and alpha were chosen on train/val; these prompts were "
+                   "never used for a choice.</p>")
+    rates = [(k, v) for k, v in ev.items() if "refusal_rate" in str(k) and _is_rate(v)]
+    if rates:
+        out.append(table(["measure", "value", "baseline", "change", "n", "refusal score", "baseline refusal score",
+                          "intervention"],
+                         [[k, v.get("value"), v.get("baseline"),
+                           (finite(v.get("value")) - finite(v.get("baseline"))
+                            if finite(v.get("value")) is not None and finite(v.get("baseline")) is not None
+                            else None), v.get("n"), v.get("refusal_score"), v.get("baseline_refusal_score"),
+                           v.get("intervention")] for k, v in rates]))
+        names = [k.replace("_refusal_rate", "").replace("refusal_rate_", "").replace("_", " ") or k
+                 for k, _ in rates]
+        hover = [f"{ptext(k)}<br>n {ptext(v.get('n', '?'))}<br>{ptext(v.get('intervention', ''))}" for k, v in rates]
+        data = [{"type": "bar", "name": "baseline", "x": [ptext(n) for n in names], "text": hover,
+                 "y": [finite(v.get("baseline")) for _, v in rates], "marker": {"color": "#95a5a6"},
+                 "hovertemplate": "%{text}<br>baseline %{y:.3f}<extra></extra>", "textposition": "none"},
+                {"type": "bar", "name": "edited", "x": [ptext(n) for n in names], "text": hover,
+                 "y": [finite(v.get("value")) for _, v in rates],
+                 "marker": {"color": [HARMLESS if "harmless" in k else HARMFUL for k, _ in rates]},
+                 "hovertemplate": "%{text}<br>edited %{y:.3f}<extra></extra>", "texttemplate": "%{y:.2f}",
+                 "textposition": "outside"}]
+        data[0].update(texttemplate="%{y:.2f}", textposition="outside")
+        out.append(plots.add(data, {"title": {"text": "Held-out refusal rate: baseline vs edited",
+                                              "font": {"size": 13}}, "barmode": "group",
+                                    "yaxis": {"title": {"text": "refusal rate"}, "range": [0, 1.05]}}, 380))
+    dmg = ev.get("damage")
+    if isinstance(dmg, dict) and dmg:
+        rows = []
+        for k, v in dmg.items():
+            if isinstance(v, dict):
+                cb, ce = finite(v.get("ce_baseline")), finite(v.get("ce_edited"))
+                rows.append([k, v.get("kl_harmless"), v.get("ce_baseline"), v.get("ce_edited"),
+                             ce - cb if ce is not None and cb is not None else None, v.get("n_tokens"), v.get("n")])
+            else:
+                rows.append([k, v, None, None, None, None, None])
+        out.append("<h4>Damage on harmless prompts</h4>" + table(
+            ["edit", "KL(base ‖ edited)", "CE baseline", "CE edited", "Δ CE", "tokens", "prompts"], rows))
+    samples = _rows_of(ev.get("samples"))
+    if samples:
+        out.append(f"<h4>Sample generations ({len(samples)})</h4>" + table(
+            ["setting", "instruction", "completion", "refused"],
+            [[s.get("setting"), s.get("instruction", s.get("prompt")), s.get("completion"), s.get("refused")]
+             for s in samples], cls="gen"))
+    if isinstance(ev.get("substrings"), list):
+        out.append("<details><summary>Refusal substrings of the judge</summary>"
+                   + generic(ev["substrings"]) + "</details>")
+    known = set(EVAL_META) | {k for k, _ in rates}
+    known |= {"damage"} if isinstance(dmg, dict) and dmg else set()
+    known |= {"samples"} if samples else set()
+    known |= {"substrings"} if isinstance(ev.get("substrings"), list) else set()
+    out.append(_leftover(ev, known, "Other evaluation fields"))
+    return "\n".join(out)
+
+
+def section_steering(r: dict[str, Any], plots: Plots) -> str:
+    """Direction, steering sweeps and held-out evaluation; unknown keys and shapes render generically."""
+    keys = [k for k in STEERING_KEYS if r.get(k)]
+    if not keys:
+        return ""
+    out = ['<h2 id="steering">Steering, direction and evaluation</h2>']
+    d, st, ev = (r.get(k) for k in STEERING_KEYS)
+    if isinstance(d, dict) and d:
+        out.append(_guarded(plots, steering_direction, d, plots))
+    elif d:
+        out.append("<h3>direction</h3>" + generic(d))
+    if isinstance(st, dict) and st:
+        ins, objs = st.get("instructions"), st.get("objects")
+        if isinstance(ins, dict) and ins:
+            out.append(_guarded(plots, steering_sweep, ins, plots))
+        if isinstance(objs, dict) and objs:
+            out.append(_guarded(plots, steering_objects, objs, plots))
+        rest = {k: v for k, v in st.items() if not (k in ("instructions", "objects") and isinstance(v, dict))}
+        if rest:
+            rates = refusal_rates(rest)
+            out.append("<h3>Other steering fields</h3>"
+                       + (table(["measure", "value", "baseline", "n"], [(f"steering.{p}", v, b, n)
+                                                                       for p, v, b, n in rates]) if rates else "")
+                       + generic(rest))
+    elif st:
+        out.append("<h3>steering</h3>" + generic(st))
+    if isinstance(ev, dict) and ev:
+        out.append(_guarded(plots, steering_evaluation, ev, plots))
+    elif ev:
+        out.append("<h3>evaluation</h3>" + generic(ev))
+    return "\n".join(x for x in out if x)
+
+
 def render_report(results: dict[str, Any], tables_: Sequence[str] = ()) -> str:
     """The report HTML for one results dict (``tables_``: CSV file names under ``tables/`` to list)."""
     plots = Plots(enabled=plotly_js() is not None)
     parts = [section_overview(results), section_prompts(results), section_baseline(results, plots),
              section_dla(results, plots), section_patching(results, plots), section_heads(results, plots),
-             section_optional(results), section_objects(results), section_run(results, tables_)]
+             section_steering(results, plots), section_objects(results), section_run(results, tables_)]
     if not plots.enabled:
         parts.insert(1, '<p class="muted">plotly is not installed: interactive figures are omitted '
                         "(install plotly, or see the PNG figures).</p>")
     nav = [("overview", "Overview"), ("findings", "Findings"), ("prompts", "Prompts"), ("baseline", "Baseline"),
-           ("dla", "Logit attribution"), ("patching", "Patching"), ("heads", "Heads"), ("extras", "Steering/eval"),
+           ("dla", "Logit attribution"), ("patching", "Patching"), ("heads", "Heads"), ("steering", "Steering"),
            ("objects", "Objects"), ("run", "Run")]
     body = "\n".join(p for p in parts if p)
     nav = [(a, t) for a, t in nav if f'id="{a}"' in body]
