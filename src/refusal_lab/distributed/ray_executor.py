@@ -1,0 +1,210 @@
+"""Sharding the ``patch_*`` steps of ``refusal-lab run`` over a Ray cluster (``--ray``).
+
+The driver (the ``refusal-lab run`` process) does everything as in a single-process run except the
+exact patching grids: :meth:`RayExecutor.patch_grid` splits a grid into shards
+(:mod:`refusal_lab.distributed.shards`), sends one to each Ray actor, and merges the returned
+per-pair values into the full tensor, which the driver then writes exactly as a single-process run
+does. Every actor (:class:`~refusal_lab.distributed.worker.ShardWorker`) loads one model copy once
+with the driver's loading arguments and builds the same prompts, receivers and source caches.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import torch
+
+from refusal_lab.errors import ConfigError, RefusalLabError
+from refusal_lab.distributed.shards import merge, shard_axis, split_spec
+from refusal_lab.distributed.worker import ShardWorker, inputs_fingerprint, portable_config
+
+INSTALL_HINT = "Ray is not installed; install it with pip install 'refusal-lab[ray]' to use --ray."
+#: environment forwarded to the actors (offline mode, caches, the import path on shared filesystems)
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_OFFLINE", "PYTHONPATH")
+CONNECT_TIMEOUT_S = 10.0
+ACTOR_START_TIMEOUT_S = float(os.environ.get("REFUSAL_LAB_RAY_START_TIMEOUT", 900))
+
+
+def import_ray():
+    """The ``ray`` module, or a one-sentence :class:`RefusalLabError` (exit 2) naming the extra."""
+    try:
+        import ray
+    except ImportError:
+        raise RefusalLabError(INSTALL_HINT) from None
+    return ray
+
+
+def _reachable(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``host:port`` / ``ray://host:port`` when nothing listens there, else None."""
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not host or not port:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            return None
+    except OSError:
+        return host, port
+
+
+def _unwrap(ray, exc: BaseException) -> BaseException:
+    """The user-facing error inside a Ray task/actor error, when there is one."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, RefusalLabError):
+        return cause
+    if isinstance(exc, ray.exceptions.RayError):
+        text = str(exc).strip().splitlines()
+        last = text[-1] if text else type(exc).__name__
+        return RefusalLabError(f"A Ray worker failed ({last.strip()}); rerun with --debug for the traceback.")
+    return exc
+
+
+def load_kwargs(args, config) -> dict:
+    """``load_model`` keyword arguments the actors need, from the CLI arguments and the run config."""
+    template = getattr(args, "chat_template", None)
+    return {"dtype": config.dtype, "device": config.device, "device_map": getattr(args, "device_map", None),
+            "trust_remote_code": bool(getattr(args, "trust_remote_code", False)),
+            "token": getattr(args, "token", None) or os.environ.get("HF_TOKEN"),
+            "chat_template": Path(template).read_text() if template else None}
+
+
+class RayExecutor:
+    """Computes patching grids with ``workers`` Ray actors, each holding one model copy.
+
+    Use :meth:`connect`; actors start on the first grid that is actually computed (a fully
+    resumed run starts none) and stop with :meth:`close`."""
+
+    def __init__(self, ray, address: str, workers: int | None, load: dict, owns_ray: bool):
+        self.ray = ray
+        self.address = address
+        self.requested = workers
+        self.load = dict(load)
+        self.owns_ray = owns_ray
+        self.actors: list = []
+        self.actor_info: list[dict] = []
+        self.workers = None
+
+    # ------------------------------------------------------------------ connecting
+    @classmethod
+    def connect(cls, address: str, workers: int | None = None, load: dict | None = None) -> "RayExecutor":
+        """Connect to the cluster at ``address`` (``auto``, ``host:port``, ``ray://host:port``, or
+        ``local`` to start one in this process); one-sentence errors (exit 2) when Ray is missing
+        or the cluster cannot be reached."""
+        if workers is not None and workers < 1:
+            raise ConfigError(f"--ray-workers must be at least 1, not {workers}.")
+        ray = import_ray()
+        if ray.is_initialized():  # a library user connected already: use that cluster, leave it open
+            return cls(ray, address, workers, load or {}, owns_ray=False)
+        if address not in ("auto", "local") and _reachable(address) is not None:
+            raise RefusalLabError(f"Cannot reach a Ray cluster at {address}; start one with `ray start --head` "
+                                  "or pass the address it printed (or --ray auto on a cluster node).")
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        env["TOKENIZERS_PARALLELISM"] = "false"
+        kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
+        try:
+            if address == "local":
+                ray.init(**kwargs)
+            else:
+                ray.init(address=address, **kwargs)
+        except Exception as e:  # ConnectionError, RuntimeError, TimeoutError, ... depending on the form
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RefusalLabError(f"Cannot connect to a Ray cluster at {address} ({msg.rstrip('.')}); check the "
+                                  "address, or start a cluster with `ray start --head`.") from None
+        return cls(ray, address, workers, load or {}, owns_ray=True)
+
+    def close(self) -> None:
+        for a in self.actors:
+            try:
+                self.ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.actors = []
+        if self.owns_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ actors
+    def _use_gpus(self, resources: dict) -> bool:
+        device = self.load.get("device")
+        if device is not None:
+            return str(device).startswith("cuda")
+        return resources.get("GPU", 0) >= 1
+
+    def _start(self, rep) -> None:
+        ray = self.ray
+        resources = ray.cluster_resources()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        gpus = self._use_gpus(resources)
+        if gpus:
+            if resources.get("GPU", 0) < 1:
+                raise RefusalLabError(f"The run asks for device {self.load.get('device')} but the Ray cluster at "
+                                      f"{self.address} has no GPU; pass --device cpu or add GPU nodes.")
+            n = self.requested or max(1, int(resources["GPU"]))
+            per = {"num_gpus": max(1, int(resources["GPU"] // n)) if self.load.get("device_map") else 1, "num_cpus": 1}
+        else:
+            n = self.requested or max(1, len(nodes))
+            smallest = min((int(node.get("Resources", {}).get("CPU", 0)) for node in nodes), default=1)
+            per = {"num_cpus": max(1, min(int(resources.get("CPU", 1) // n), smallest)), "num_gpus": 0}
+        load = dict(self.load)
+        if gpus and not load.get("device_map"):
+            load["device"] = "cuda"  # the actor sees only its own GPU(s)
+        config = portable_config(asdict(rep.cfg))
+        fingerprint = inputs_fingerprint(rep)
+        Actor = ray.remote(ShardWorker)
+        self.actors = [Actor.options(scheduling_strategy="SPREAD", **per).remote(load, config, fingerprint)
+                       for _ in range(n)]
+        pending = [a.info.remote() for a in self.actors]
+        ready, waiting = ray.wait(pending, num_returns=len(pending), timeout=ACTOR_START_TIMEOUT_S)
+        if waiting:
+            self.close()
+            raise RefusalLabError(
+                f"Only {len(ready)} of {n} Ray workers started within {ACTOR_START_TIMEOUT_S:.0f} s (each needs "
+                f"{per['num_cpus']} CPU and {per['num_gpus']} GPU); lower --ray-workers or add nodes."
+            )
+        try:
+            self.actor_info = ray.get(pending)
+        except ray.exceptions.RayError as e:
+            raise _unwrap(ray, e) from None
+        self.workers = n
+        self.resources = per
+
+    # ------------------------------------------------------------------ grids
+    def patch_grid(self, rep, grid: str, direction: str, spec) -> tuple[torch.Tensor, dict]:
+        """Per-pair values ``[n_pairs, *spec.shape]`` of ``spec`` computed by the actors, and a
+        record of which worker computed which shard (stored in the step and ``results.json``)."""
+        from refusal_lab.replication import DIRECTIONS
+
+        ray = self.ray
+        if not self.actors:
+            self._start(rep)
+        src, rec = DIRECTIONS[direction]
+        shards = split_spec(spec, len(self.actors), rep.model.cfg.n_layers, rep.prompts.seq_len)
+        t0 = time.perf_counter()
+        refs = [actor.patch.remote(src, rec, shard) for actor, shard in zip(self.actors, shards)]
+        try:
+            results = ray.get(refs)
+        except ray.exceptions.RayError as e:
+            raise _unwrap(ray, e) from None
+        vals = merge(spec, shards, [r[0] for r in results], rep.batches[rec].n)
+        axis = shard_axis(spec)
+        return vals, {
+            "backend": "ray", "address": self.address, "workers": len(shards), "shard_by": axis,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "shards": [{"worker": k, "node": self.actor_info[k]["node"], "pid": self.actor_info[k]["pid"],
+                        "device": self.actor_info[k]["device"], axis: getattr(shard, axis),
+                        "seconds": round(seconds, 3)}
+                       for k, (shard, (_, seconds)) in enumerate(zip(shards, results))],
+        }
