@@ -55,6 +55,11 @@ def _reachable(address: str) -> tuple[str, int] | None:
         return host, port
 
 
+def _first_sentence(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line.split(". ")[0].rstrip(".")
+
+
 def _unwrap(ray, exc: BaseException) -> BaseException:
     """The user-facing error inside a Ray task/actor error, when there is one."""
     cause = getattr(exc, "cause", None)
@@ -62,8 +67,8 @@ def _unwrap(ray, exc: BaseException) -> BaseException:
         return cause
     if isinstance(exc, ray.exceptions.RayError):
         text = str(exc).strip().splitlines()
-        last = text[-1] if text else type(exc).__name__
-        return RefusalLabError(f"A Ray worker failed ({last.strip()}); rerun with --debug for the traceback.")
+        last = _first_sentence(text[-1]) if text else type(exc).__name__
+        return RefusalLabError(f"A Ray worker failed ({last}); rerun with --debug for the traceback.")
     return exc
 
 
@@ -115,9 +120,12 @@ class RayExecutor:
             else:
                 ray.init(address=address, **kwargs)
         except Exception as e:  # ConnectionError, RuntimeError, TimeoutError, ... depending on the form
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RefusalLabError(f"Cannot connect to a Ray cluster at {address} ({msg.rstrip('.')}); check the "
-                                  "address, or start a cluster with `ray start --head`.") from None
+            if address == "auto":
+                raise RefusalLabError("--ray auto found no running Ray cluster on this machine; start one with "
+                                      "`ray start --head` or pass its address (host:6379 or ray://host:10001).") from None
+            msg = _first_sentence(str(e)) or type(e).__name__
+            raise RefusalLabError(f"Cannot connect to a Ray cluster at {address} ({msg}); check the address, or start "
+                                  "a cluster with `ray start --head`.") from None
         return cls(ray, address, workers, load or {}, owns_ray=True)
 
     def close(self) -> None:
@@ -204,7 +212,8 @@ class RayExecutor:
             "backend": "ray", "address": self.address, "workers": len(shards), "shard_by": axis,
             "seconds": round(time.perf_counter() - t0, 3),
             "shards": [{"worker": k, "node": self.actor_info[k]["node"], "pid": self.actor_info[k]["pid"],
-                        "device": self.actor_info[k]["device"], axis: getattr(shard, axis),
+                        "device": self.actor_info[k]["device"], "threads": self.actor_info[k]["threads"],
+                        axis: getattr(shard, axis),
                         "seconds": round(seconds, 3)}
                        for k, (shard, (_, seconds)) in enumerate(zip(shards, results))],
         }

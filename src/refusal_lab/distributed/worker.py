@@ -48,17 +48,26 @@ class ShardWorker:
     """Holds one model copy and the run's inputs; :meth:`patch` computes one grid shard."""
 
     def __init__(self, load_kwargs: dict, config: dict, fingerprint: str):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.node = socket.gethostname()
+        self.pid = os.getpid()
+        # A user-facing error is kept and raised by info(): a Ray task error carries the exception
+        # itself (so the driver can print its sentence), an actor that died in __init__ does not.
+        self.error: RefusalLabError | None = None
+        try:
+            self._setup(load_kwargs, config, fingerprint)
+        except RefusalLabError as e:
+            self.error = e
+
+    def _setup(self, load_kwargs: dict, config: dict, fingerprint: str) -> None:
         from refusal_lab.models.loading import load_model
         from refusal_lab.replication import Replication, RunConfig
 
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         t0 = time.perf_counter()
         cfg = RunConfig.from_dict(config, where="the driver's config")
         model = load_model(cfg.model, **load_kwargs)
         self.rep = Replication(model, cfg, out=None, progress=False)
         self.load_seconds = time.perf_counter() - t0
-        self.node = socket.gethostname()
-        self.pid = os.getpid()
         if inputs_fingerprint(self.rep) != fingerprint:
             raise RefusalLabError(
                 f"A worker on {self.node} built different prompts or tokens than the driver; make the same model, "
@@ -66,6 +75,8 @@ class ShardWorker:
             )
 
     def info(self) -> dict:
+        if self.error is not None:
+            raise self.error
         return {"node": self.node, "pid": self.pid, "device": str(self.rep.model.device),
                 "threads": torch.get_num_threads(), "load_seconds": round(self.load_seconds, 3)}
 
