@@ -232,3 +232,28 @@ def test_split_and_merge_cover_every_cell_once():
     # balanced by cone cost: layer l costs L - l, so 6 layers on 2 workers split 11 : 10
     shards = split_spec(GridSpec("resid_pre", list(range(L)), [11]), 2, L, T)
     assert sorted(sum(L - l for l in s.layers) for s in shards) == [10, 11]
+
+
+def test_shard_worker_in_process(tiny_dir, one_thread):
+    """The actor class without Ray: its shards are the grid's cells; other inputs are refused."""
+    from refusal_lab.distributed import ShardWorker, inputs_fingerprint, merge, split_spec
+    from refusal_lab.errors import RefusalLabError
+    from refusal_lab.models.loading import load_model
+    from refusal_lab.patching.engine import patch_grid
+    from refusal_lab.replication import Replication, RunConfig
+
+    cfg = RunConfig(model=str(tiny_dir), grids=["heads"])
+    rep = Replication(load_model(str(tiny_dir), device="cpu"), cfg, out=None, progress=False)
+    load = {"dtype": "float32", "device": "cpu"}
+    worker = ShardWorker(load, vars(cfg), inputs_fingerprint(rep))
+    assert worker.info()["pid"] == os.getpid()
+    for grid in ("mlp_out", "heads", "attn_out_cumulative"):
+        spec = rep.grid_spec(grid)
+        shards = split_spec(spec, 2, rep.model.cfg.n_layers, rep.prompts.seq_len)
+        parts = [worker.patch("harmful", "harmless", s)[0] for s in shards]
+        full = patch_grid(rep.model, rep.receiver("harmless"), rep.source_cache("harmful"), spec, rep.metric,
+                          progress=False)
+        assert torch.equal(merge(spec, shards, parts, full.shape[0]), full), grid
+    stranger = ShardWorker(load, vars(cfg), "0" * 64)
+    with pytest.raises(RefusalLabError, match="different prompts or tokens"):
+        stranger.info()

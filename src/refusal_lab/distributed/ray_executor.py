@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import asdict
 import time
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
+from tqdm.auto import tqdm
 
-from refusal_lab.errors import ConfigError, RefusalLabError
 from refusal_lab.distributed.shards import merge, shard_axis, split_spec
 from refusal_lab.distributed.worker import ShardWorker, inputs_fingerprint, portable_config
+from refusal_lab.errors import ConfigError, RefusalLabError
 
 INSTALL_HINT = "Ray is not installed; install it with pip install 'refusal-lab[ray]' to use --ray."
 #: environment forwarded to the actors (offline mode, caches, the import path on shared filesystems)
@@ -115,10 +116,7 @@ class RayExecutor:
         env["TOKENIZERS_PARALLELISM"] = "false"
         kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
         try:
-            if address == "local":
-                ray.init(**kwargs)
-            else:
-                ray.init(address=address, **kwargs)
+            ray.init(address=address, **kwargs)  # "local" starts a new local cluster even when RAY_ADDRESS is set
         except Exception as e:  # ConnectionError, RuntimeError, TimeoutError, ... depending on the form
             if address == "auto":
                 raise RefusalLabError("--ray auto found no running Ray cluster on this machine; start one with "
@@ -169,6 +167,8 @@ class RayExecutor:
         load = dict(self.load)
         if gpus and not load.get("device_map"):
             load["device"] = "cuda"  # the actor sees only its own GPU(s)
+        elif not gpus:
+            load["device"] = "cpu"
         config = portable_config(asdict(rep.cfg))
         fingerprint = inputs_fingerprint(rep)
         Actor = ray.remote(ShardWorker)
@@ -202,10 +202,19 @@ class RayExecutor:
         shards = split_spec(spec, len(self.actors), rep.model.cfg.n_layers, rep.prompts.seq_len)
         t0 = time.perf_counter()
         refs = [actor.patch.remote(src, rec, shard) for actor, shard in zip(self.actors, shards)]
+        bar = tqdm(total=len(refs), desc=f"patch {grid} ({len(refs)} Ray workers)", unit="shard",
+                   disable=not rep.progress, leave=False)
         try:
+            waiting = list(refs)
+            while waiting:
+                done, waiting = ray.wait(waiting, num_returns=1)
+                ray.get(done)  # raises a failed shard's error now, not after the others finish
+                bar.update(len(done))
             results = ray.get(refs)
         except ray.exceptions.RayError as e:
             raise _unwrap(ray, e) from None
+        finally:
+            bar.close()
         vals = merge(spec, shards, [r[0] for r in results], rep.batches[rec].n)
         axis = shard_axis(spec)
         return vals, {
