@@ -66,7 +66,12 @@ def ray_head():
     temp = tempfile.mkdtemp(prefix="rl_ray_", dir="/tmp")  # short: Ray's socket paths must stay short
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [env.get("PYTHONPATH")])])
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    # No token authentication on either side, whatever ~/.ray/auth_token holds (Ray >= 2.5x would
+    # otherwise switch a head to token mode when that file exists).
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0",
+               RAY_AUTH_MODE="disabled")
+    auth_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     log = open(Path(temp) / "head.log", "w+")
     cmd = [ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
            "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", "--block"]
@@ -96,6 +101,10 @@ def ray_head():
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+        if auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_mode
 
 
 @pytest.fixture

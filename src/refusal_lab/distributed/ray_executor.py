@@ -10,6 +10,7 @@ with the driver's loading arguments and builds the same prompts, receivers and s
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -56,9 +57,44 @@ def _reachable(address: str) -> tuple[str, int] | None:
         return host, port
 
 
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
 def _first_sentence(text: str) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line.split(". ")[0].rstrip(".")
+
+
+def _use_token_if_available() -> None:
+    """As ``ray start`` and the ``ray`` CLI do: when ``RAY_AUTH_MODE`` is unset and a token exists
+    (``RAY_AUTH_TOKEN``, ``~/.ray/auth_token``), authenticate with it (Ray >= 2.5x token auth)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = log.level
+    log.setLevel(logging.ERROR)  # no "token authentication is enabled" warning on every run
+    try:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except Exception:  # noqa: BLE001 - connecting will report a real problem
+        pass
+    finally:
+        log.setLevel(level)
+
+
+def _auth_failure(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if "AuthToken" in str(exc) or type(exc).__name__ == "AuthenticationError":
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _unwrap(ray, exc: BaseException) -> BaseException:
@@ -115,16 +151,25 @@ class RayExecutor:
         env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
         env["TOKENIZERS_PARALLELISM"] = "false"
         kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
+        auth_mode = os.environ.get("RAY_AUTH_MODE")
+        if address != "local":
+            _use_token_if_available()
         try:
             ray.init(address=address, **kwargs)  # "local" starts a new local cluster even when RAY_ADDRESS is set
         except Exception as e:  # ConnectionError, RuntimeError, TimeoutError, ... depending on the form
+            _restore_env("RAY_AUTH_MODE", auth_mode)
+            if _auth_failure(e):
+                raise RefusalLabError(f"The Ray cluster at {address} refused this client's authentication token; set "
+                                      "RAY_AUTH_TOKEN (or ~/.ray/auth_token) to the cluster's token.") from None
             if address == "auto":
                 raise RefusalLabError("--ray auto found no running Ray cluster on this machine; start one with "
                                       "`ray start --head` or pass its address (host:6379 or ray://host:10001).") from None
             msg = _first_sentence(str(e)) or type(e).__name__
             raise RefusalLabError(f"Cannot connect to a Ray cluster at {address} ({msg}); check the address, or start "
                                   "a cluster with `ray start --head`.") from None
-        return cls(ray, address, workers, load or {}, owns_ray=True)
+        executor = cls(ray, address, workers, load or {}, owns_ray=True)
+        executor._auth_mode = auth_mode
+        return executor
 
     def close(self) -> None:
         for a in self.actors:
@@ -135,6 +180,8 @@ class RayExecutor:
         self.actors = []
         if self.owns_ray and self.ray.is_initialized():
             self.ray.shutdown()
+        if self.owns_ray:
+            _restore_env("RAY_AUTH_MODE", getattr(self, "_auth_mode", None))
 
     def __enter__(self):
         return self
