@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "itself yes/no), or a chat model's hub id / folder")
     run.add_argument("--force", action="store_true", help="recompute finished steps / overwrite a different run")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--ray", metavar="ADDRESS", help="shard the patching grids over a Ray cluster: auto, host:6379, "
+                                                      "ray://host:10001, or local (starts one here)")
+    run.add_argument("--ray-workers", type=int, metavar="N",
+                     help="Ray workers, one model copy each (default: one per GPU, else one per node)")
 
     ins = sub.add_parser("inspect", help="the model's shape and sites, prompts with position labels, baselines")
     _add_model_args(ins)
@@ -139,10 +143,25 @@ def cmd_run(args) -> int:
     cfg = RunConfig.from_dict(data, where=str(args.config) if args.config else "the options")
     args.model, args.dtype = cfg.model, cfg.dtype
     _check_prompt_inputs(cfg.objects, cfg.template)
-    model = _load(args)
-    out = args.out or Path("runs") / model_slug(model.cfg.model_name)
-    rep = Replication(model, cfg, out, force=args.force, progress=not args.quiet)
-    results = rep.run()
+    if args.ray_workers is not None and not args.ray:
+        raise ConfigError("--ray-workers needs --ray ADDRESS (auto, host:port, ray://host:port or local).")
+    executor = None
+    if args.ray:  # connect before the (slow) model load, so a bad address fails fast
+        from refusal_lab.distributed import RayExecutor
+
+        executor = RayExecutor.connect(args.ray, workers=args.ray_workers)
+    try:
+        model = _load(args)
+        out = args.out or Path("runs") / model_slug(model.cfg.model_name)
+        if executor is not None:
+            from refusal_lab.distributed import load_kwargs
+
+            executor.load = load_kwargs(args, cfg)
+        rep = Replication(model, cfg, out, force=args.force, progress=not args.quiet, executor=executor)
+        results = rep.run()
+    finally:
+        if executor is not None:
+            executor.close()
     print(f"wrote {out}/results.json and {out}/report.html")
     for line in results["findings"]:
         print(" -", line)

@@ -195,8 +195,13 @@ def _normalise(values: torch.Tensor, harmless: float, harmful: float) -> torch.T
 class Replication:
     """Runs the steps on one loaded model (``model``) into one folder."""
 
-    def __init__(self, model: HookedChatModel, config: RunConfig, out: Path, force: bool = False, progress: bool = True):
+    def __init__(self, model: HookedChatModel, config: RunConfig, out: Path | None, force: bool = False,
+                 progress: bool = True, executor=None):
+        """``out=None`` builds the inputs only (prompts, tokens, metric), no run folder: what a
+        distributed worker needs. ``executor`` (e.g. :class:`refusal_lab.distributed.RayExecutor`)
+        computes the ``patch_*`` steps' grids instead of this process."""
         torch.manual_seed(config.seed)
+        self.executor = executor
         self.model = model
         self.cfg = config
         self.progress = progress
@@ -223,7 +228,7 @@ class Replication:
         check_run_memory(model, len(self.prompts.harmful_objects), self.prompts.seq_len, config.max_rows,
                          sides=len(config.directions))
         # Only after every input is validated: a run that failed on bad input leaves no config guard behind.
-        self.folder = RunFolder(out, config, force)
+        self.folder = RunFolder(out, config, force) if out is not None else None
         self.timings: dict[str, float] = {}
         self._receivers: dict[str, Receiver] = {}
         self._caches: dict[str, dict] = {}
@@ -304,12 +309,17 @@ class Replication:
         def compute():
             spec = self.grid_spec(grid)
             partial = self.folder.root / "partial" / f"patch_{grid}_{direction}.safetensors"
-            vals = patch_grid(self.model, self.receiver(rec), self.source_cache(src), spec, self.metric,
-                              max_rows=self.cfg.max_rows, progress=self.progress, checkpoint=partial)
+            dist = None
+            if self.executor is not None:  # the same cells, computed by shards on other processes
+                vals, dist = self.executor.patch_grid(self, grid, direction, spec)
+            else:
+                vals = patch_grid(self.model, self.receiver(rec), self.source_cache(src), spec, self.metric,
+                                  max_rows=self.cfg.max_rows, progress=self.progress, checkpoint=partial)
             save_tensors(self.folder.root / "tensors" / f"patch_{grid}_{direction}.safetensors",
                          {"per_pair": vals}, {"grid": grid, "direction": direction, "layers": spec.layers,
                                               "cols": spec.cols if grid != "heads" else spec.heads})
-            return {"per_pair": vals, "layers": spec.layers, "cols": spec.cols, "heads": spec.heads}
+            return {"per_pair": vals, "layers": spec.layers, "cols": spec.cols, "heads": spec.heads,
+                    **({"distributed": dist} if dist else {})}
 
         result = self._step(f"patch_{grid}_{direction}", compute)
         # the step file is written: the within-grid checkpoint is no longer needed
@@ -461,6 +471,9 @@ class Replication:
                 results[k] = {kk: vv for kk, vv in v.items() if not kk.startswith("_")}
             results["findings"] += steering_findings(results)
         results["timings"]["total"] = time.perf_counter() - t_all
+        dist = {f"patch_{g}_{d}": v["distributed"] for (g, d), v in grids.items() if v.get("distributed")}
+        if dist:  # which workers computed which patching step (absent for single-process steps)
+            results["distributed"] = dist
         write_json(self.folder.root / "results.json", results)
         self.write_tables(base, grids, heads)
         self.write_report()
