@@ -158,11 +158,13 @@ def test_delta_scores_match_a_hooked_forward(tiny):
     dq, dk = qk_tangents(tiny, l2, resid[:, cols], dr, cos[:, cols], sin[:, cols])
     mine = dense_delta_scores(*delta_scores(attn.records[l2], dq, dk, cols), cols)[0]
     allowed = attn.records[l2].mask.expand_as(fd) > -1e30
+    in_c = torch.zeros(rec.T, dtype=torch.bool)
+    in_c[cols] = True
+    outside = allowed & ~(in_c[:, None] | in_c[None, :])
+    assert fd[outside].abs().max() < 1e-4 and mine[outside].abs().max() == 0  # only rows/columns C move
     fd, mine = fd[allowed], mine[allowed]
     assert mine.abs().max() > 1e-2
     assert (fd - mine).abs().max() < 2e-3 * mine.abs().max() + 1e-4, float((fd - mine).abs().max())
-    # nothing outside the patched rows/columns moves
-    assert torch.count_nonzero(mine) <= mine.numel()
 
 
 @pytest.mark.parametrize("size", [0.3, 30.0])
@@ -229,7 +231,7 @@ def test_qk_fix_rescues_saturated_attention(tiny_saturable):
     L, H, dh = m.cfg.n_layers, m.cfg.n_heads, m.cfg.d_head
     T, l, target, margin = 9, L - 2, 6.0, 3.0
     g = torch.Generator().manual_seed(5)
-    many = Batch(torch.randint(0, m.cfg.d_vocab, (16, T), generator=g), torch.ones(16, T, dtype=torch.long))
+    many = Batch(torch.randint(0, m.cfg.d_vocab, (64, T), generator=g), torch.ones(64, T, dtype=torch.long))
     metric = LogitDiff(3, 7)
     name = f"blocks.{l}.attn.hook_z"
     cap = m.hf_model.config.attn_logit_softcapping if m.cfg.model_type == "gemma2" else None
@@ -245,7 +247,7 @@ def test_qk_fix_rescues_saturated_attention(tiny_saturable):
     # choose (prompt, query head, key c) with the smallest logit gap; the scale alpha**2 makes it `target`
     raw = last_row(many)
     best = None
-    for b in range(16):
+    for b in range(len(raw)):
         for h1 in range(H):
             s = raw[b, h1]
             top = int(torch.nan_to_num(s, nan=-1e30).argmax())
