@@ -299,3 +299,59 @@ def test_qk_fix_rescues_saturated_attention(tiny_saturable):
     assert exact.abs().mean() > 5e-3
     assert err_plain > 0.5 * exact.abs().mean()  # plain AtP is badly wrong
     assert err_star < 0.5 * err_plain, (float(err_star), float(err_plain))
+
+
+def test_run_reports_atp_star_for_heads_beside_plain_atp(tmp_path):
+    """A tiny run: the head grid's attribution is AtP* with plain AtP beside it; other grids stay AtP."""
+    import json
+
+    from refusal_lab.cli import main
+    from tests.helpers_tiny_chat import make_tiny_chat_model
+
+    model = make_tiny_chat_model(tmp_path / "models")
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(model), "--out", str(out), "--quiet", "--grids", "resid_pre,heads"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    p = r["patching"]
+    assert p["attribution"]["heads"]["variant"] == "AtP*" and p["attribution"]["resid_pre"]["variant"] == "AtP"
+    heads = p["agreement"]["heads"]
+    assert heads["variant"] == "AtP*" and heads["plain"]["variant"] == "AtP"
+    for a in (heads, heads["plain"], p["agreement"]["resid_pre"]):
+        assert -1 <= a["spearman"] <= 1 and 0 <= a["top_k_overlap"] <= 1
+    star, plain = torch.tensor(p["attribution"]["heads"]["values"]), torch.tensor(p["attribution"]["heads"]["values_plain"])
+    assert star.shape == plain.shape == torch.tensor(p["heads"]["values"]).shape
+    assert torch.isfinite(star).all() and not torch.equal(star, plain)
+    assert torch.equal(star[-1], plain[-1])  # the last layer has no later pattern to fix
+    assert any("AtP*" in f and "plain AtP" in f for f in r["findings"])
+
+
+@pytest.mark.real_model
+def test_atp_star_on_the_real_model(real_model, tmp_path):
+    """Qwen2.5-Coder-0.5B, the replication's prompts: AtP and AtP* against exact patching of the
+    head grid (harmful -> harmless at post_obj). Both are computed and finite; the Spearman numbers
+    are printed (no claim that AtP* wins)."""
+    import time
+
+    from refusal_lab.replication import Replication, RunConfig, _normalise
+
+    cfg = RunConfig(grids=["heads"], generate_tokens=0)
+    rep = Replication(real_model, cfg, tmp_path / "run", progress=False)
+    t0 = time.perf_counter()
+    exact = torch.as_tensor(rep.step_patch("heads", "sufficiency")["per_pair"])
+    t1 = time.perf_counter()
+    attr = rep.step_attribution(["heads"])["heads"]
+    t2 = time.perf_counter()
+    star, plain = torch.as_tensor(attr["per_pair"]), torch.as_tensor(attr["per_pair_plain"])
+    assert exact.shape == star.shape == plain.shape == (len(rep.prompts.harmful_objects), 24, 14)
+    assert torch.isfinite(star).all() and torch.isfinite(plain).all() and not torch.equal(star, plain)
+    s_mean = float(rep.receiver("harmless").baseline.mean())
+    h_mean = float(rep.receiver("harmful").baseline.mean())
+    e, s, p = (_normalise(x, s_mean, h_mean) for x in (exact, star, plain))
+    a_star, a_plain = agreement(e, s), agreement(e, p)
+    err = lambda x: float((x - exact).abs().mean())  # noqa: E731
+    print(f"\nheads grid, {exact.shape[0]} pairs: exact {t1 - t0:.1f}s, AtP + AtP* {t2 - t1:.1f}s\n"
+          f"AtP  vs exact: Spearman {a_plain['spearman']:.3f}, top-10 overlap {a_plain['top_k_overlap']:.2f}, "
+          f"mean |error| {err(plain):.4f}\n"
+          f"AtP* vs exact: Spearman {a_star['spearman']:.3f}, top-10 overlap {a_star['top_k_overlap']:.2f}, "
+          f"mean |error| {err(star):.4f}")
+    assert -1 <= a_star["spearman"] <= 1 and -1 <= a_plain["spearman"] <= 1
