@@ -68,7 +68,7 @@ def _receiver_pass(model, receiver, sites, metric, attention: bool):
     hooks = [("hook_embed", start_graph)] + [(s, keep) for s in sorted(sites)]
     if attention:
         hooks += [(f"blocks.{l}.hook_resid_pre", keep_resid) for l in range(model.cfg.n_layers)]
-    ctx = recording(model, "record") if attention else contextlib.nullcontext()
+    ctx = recording(model) if attention else contextlib.nullcontext()
     with torch.enable_grad(), ctx as rec:
         _, out = model._run_full(receiver.ids, receiver.mask, model._make_run(hooks, None), logits="none")
         normed = model.adapter.final_norm(out[:, -1])

@@ -44,10 +44,10 @@ only at the patched key columns, so their new softmax needs O(|C|) work per row.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
-from torch.autograd import forward_ad as fwAD
 
 from refusal_lab.models.hooked import ActivationCache, HookedChatModel, default_position_ids
 
@@ -68,11 +68,9 @@ class AttentionRecord:
 
 
 class _Recorder:
-    def __init__(self, mode: str):
-        self.mode = mode  # "record": eager attention keeping q, k, pattern; "tangent": keep dq, dk
+    def __init__(self):
         self.records: dict[int, AttentionRecord] = {}
         self.probs: dict[int, torch.Tensor] = {}
-        self.tangents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 _STACK: list[_Recorder] = []
@@ -87,11 +85,6 @@ def _recording_attention(module, query, key, value, attention_mask, dropout=0.0,
     """An HF attention function: eager attention (HF's ``eager_attention_forward``) that records."""
     rec = _STACK[-1]
     scaling = module.head_dim**-0.5 if scaling is None else scaling
-    if rec.mode == "tangent":
-        qt, kt = fwAD.unpack_dual(query).tangent, fwAD.unpack_dual(key).tangent
-        rec.tangents[module.layer_idx] = (qt, kt)
-        qp = fwAD.unpack_dual(query).primal
-        return qp.new_zeros(qp.shape[0], qp.shape[2], qp.shape[1], qp.shape[3]), None
     n_rep = query.shape[1] // key.shape[1]
     k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
     scores = torch.matmul(query, k.transpose(2, 3)) * scaling
@@ -114,7 +107,7 @@ _registered = False
 
 
 @contextlib.contextmanager
-def recording(model: HookedChatModel, mode: str):
+def recording(model: HookedChatModel):
     """Within the block, every attention of ``model`` runs through :func:`_recording_attention`."""
     global _registered
     from transformers import AttentionInterface
@@ -124,7 +117,7 @@ def recording(model: HookedChatModel, mode: str):
         _registered = True
     cfg = model.hf_model.config
     old = cfg._attn_implementation
-    rec = _Recorder(mode)
+    rec = _Recorder()
     _STACK.append(rec)
     cfg._attn_implementation = RECORDER
     try:
@@ -135,12 +128,12 @@ def recording(model: HookedChatModel, mode: str):
 
 
 # ---------------------------------------------------------------------------------------- JVPs
-def _jvp(fn, primal: torch.Tensor, tangent: torch.Tensor):
-    """(fn(primal), d fn(primal)[tangent]) by forward-mode AD."""
-    with fwAD.dual_level():
-        out = fn(fwAD.make_dual(primal.contiguous(), tangent.contiguous().to(primal.dtype)))
-        p, t = fwAD.unpack_dual(out)
-    return p, t
+def _batched_jvp(fn, primal: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
+    """d fn(primal)[t] for every t in ``tangents`` [N, *primal.shape] (forward-mode AD; the primal is
+    computed once)."""
+    tangent = lambda t: torch.func.jvp(fn, (primal,), (t,))[1]  # noqa: E731
+    with torch.no_grad():
+        return torch.func.vmap(tangent)(tangents.to(primal.device, primal.dtype))
 
 
 def head_writes(model: HookedChatModel, layer: int, z_rec: torch.Tensor, dz: torch.Tensor, heads: list[int]) -> torch.Tensor:
@@ -157,9 +150,22 @@ def head_writes(model: HookedChatModel, layer: int, z_rec: torch.Tensor, dz: tor
     if norm is None:
         return res
     raw = o(z_rec.flatten(-2).to(w.dtype))  # [b, C, d]: attention output before the post-norm
-    k = len(heads)
-    _, t = _jvp(norm, raw.expand(k, *raw.shape).reshape(-1, *raw.shape[1:]), res.reshape(-1, *raw.shape[1:]))
-    return t.view(k, *raw.shape)
+    return _batched_jvp(norm, raw, res)
+
+
+def qk_states(model: HookedChatModel, layer: int, resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Post-rotary queries [b, Hq, C, dh] and keys [b, Hkv, C, dh] of layer ``layer`` from its
+    ``resid_pre`` [b, C, d]: ``ln1`` → q/k projections → q/k norms (Qwen3, Gemma 3) → rotary, the
+    steps of every supported HF attention module before the scores (tests compare with HF)."""
+    a = model.adapter
+    attn = a.attn(layer)
+    x = a.ln1(layer)(resid)
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    q, k = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    return rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
 
 def qk_tangents(
@@ -167,21 +173,11 @@ def qk_tangents(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """First-order change (dq [N, b, Hq, C, dh], dk [N, b, Hkv, C, dh]) of layer ``layer``'s post-rotary
     queries/keys at some columns when its ``resid_pre`` there ([b, C, d]) changes by dr [N, b, C, d];
-    ``cos``/``sin`` [b, C, dh] are the rotary embeddings of those columns."""
-    a = model.adapter
-    N, b, C, d = dr.shape
-    dev = a.ln1(layer).weight.device
-    primal = resid.to(dev).expand(N, b, C, d).reshape(N * b, C, d)
-    rot = (cos.to(dev).repeat(N, 1, 1), sin.to(dev).repeat(N, 1, 1))
-
-    def fn(x):
-        a.attn(layer)(hidden_states=a.ln1(layer)(x), position_embeddings=rot, attention_mask=None)
-        return x
-
-    with recording(model, "tangent") as rec, fwAD.dual_level():
-        fn(fwAD.make_dual(primal.contiguous(), dr.reshape(N * b, C, d).to(dev, primal.dtype).contiguous()))
-    dq, dk = rec.tangents[layer]
-    return dq.reshape(N, b, *dq.shape[1:]), dk.reshape(N, b, *dk.shape[1:])
+    ``cos``/``sin`` [b, C, dh] are the rotary embeddings of those columns. One batched JVP (the
+    receiving-run primal is computed once, the N tangents together)."""
+    dev = model.adapter.ln1(layer).weight.device
+    resid, cos, sin = resid.to(dev), cos.to(dev), sin.to(dev)
+    return _batched_jvp(lambda x: qk_states(model, layer, x, cos, sin), resid, dr)
 
 
 # ---------------------------------------------------------------------------------------- the fix
@@ -245,15 +241,18 @@ def fixed_and_linear(rec: AttentionRecord, d_cols: torch.Tensor, d_rows: torch.T
     in_c[c] = True
     linear = (d_cols * gS[..., :, c]).sum((2, 3, 4)) + (d_rows * gS[..., c, :]).sum((2, 3, 4))
 
-    # rows t not in C: only the entries at key columns C change, by delta (after the exact soft-cap)
-    allowed_c = allowed[..., :, c].expand(*raw.shape[:2], T, len(cols))
-    delta = torch.where(allowed_c, cap(raw[..., :, c] + d_cols) - cap(raw[..., :, c]), 0)  # [N, b, H, T, C]
-    lw = logp[..., :, c] + delta
-    log_rest = logp.masked_fill(in_c, float("-inf")).logsumexp(-1)  # [b, H, T]: log of the mass outside C
-    rest_pg = (p * G).masked_fill(in_c, 0).sum(-1)  # [b, H, T]
-    log_z = torch.cat([log_rest.expand(*lw.shape[:-1])[..., None], lw], -1).logsumexp(-1)  # [N, b, H, T]
-    per_row = rest_pg * torch.expm1(-log_z) + (((lw - log_z[..., None]).exp() - p[..., :, c]) * G[..., :, c]).sum(-1)
-    fixed = per_row[..., ~in_c].sum((2, 3))
+    # rows t not in C: only the entries at key columns C change, by delta (after the exact soft-cap);
+    # rows where no key of C is visible (before C, by causality) do not change at all
+    r = torch.nonzero(allowed[..., :, c].any(-1).flatten(0, 1).any(0) & ~in_c).flatten()
+    raw_c, logp_c, p_c, G_c = raw[..., r, :][..., c], logp[..., r, :][..., c], p[..., r, :][..., c], G[..., r, :][..., c]
+    d_c = d_cols[..., r, :]
+    delta = torch.where(allowed[..., r, :][..., c], cap(raw_c + d_c) - cap(raw_c), 0)  # [N, b, H, R, C]
+    lw = logp_c + delta
+    log_rest = logp[..., r, :].masked_fill(in_c, float("-inf")).logsumexp(-1)  # [b, H, R]: mass outside C
+    rest_pg = (p * G)[..., r, :].masked_fill(in_c, 0).sum(-1)  # [b, H, R]
+    log_z = torch.logaddexp(log_rest, lw.logsumexp(-1))  # [N, b, H, R]: new normaliser (old one is 1)
+    per_row = rest_pg * torch.expm1(-log_z) + (((lw - log_z[..., None]).exp() - p_c) * G_c).sum(-1)
+    fixed = per_row.sum((2, 3))
 
     # rows t in C: the whole row changes (query change, plus the key change at columns C)
     rows = raw[..., c, :] + d_rows  # [N, b, H, C, T]
