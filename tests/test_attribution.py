@@ -12,7 +12,7 @@ from refusal_lab.patching.attribution import (
 )
 from refusal_lab.patching.engine import GRIDS, Batch, GridSpec, LogitDiff, Receiver, patch_grid, source_sites
 from refusal_lab.patching.qk_fix import (
-    delta_scores, dense_delta_scores, fixed_and_linear, head_writes, qk_fix_correction, qk_tangents, recording,
+    delta_scores, dense_delta_scores, fixed_and_linear, head_writes, qk_fix_correction, qk_states, qk_tangents, recording,
 )
 
 
@@ -155,6 +155,9 @@ def test_delta_scores_match_a_hooked_forward(tiny):
     dr = head_writes(tiny, l, z[:, cols], dz, [h])  # [1, b, C, d]
     resid = attn.resid_pre[l2]
     cos, sin = tiny.adapter.rotary(resid, attn.position_ids, l2)
+    q, k = qk_states(tiny, l2, resid[:, cols], cos[:, cols], sin[:, cols])  # our q/k path = HF's
+    assert torch.allclose(q, attn.records[l2].query[:, :, cols], atol=1e-5)
+    assert torch.allclose(k, attn.records[l2].key[:, :, cols], atol=1e-5)
     dq, dk = qk_tangents(tiny, l2, resid[:, cols], dr, cos[:, cols], sin[:, cols])
     mine = dense_delta_scores(*delta_scores(attn.records[l2], dq, dk, cols), cols)[0]
     allowed = attn.records[l2].mask.expand_as(fd) > -1e30
