@@ -8,6 +8,11 @@ For a cell that writes the source activation a_S into site s (receiver value a_R
 summed over the patched columns (and over d_head for a head's ``hook_z``). Cumulative grids add
 the estimates of layers 0..l. This is AtP (Nanda 2023; Kramár et al. 2024). Agreement with the
 exact grid is reported as Spearman's ρ over cells and the overlap of the top-k cells.
+
+For the head grid, :func:`receiver_gradients_qk` + ``attribution_grid(..., attention=...)`` give
+AtP*: AtP with the QK fix of :mod:`refusal_lab.patching.qk_fix` (each head's direct effect on
+later layers' attention logits stays linear, their softmax is computed exactly). Without
+``attention`` every grid, heads included, is plain AtP.
 """
 
 from __future__ import annotations
