@@ -38,7 +38,7 @@ from refusal_lab.metrics import (
 )
 from refusal_lab.models.edits import Replace
 from refusal_lab.models.hooked import HookedChatModel
-from refusal_lab.patching.attribution import agreement, attribution_grid, receiver_gradients
+from refusal_lab.patching.attribution import agreement, attribution_grid, receiver_gradients, receiver_gradients_qk
 from refusal_lab.patching.engine import (
     GRIDS, Batch, Edit, GridSpec, LogitDiff, Receiver, Row, patch_grid, run_rows, source_sites,
 )
@@ -332,10 +332,20 @@ class Replication:
         def compute():
             specs = {g: self.grid_spec(g) for g in grids}
             sites = set().union(*(source_sites(self.model, s) for s in specs.values()))
-            acts, grads = receiver_gradients(self.model, self.batches[rec], sites, self.metric)
+            # the head grid gets AtP* (AtP + the QK fix); the same pass gives plain AtP for every grid
+            acts, grads, attn = receiver_gradients_qk(self.model, self.batches[rec], sites, self.metric) \
+                if "heads" in specs else (*receiver_gradients(self.model, self.batches[rec], sites, self.metric), None)
             base = self.receiver(rec).baseline
-            return {g: {"per_pair": attribution_grid(self.model, self.batches[rec], acts, grads,
-                                                       self.source_cache(src), s, base)} for g, s in specs.items()}
+            source = self.source_cache(src)
+            out = {}
+            for g, s in specs.items():
+                plain = attribution_grid(self.model, self.batches[rec], acts, grads, source, s, base)
+                out[g] = {"per_pair": plain, "variant": "AtP"}
+                if g == "heads":
+                    out[g] = {"per_pair": attribution_grid(self.model, self.batches[rec], acts, grads, source, s, base,
+                                                           attention=attn),
+                              "per_pair_plain": plain, "variant": "AtP*"}
+            return out
 
         return self._step("attribution", compute)
 
@@ -499,8 +509,13 @@ class Replication:
                 if g.startswith("_"):
                     continue
                 vals = _normalise(torch.as_tensor(data["per_pair"]), s_mean, h_mean)
-                patching["attribution"][g] = dict(patching[g], values=vals, method="attribution")
-                patching["agreement"][g] = agreement(patching[g]["values"], vals)
+                variant = data.get("variant", "AtP")
+                patching["attribution"][g] = dict(patching[g], values=vals, method="attribution", variant=variant)
+                patching["agreement"][g] = dict(agreement(patching[g]["values"], vals), variant=variant)
+                if "per_pair_plain" in data:  # AtP* grid: plain AtP beside it
+                    plain = _normalise(torch.as_tensor(data["per_pair_plain"]), s_mean, h_mean)
+                    patching["attribution"][g]["values_plain"] = plain
+                    patching["agreement"][g]["plain"] = dict(agreement(patching[g]["values"], plain), variant="AtP")
         mean = lambda side, key: torch.as_tensor(dla[side][key]).float().mean(0)  # noqa: E731
         results = {
             "schema_version": 1,
@@ -643,5 +658,9 @@ def findings(r: dict) -> list[str]:
         out.append(f"{len(h['selected'])} heads pass the {h['threshold']} threshold at {h['position']}; patched together "
                    f"they recover {suff} of the refusal metric.")
     for g, a in p.get("agreement", {}).items():
-        out.append(f"Attribution patching vs exact on {g}: Spearman {a['spearman']:.2f}, top-{a['top_k']} overlap {a['top_k_overlap']:.2f}.")
+        line = (f"Attribution patching ({a.get('variant', 'AtP')}) vs exact on {g}: Spearman {a['spearman']:.2f}, "
+                f"top-{a['top_k']} overlap {a['top_k_overlap']:.2f}")
+        if "plain" in a:
+            line += f" (plain AtP: Spearman {a['plain']['spearman']:.2f}, top-{a['plain']['top_k']} overlap {a['plain']['top_k_overlap']:.2f})"
+        out.append(line + ".")
     return out

@@ -8,22 +8,55 @@ For a cell that writes the source activation a_S into site s (receiver value a_R
 summed over the patched columns (and over d_head for a head's ``hook_z``). Cumulative grids add
 the estimates of layers 0..l. This is AtP (Nanda 2023; Kramár et al. 2024). Agreement with the
 exact grid is reported as Spearman's ρ over cells and the overlap of the top-k cells.
+
+For the head grid, :func:`receiver_gradients_qk` + ``attribution_grid(..., attention=...)`` give
+AtP*: AtP with the QK fix of :mod:`refusal_lab.patching.qk_fix` (each head's direct effect on
+later layers' attention logits stays linear, their softmax is computed exactly). Without
+``attention`` every grid, heads included, is plain AtP.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 from scipy.stats import spearmanr
 
-from refusal_lab.models.hooked import ActivationCache, HookedChatModel
+from refusal_lab.models.hooked import ActivationCache, HookedChatModel, default_position_ids
 from refusal_lab.patching.engine import GRID_SITES, Batch, GridSpec, NormedMetric
+from refusal_lab.patching.qk_fix import AttentionRecord, qk_fix_correction, recording
 
 
 def receiver_gradients(
     model: HookedChatModel, receiver: Batch, sites: set[str], metric: NormedMetric
 ) -> tuple[ActivationCache, ActivationCache]:
     """(activations, gradients of sum(metric) w.r.t. them) at ``sites`` on the receiving run."""
+    acts, grads, _ = _receiver_pass(model, receiver, sites, metric, attention=False)
+    return acts, grads
+
+
+@dataclass
+class AttentionGradients:
+    """What AtP*'s QK fix needs from the receiving run: every layer's q, k, mask and ∂metric/∂pattern,
+    the residual entering every block and the position ids."""
+
+    records: dict[int, AttentionRecord]
+    resid_pre: dict[int, torch.Tensor]
+    position_ids: torch.Tensor
+
+
+def receiver_gradients_qk(
+    model: HookedChatModel, receiver: Batch, sites: set[str], metric: NormedMetric
+) -> tuple[ActivationCache, ActivationCache, AttentionGradients]:
+    """:func:`receiver_gradients` plus the attention record of every layer (one forward and one
+    backward pass, with an eager attention that keeps the pattern in the graph)."""
+    return _receiver_pass(model, receiver, sites, metric, attention=True)
+
+
+def _receiver_pass(model, receiver, sites, metric, attention: bool):
     acts: dict[str, torch.Tensor] = {}
+    resid: dict[int, torch.Tensor] = {}
 
     def start_graph(x, hook):
         return x.detach().requires_grad_(True)
@@ -33,15 +66,27 @@ def receiver_gradients(
         acts[hook.name] = x
         return None
 
+    def keep_resid(x, hook):
+        resid[hook.layer] = x.detach()
+        return None
+
     hooks = [("hook_embed", start_graph)] + [(s, keep) for s in sorted(sites)]
-    with torch.enable_grad():
-        _, resid = model._run_full(receiver.ids, receiver.mask, model._make_run(hooks, None), logits="none")
-        normed = model.adapter.final_norm(resid[:, -1])
+    if attention:
+        hooks += [(f"blocks.{l}.hook_resid_pre", keep_resid) for l in range(model.cfg.n_layers)]
+    ctx = recording(model) if attention else contextlib.nullcontext()
+    with torch.enable_grad(), ctx as rec:
+        _, out = model._run_full(receiver.ids, receiver.mask, model._make_run(hooks, None), logits="none")
+        normed = model.adapter.final_norm(out[:, -1])
         idx = torch.arange(receiver.n, device=normed.device)
         metric(model, normed, idx).sum().backward()
     values = ActivationCache({k: v.detach() for k, v in acts.items()})
     grads = ActivationCache({k: v.grad.detach() for k, v in acts.items()})
-    return values, grads
+    if not attention:
+        return values, grads, None
+    for l, r in rec.records.items():
+        g = rec.probs[l].grad
+        r.grad_probs = torch.zeros_like(rec.probs[l]) if g is None else g.detach()
+    return values, grads, AttentionGradients(rec.records, resid, default_position_ids(receiver.mask))
 
 
 def attribution_grid(
@@ -52,8 +97,12 @@ def attribution_grid(
     source: ActivationCache,
     spec: GridSpec,
     baseline: torch.Tensor,
+    attention: AttentionGradients | None = None,
 ) -> torch.Tensor:
-    """Estimated metric per prompt and cell [n, rows, cols] (baseline + estimated change)."""
+    """Estimated metric per prompt and cell [n, rows, cols] (baseline + estimated change).
+
+    With ``attention`` (from :func:`receiver_gradients_qk`) the head grid is AtP* (AtP plus the QK
+    fix of :mod:`refusal_lab.patching.qk_fix`); other grids are plain AtP either way."""
     site = GRID_SITES[spec.grid]
     L = model.cfg.n_layers
     layers = range(L) if spec.grid.endswith("cumulative") else spec.layers
@@ -72,7 +121,19 @@ def attribution_grid(
             cum[l] = running
         per_layer = cum
     est = torch.stack([per_layer[l] for l in spec.layers], 1).cpu()
+    if attention is not None and spec.grid == "heads":
+        est = est + qk_correction(model, receiver_acts, source, attention, spec).to(est.dtype)
     return baseline.cpu()[:, None, None].float() + est
+
+
+def qk_correction(
+    model: HookedChatModel, receiver_acts: ActivationCache, source: ActivationCache,
+    attention: AttentionGradients, spec: GridSpec,
+) -> torch.Tensor:
+    """AtP* − AtP on the head grid [n, layers, heads]: Σ over later layers of the QK-fixed minus the
+    linearised contribution through their attention patterns."""
+    return qk_fix_correction(model, receiver_acts, source, attention.records, attention.resid_pre,
+                             attention.position_ids, spec.layers, spec.heads, spec.cols)[2]
 
 
 def agreement(exact: torch.Tensor, approx: torch.Tensor, k: int = 10) -> dict:
