@@ -40,9 +40,11 @@ the layer, the norm and the entry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +52,17 @@ from torch import nn
 from refusal_lab.errors import RefusalLabError
 from refusal_lab.steering.interventions import unit
 
-__all__ = ["OrthogonalizationReport", "oblique_projector_factors", "orthogonalize_weights", "save_abliterated"]
+__all__ = [
+    "DirectionChoice",
+    "OrthogonalizationReport",
+    "default_layer",
+    "instruction_direction",
+    "oblique_projector_factors",
+    "orthogonalize_weights",
+    "resolve_eoi_position",
+    "save_abliterated",
+    "write_abliteration",
+]
 
 MAX_PROJECTOR_NORM = 1e3
 """Largest ``|P| = |D⁻¹r| |Dr|`` accepted for a post-norm sublayer (1 for a gain proportional to I)."""
@@ -185,4 +197,140 @@ def save_abliterated(model, out_dir: str | Path) -> Path:
     model.hf_model.save_pretrained(str(out), safe_serialization=True)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(out))
+    return out
+
+
+# ------------------------------------------------------------------ direction for the CLI
+
+
+DEFAULT_LAYER_FRAC = 0.6
+DIRECTION_FILE = "refusal_direction.safetensors"
+INFO_FILE = "abliteration.json"
+
+
+def default_layer(n_layers: int) -> int:
+    """``round(0.6 * n_layers)`` (half up), clipped to the last layer: a cheap stand-in for
+    :func:`~refusal_lab.steering.selection.select_direction` (Arditi et al.'s chosen layers sit
+    around 40-70% of the depth)."""
+    return max(0, min(n_layers - 1, int(DEFAULT_LAYER_FRAC * n_layers + 0.5)))
+
+
+def resolve_eoi_position(tokenizer, spec: str | int | None) -> tuple[int, str]:
+    """``(column, token)`` for an end-of-instruction position of left-padded instruction prompts.
+
+    ``spec``: None or ``"last"`` (the last eoi token, column -1), a negative index ``-n_eoi..-1``,
+    or the text of one eoi token when it occurs once (e.g. ``"assistant"``). Only eoi columns are
+    aligned across prompts of different lengths, so other columns are refused.
+    """
+    from refusal_lab.errors import PromptError
+    from refusal_lab.prompts import eoi_tokens
+
+    if tokenizer is None:
+        raise PromptError("The model has no tokenizer, so instruction prompts cannot be built; give --direction.")
+    eoi = eoi_tokens(tokenizer)
+    n = len(eoi)
+    if n == 0:
+        raise PromptError("The chat template appends no end-of-instruction tokens; give --direction instead.")
+    shown = ", ".join(f"{k - n}={t!r}" for k, t in enumerate(eoi))
+    if spec is None or (isinstance(spec, str) and spec.strip() == "last"):
+        return -1, eoi[-1]
+    text = str(spec).strip()
+    if text.lstrip("+-").isdigit():
+        k = int(text)
+        if -n <= k <= -1:
+            return k, eoi[k]
+        raise PromptError(
+            f"Position {k} is not an end-of-instruction column; use 'last' or -{n}..-1 ({shown}), the only "
+            "columns aligned across instruction prompts of different lengths."
+        )
+    hits = [k for k, t in enumerate(eoi) if t == text or t.strip() == text]
+    if len(hits) == 1:
+        return hits[0] - n, eoi[hits[0]]
+    why = "occurs more than once" if hits else "is not one"
+    raise PromptError(f"Position {text!r} {why} of the end-of-instruction tokens; use 'last' or an index ({shown}).")
+
+
+@dataclass
+class DirectionChoice:
+    """A refusal direction and where it came from (``info`` goes into ``abliteration.json``)."""
+
+    vector: torch.Tensor  # float64 [d], un-normalised
+    layer: int | None
+    position: int | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def instruction_direction(model, layer: int | None = None, position: str | int | None = None, *,
+                          select: bool = False, n_train: int = 64, n_val: int = 32, seed: int = 0,
+                          batch_size: int = 16, log: Callable[[str], None] | None = None) -> DirectionChoice:
+    """Difference in means of ``blocks.{layer}.hook_resid_pre`` at an eoi column between the packaged
+    harmful and harmless *train* instructions (``n_train`` of each, sampled with ``seed``).
+
+    ``layer`` defaults to :func:`default_layer`, ``position`` to the last eoi token. ``select=True``
+    instead runs :func:`~refusal_lab.steering.selection.select_direction` over every layer and eoi
+    column (scored on ``n_val`` + ``n_val`` val instructions; slow on CPU).
+    """
+    from refusal_lab.errors import ConfigError, SiteError
+    from refusal_lab.prompts import build_instruction_prompts, eoi_tokens, load_instructions
+    from refusal_lab.steering.vectors import diff_in_means
+
+    say = log or (lambda _msg: None)
+    tok = model.tokenizer
+    L = model.cfg.n_layers
+    if select and (layer is not None or position is not None):
+        raise ConfigError("--select chooses the layer and position itself; drop --layer/--position or --select.")
+    if layer is not None and not -L <= int(layer) < L:
+        raise SiteError(f"Layer {layer} does not exist; this model has layers 0..{L - 1}.")
+    col, col_tok = resolve_eoi_position(tok, position) if not select else (None, None)
+    hf = build_instruction_prompts(tok, load_instructions("train", "harmful", n=n_train, seed=seed))
+    hl = build_instruction_prompts(tok, load_instructions("train", "harmless", n=n_train, seed=seed))
+    dataset = f"refusal_lab packaged instructions, train split: {n_train} harmful + {n_train} harmless (seed {seed})"
+    if select:
+        from refusal_lab.steering.selection import select_direction
+
+        eoi = eoi_tokens(tok)
+        hv = build_instruction_prompts(tok, load_instructions("val", "harmful", n=n_val, seed=seed))
+        lv = build_instruction_prompts(tok, load_instructions("val", "harmless", n=n_val, seed=seed))
+        say(f"selecting the direction over {L} layers x {len(eoi)} eoi positions "
+            f"({n_train}+{n_train} train, {n_val}+{n_val} val prompts)...")
+        res = select_direction(model, hf, hl, hv, lv, positions=range(-len(eoi), 0), batch_size=batch_size)
+        say(f"selected layer {res.layer}, position {res.position} ({eoi[res.position]!r}): "
+            f"bypass {res.bypass:.3f}, induce {res.induce:.3f}, kl {res.kl:.4f}")
+        return DirectionChoice(res.direction, res.layer, res.position, {
+            "layer": res.layer, "position": res.position, "position_token": eoi[res.position],
+            "site": "hook_resid_pre", "dataset": dataset + f"; selection on val: {n_val} + {n_val}",
+            "method": "difference in means, select_direction (Arditi et al. 2024)",
+            "selection": {"bypass": res.bypass, "induce": res.induce, "kl": res.kl}})
+    if layer is None:
+        layer = default_layer(L)
+        say(f"layer: {layer} of {L} (default round(0.6 * n_layers); --layer or --select to change)")
+    layer = int(layer) % L
+    if position is None:
+        say(f"position: {col} = last end-of-instruction token {col_tok!r} (--position to change)")
+    say(f"difference in means at blocks.{layer}.hook_resid_pre, column {col}, over {n_train} harmful + "
+        f"{n_train} harmless train instructions...")
+    v = diff_in_means(model, *hf, *hl, layer=layer, position=col, batch_size=batch_size)
+    return DirectionChoice(v, layer, col, {
+        "layer": layer, "position": col, "position_token": col_tok, "site": "hook_resid_pre",
+        "dataset": dataset, "method": "difference in means (Arditi et al. 2024)"})
+
+
+def write_abliteration(out_dir: str | Path, model, direction: torch.Tensor, report: OrthogonalizationReport,
+                       info: dict[str, Any]) -> Path:
+    """Save the orthogonalised model (:func:`save_abliterated`), the direction as
+    ``refusal_direction.safetensors`` (metadata: ``info``) and ``abliteration.json``
+    {model, layer, position, dataset, method, exact, ...}."""
+    from refusal_lab.artifacts import write_json
+    from refusal_lab.steering.vectors import save_vector
+
+    out = save_abliterated(model, out_dir)
+    meta = {"model": model.cfg.model_name, **info}
+    save_vector(out / DIRECTION_FILE, direction.detach().to(torch.float64).cpu(), meta)
+    record = {"model": model.cfg.model_name, "layer": info.get("layer"), "position": info.get("position"),
+              "dataset": info.get("dataset"), "method": info.get("method"), "exact": report.exact,
+              "exact_reason": report.note, "max_projector_norm": report.max_projector_norm,
+              "direction_file": DIRECTION_FILE, "direction_norm": float(direction.to(torch.float64).norm()),
+              "dtype": str(model.dtype).replace("torch.", ""),
+              **{k: v for k, v in info.items() if k not in {"layer", "position", "dataset", "method"}}}
+    write_json(out / INFO_FILE, record)
     return out
