@@ -163,3 +163,27 @@ def test_real_model_abliterated_folder_generates(tmp_path, capsys):
     text = tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True)
     print(f"\n{ins!r} -> {text!r}")
     assert text.strip()
+
+
+def test_select_uses_select_direction(folders, tmp_path, capsys, monkeypatch):
+    """--select hands the train and val prompts to select_direction and records its choice (stubbed
+    here: on random weights every candidate fails its filters)."""
+    from refusal_lab.steering import selection
+
+    seen = {}
+
+    def fake_select(model, hf_train, hl_train, hf_val, hl_val, positions, batch_size):
+        seen.update(n_train=hf_train[0].shape[0], n_val=hl_val[0].shape[0], positions=list(positions))
+        d = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        return selection.SelectionResult(direction=d, layer=1, position=-3, bypass=-1.0, induce=0.5, kl=0.01)
+
+    monkeypatch.setattr(selection, "select_direction", fake_select)
+    out = tmp_path / "abl"
+    assert main(["abliterate", "--model", str(folders["qwen2"]), "--select", "--n-train", "4", "--out", str(out)]) == 0
+    assert seen == {"n_train": 4, "n_val": 32, "positions": [-5, -4, -3, -2, -1]}
+    assert "selected layer 1, position -3 ('<|im_start|>')" in capsys.readouterr().err
+    info = json.loads((out / "abliteration.json").read_text())
+    assert info["layer"] == 1 and info["position"] == -3 and info["selection"]["kl"] == 0.01
+    assert "select_direction" in info["method"]
+    _one_sentence_error(capsys, ["abliterate", "--model", str(folders["qwen2"]), "--select", "--layer", "1",
+                                 "--out", str(tmp_path / "o")], "--select chooses the layer and position itself")

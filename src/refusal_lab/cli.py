@@ -191,6 +191,8 @@ def cmd_abliterate(args) -> int:
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     if args.direction is not None and (args.layer is not None or args.position is not None or args.select):
         raise ConfigError("--direction gives the direction itself; drop --layer/--position/--select or --direction.")
+    if args.select and (args.layer is not None or args.position is not None):
+        raise ConfigError("--select chooses the layer and position itself; drop --layer/--position or --select.")
     if args.n_train < 1:
         raise ConfigError(f"--n-train must be a positive number of instructions, got {args.n_train}.")
     out = args.out
