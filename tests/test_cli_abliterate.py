@@ -69,7 +69,8 @@ def test_computed_direction_equals_hook_ablation(folders, tmp_path, capsys):
     assert rc == 0, cap.err
     assert "layer 1" in cap.out and "exact: true" in cap.out
     assert "difference in means at blocks.1.hook_resid_pre, column -1" in cap.err  # progress
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "refusal_direction.safetensors", "abliteration.json"):
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "refusal_direction.safetensors",
+              "abliteration.json"):
         assert (out / f).is_file(), f
     info = json.loads((out / "abliteration.json").read_text())
     assert info["layer"] == 1 and info["position"] == -1 and info["exact"] is True

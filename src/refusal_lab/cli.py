@@ -59,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(abl)
     abl.add_argument("--out", type=Path, required=True, help="folder for the orthogonalised model (must be empty)")
     abl.add_argument("--direction", type=Path, help="a direction .safetensors (save_vector) instead of computing one")
-    abl.add_argument("--layer", type=int, help="layer of the difference-in-means direction (default round(0.6 * n_layers))")
+    abl.add_argument("--layer", type=int,
+                     help="layer of the difference-in-means direction (default round(0.6 * n_layers))")
     abl.add_argument("--position", help="end-of-instruction column: 'last' (default), -n..-1 or an eoi token's text")
-    abl.add_argument("--select", action="store_true", help="choose layer and position with select_direction (slow on CPU)")
+    abl.add_argument("--select", action="store_true",
+                     help="choose layer and position with select_direction (slow on CPU)")
     abl.add_argument("--n-train", type=int, default=64, help="harmful and harmless train instructions each (default 64)")
     abl.add_argument("--force", action="store_true", help="write into a non-empty --out (its weight files are replaced)")
     abl.add_argument("--quiet", action="store_true", help="no progress output")
@@ -205,26 +207,29 @@ def cmd_abliterate(args) -> int:
         from refusal_lab.steering.vectors import load_vector
 
         if not args.direction.is_file():
-            raise ConfigError(f"Direction file {args.direction} does not exist; give a .safetensors file written by save_vector.")
+            raise ConfigError(f"Direction file {args.direction} does not exist; "
+                              "give a .safetensors file written by save_vector.")
         try:
             vector, meta = load_vector(args.direction)
         except Exception as e:  # noqa: BLE001 - not a safetensors file / no 'vector' tensor
-            raise ConfigError(f"{args.direction} is not a direction file written by save_vector ({type(e).__name__}: {e}).") from None
+            raise ConfigError(f"{args.direction} is not a direction file written by save_vector "
+                              f"({type(e).__name__}: {e}).") from None
     say("loading the model...")
     model = _load(args)
     from refusal_lab.steering.abliterate import instruction_direction, orthogonalize_weights, write_abliteration
 
     if vector is not None:
         if vector.numel() != model.cfg.d_model:
-            raise ConfigError(f"{args.direction} holds a direction of {vector.numel()} entries but the model's d_model is "
-                              f"{model.cfg.d_model}; give a direction computed on this model.")
+            raise ConfigError(f"{args.direction} holds a direction of {vector.numel()} entries but the model's "
+                              f"d_model is {model.cfg.d_model}; give a direction computed on this model.")
         vector = vector.reshape(-1).to(torch.float64)
         info = {"layer": meta.get("layer"), "position": meta.get("position"),
-                "dataset": meta.get("dataset", f"from {args.direction}"), "method": meta.get("method", "given direction"),
-                "direction_source": str(args.direction)}
+                "dataset": meta.get("dataset", f"from {args.direction}"),
+                "method": meta.get("method", "given direction"), "direction_source": str(args.direction)}
         say(f"direction: {args.direction} (|v| = {float(vector.norm()):.3f})")
     else:
-        choice = instruction_direction(model, args.layer, args.position, select=args.select, n_train=args.n_train, log=say)
+        choice = instruction_direction(model, args.layer, args.position, select=args.select, n_train=args.n_train,
+                                       log=say)
         vector, info = choice.vector, choice.info
     say("orthogonalising the weights...")
     report = orthogonalize_weights(model, vector)
@@ -236,7 +241,8 @@ def cmd_abliterate(args) -> int:
     say(f"saving to {out}...")
     with _progress_bars(not args.quiet):
         write_abliteration(out, model, vector, report, info)
-    print(f"wrote {out} (exact: {str(report.exact).lower()}; layer {info.get('layer')}, position {info.get('position')})")
+    print(f"wrote {out} (exact: {str(report.exact).lower()}; "
+          f"layer {info.get('layer')}, position {info.get('position')})")
     return 0
 
 
