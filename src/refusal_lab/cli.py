@@ -62,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="side-by-side figures of several run folders, layers normalised by depth")
     cmp_.add_argument("runs", nargs="+", type=Path)
     cmp_.add_argument("--out", type=Path, default=Path("runs/comparison"))
+
+    abl = sub.add_parser("abliterate", help="bake the refusal direction's ablation into the weights and save the model")
+    _add_model_args(abl)
+    abl.add_argument("--out", type=Path, required=True, help="folder for the orthogonalised model (must be empty)")
+    abl.add_argument("--direction", type=Path, help="a direction .safetensors (save_vector) instead of computing one")
+    abl.add_argument("--layer", type=int,
+                     help="layer of the difference-in-means direction (default round(0.6 * n_layers))")
+    abl.add_argument("--position", help="end-of-instruction column: 'last' (default), -n..-1 or an eoi token's text")
+    abl.add_argument("--select", action="store_true",
+                     help="choose layer and position with select_direction (slow on CPU)")
+    abl.add_argument("--n-train", type=int, default=64, help="harmful and harmless train instructions each (default 64)")
+    abl.add_argument("--force", action="store_true", help="write into a non-empty --out (its weight files are replaced)")
+    abl.add_argument("--quiet", action="store_true", help="no progress output")
+    abl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -196,13 +210,74 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_abliterate(args) -> int:
+    import torch
+
+    from refusal_lab.errors import ConfigError
+
+    say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if args.direction is not None and (args.layer is not None or args.position is not None or args.select):
+        raise ConfigError("--direction gives the direction itself; drop --layer/--position/--select or --direction.")
+    if args.select and (args.layer is not None or args.position is not None):
+        raise ConfigError("--select chooses the layer and position itself; drop --layer/--position or --select.")
+    if args.n_train < 1:
+        raise ConfigError(f"--n-train must be a positive number of instructions, got {args.n_train}.")
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the orthogonalised model.")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise ConfigError(f"--out {out} is not empty; give an empty or new folder, or --force to write into it.")
+    vector = meta = None
+    if args.direction is not None:
+        from refusal_lab.steering.vectors import load_vector
+
+        if not args.direction.is_file():
+            raise ConfigError(f"Direction file {args.direction} does not exist; "
+                              "give a .safetensors file written by save_vector.")
+        try:
+            vector, meta = load_vector(args.direction)
+        except Exception as e:  # noqa: BLE001 - not a safetensors file / no 'vector' tensor
+            raise ConfigError(f"{args.direction} is not a direction file written by save_vector "
+                              f"({type(e).__name__}: {e}).") from None
+    say("loading the model...")
+    model = _load(args)
+    from refusal_lab.steering.abliterate import instruction_direction, orthogonalize_weights, write_abliteration
+
+    if vector is not None:
+        if vector.numel() != model.cfg.d_model:
+            raise ConfigError(f"{args.direction} holds a direction of {vector.numel()} entries but the model's "
+                              f"d_model is {model.cfg.d_model}; give a direction computed on this model.")
+        vector = vector.reshape(-1).to(torch.float64)
+        info = {"layer": meta.get("layer"), "position": meta.get("position"),
+                "dataset": meta.get("dataset", f"from {args.direction}"),
+                "method": meta.get("method", "given direction"), "direction_source": str(args.direction)}
+        say(f"direction: {args.direction} (|v| = {float(vector.norm()):.3f})")
+    else:
+        choice = instruction_direction(model, args.layer, args.position, select=args.select, n_train=args.n_train,
+                                       log=say)
+        vector, info = choice.vector, choice.info
+    say("orthogonalising the weights...")
+    report = orthogonalize_weights(model, vector)
+    if not report.exact:
+        say(f"note: {model.cfg.model_type} has {report.note} (max |P| = {report.max_projector_norm:.3g}).")
+    if out.is_dir() and args.force:
+        for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
+            stale.unlink()
+    say(f"saving to {out}...")
+    with _progress_bars(not args.quiet):
+        write_abliteration(out, model, vector, report, info)
+    print(f"wrote {out} (exact: {str(report.exact).lower()}; "
+          f"layer {info.get('layer')}, position {info.get('position')})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from refusal_lab.errors import RefusalLabError
 
     try:
-        return {"run": cmd_run, "inspect": cmd_inspect, "compare": cmd_compare}[args.command](args)
+        return {"run": cmd_run, "inspect": cmd_inspect, "compare": cmd_compare, "abliterate": cmd_abliterate}[args.command](args)
     except RefusalLabError as e:
         if args.debug:
             raise
