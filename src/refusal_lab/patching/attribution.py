@@ -36,7 +36,7 @@ def receiver_gradients(
     hooks = [("hook_embed", start_graph)] + [(s, keep) for s in sorted(sites)]
     with torch.enable_grad():
         _, resid = model._run_full(receiver.ids, receiver.mask, model._make_run(hooks, None), logits="none")
-        normed = model.adapter.final_norm(resid[:, -1])
+        normed = model.adapter.final_norm(resid[:, -1].to(model.adapter.final_norm.weight.device))
         idx = torch.arange(receiver.n, device=normed.device)
         metric(model, normed, idx).sum().backward()
     values = ActivationCache({k: v.detach() for k, v in acts.items()})
@@ -62,9 +62,9 @@ def attribution_grid(
         name = f"blocks.{l}.{site}"
         diff = (source[name].to(grads[name].device) - receiver_acts[name]).float() * grads[name].float()
         if spec.grid == "heads":
-            per_layer[l] = diff[:, spec.cols].sum(dim=(1, 3))[:, spec.heads]  # [n, heads]
-        else:
-            per_layer[l] = diff[:, spec.cols].sum(-1)  # [n, cols]
+            per_layer[l] = diff[:, spec.cols].sum(dim=(1, 3))[:, spec.heads].cpu()  # [n, heads]
+        else:  # (on the CPU: with a device_map each layer's estimate is on its layer's device)
+            per_layer[l] = diff[:, spec.cols].sum(-1).cpu()  # [n, cols]
     if spec.grid.endswith("cumulative"):
         running, cum = 0, {}
         for l in range(L):
