@@ -241,12 +241,15 @@ def run_tl(bridge, s: Setup, spec: GridSpec, cells: list, warm: bool = True) -> 
             for a, b in cells_:
                 l, c = spec.layers[a], spec.cols[b]
 
-                def put(x, hook, c=c):
-                    x[:, c] = cache[hook.name][:, c]
-                    return x
+                def put(key, c=c):
+                    def fn(x, hook):
+                        x[:, c] = cache[key][:, c]
+                        return x
 
-                logits = bridge.run_with_hooks(s.receiver.ids,
-                                               fwd_hooks=[(f"blocks.{k}.{act}", put) for k in range(l + 1)])
+                    return fn
+
+                names = [f"blocks.{k}.{act}" for k in range(l + 1)]
+                logits = bridge.run_with_hooks(s.receiver.ids, fwd_hooks=[(n, put(n)) for n in names])
                 out.append(metric(logits))
             return _Vals(torch.stack(out))
         if spec.grid == "heads" and len(spec.cols) == 1:
@@ -327,21 +330,19 @@ def run_nnsight(nm, s: Setup, spec: GridSpec, cells: list, per_trace: int, warm:
                 vals = nnsight.save([])
                 for a, b in chunk:
                     with tracer.invoke(inputs):
-                        if spec.grid.endswith("cumulative"):  # layers 0..l in execution order
+                        if spec.grid.endswith("cumulative"):  # layers 0..l, in execution order
                             c = spec.cols[b]
                             for k in range(spec.layers[a] + 1):
                                 site = _nn_site(nm, spec.grid, k)
                                 site[:, c] = src[k][:, c]
-                            lg = nm.output.logits[:, -1]
-                            vals.append(lg[:, R] - lg[:, C])
-                            continue
-                        site = _nn_site(nm, spec.grid, spec.layers[a])
-                        if spec.grid == "heads":
+                        elif spec.grid == "heads":
+                            site = _nn_site(nm, spec.grid, spec.layers[a])
                             h = spec.heads[b]
                             sl = slice(h * d_head, (h + 1) * d_head)
                             for c in spec.cols:
                                 site[:, c, sl] = src[a][:, c, sl]
                         else:
+                            site = _nn_site(nm, spec.grid, spec.layers[a])
                             c = spec.cols[b]
                             site[:, c] = src[a][:, c]
                         lg = nm.output.logits[:, -1]

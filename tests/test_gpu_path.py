@@ -184,9 +184,12 @@ def test_bfloat16_grids_dla_attribution_match_float32(model_type):
         assert (a["grids"][g] - b["grids"][g]).abs().max() < tol, g
     assert (a["attr"] - b["attr"]).abs().max() < tol
     assert (a["dla"].components - b["dla"].components).abs().max() < tol
-    # in bf16 too the DLA components sum to the (float32-computed) logit difference
+    # in bf16 too the DLA components sum to the logit difference, up to the bf16 rounding of the
+    # residual stream itself (~0.1 % of the components' total size here; < 1e-6 in fp32)
     d = b["dla"]
-    assert torch.allclose(d.components.sum(1), d.logit_diff, atol=1e-3 * scale)
+    assert torch.allclose(d.components.sum(1), d.logit_diff, atol=1e-2 * float(d.components.abs().sum(1).max()))
+    d = a["dla"]
+    assert torch.allclose(d.components.sum(1), d.logit_diff, atol=1e-5)
 
 
 def test_bfloat16_generation_runs_and_mostly_agrees():
