@@ -107,16 +107,15 @@ def build_model(cfg, dtype: torch.dtype, device: torch.device) -> HookedChatMode
     return HookedChatModel(hf.eval().requires_grad_(False), name=f"gemma2 {cfg.num_hidden_layers}L random")
 
 
-def via_disk(model: HookedChatModel, dtype: torch.dtype, device: torch.device) -> tuple[HookedChatModel, str]:
-    """Save ``model`` (safetensors) with a small chat tokenizer and load it back with load_model."""
+def save_for_loading(model: HookedChatModel) -> str:
+    """Save ``model`` (safetensors) with a small chat tokenizer, so load_model can read it back."""
     sys.path.insert(0, str(ROOT))
-    from refusal_lab.models.loading import load_model
     from tests.helpers_tiny_chat import save_tokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
     save_tokenizer(folder)
     model.hf_model.save_pretrained(folder, safe_serialization=True)
-    return load_model(str(folder), dtype=dtype, device=str(device)), str(folder)
+    return str(folder)
 
 
 def make_prompts(model: HookedChatModel, n: int, T: int, device) -> tuple[Batch, Batch, int]:
@@ -155,7 +154,13 @@ class Step:
 def bench_one(name: str, dtype: torch.dtype, device: torch.device, n: int, T: int, disk: bool,
               grids: list[str], gen_tokens: int) -> dict:
     cfg = gemma2_config(name)
+    import gc
+
     import transformers.models.gemma2.modeling_gemma2  # noqa: F401  (import time is not build time)
+
+    gc.collect()  # the previous config's model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     steps = []
 
@@ -170,13 +175,16 @@ def bench_one(name: str, dtype: torch.dtype, device: torch.device, n: int, T: in
     record("build (random init on device)", st, weights_gib=round(weight_bytes(model) / GiB, 2))
     folder = None
     if disk:
-        with Step(device) as st:
-            loaded, folder = via_disk(model, dtype, device)
+        from refusal_lab.models.loading import load_model
+
+        folder = save_for_loading(model)  # not timed
         del model
-        model = loaded
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        record("save + load_model (safetensors)", st)
+        with Step(device) as st:
+            model = load_model(folder, dtype=dtype, device=str(device))
+        record("load_model (safetensors, straight to device)", st,
+               peak_over_weights=round(st.peak / weight_bytes(model), 2) if st.peak else None)
     m = model
     harmful, harmless, obj = make_prompts(m, n, T, device)
     metric = LogitDiff(3, 7)
