@@ -17,9 +17,9 @@ do not depend on what the weights are, only on the shapes.
 
 Steps timed (each with the peak CUDA memory it reached):
 
-* ``build``: the random-weight model on the device (``--via-disk``: saved as safetensors and
-  timed through :func:`refusal_lab.models.loading.load_model`, which reads straight into the
-  target dtype/device);
+* ``build``: the random-weight model on the device (``--via-disk``: then saved as safetensors,
+  untimed, and ``load_model`` timed alone, with its peak CUDA memory over the weight bytes: it
+  reads straight into the target dtype/device, so ≈ 1.0);
 * ``baseline``: both sides' full forward (last-position logits) and ``Receiver.record``;
 * ``dla``: direct logit attribution on both sides;
 * ``patch_<grid>``: every exact grid (cone engine, batch size from free memory), sufficiency;
