@@ -1,18 +1,24 @@
-"""Time one activation-patching grid three ways on the same cells and check they agree.
+"""Time activation-patching grids three ways on the same cells and check they agree.
 
-    python benchmarks/bench_patching.py [--model tiny|real] [--grid resid_pre] [--threads 2]
+    python benchmarks/bench_patching.py [--model tiny|real | --tiny] [--grid all] [--threads 2]
 
 Methods (all fp32, CPU unless a GPU is there, same receiver/source/metric):
 
 * ``ours``     refusal_lab's cone engine: ``Receiver.record`` + ``patch_grid``.
-* ``tl``       TransformerLens 4.3 ``patching`` (``get_act_patch_resid_pre`` /
-               ``get_act_patch_attn_out`` / ``get_act_patch_attn_head_out_by_pos``) on a
-               ``TransformerBridge`` wrapping its own copy of the same HF weights. TL's functions sweep
-               every position by default; we pass ``index_df`` with exactly our cells, so TL runs one
-               full forward (whole batch, all positions, full logits) per cell -- its normal cost per cell.
+* ``tl``       TransformerLens 4.3 ``patching`` on a ``TransformerBridge`` wrapping its own copy of
+               the same HF weights: ``get_act_patch_resid_pre`` / ``get_act_patch_attn_out`` /
+               ``get_act_patch_mlp_out`` / ``get_act_patch_attn_head_out_by_pos``; ``resid_post``
+               has no ready-made function, so ``generic_activation_patch`` with TL's
+               ``layer_pos_patch_setter``; the cumulative grids have no TL function at all, so the
+               naive loop: one ``run_with_hooks`` per cell replacing the site at layers 0..l. TL's
+               functions sweep every position by default; we pass ``index_df`` with exactly our
+               cells, so TL runs one full forward (whole batch, all positions, full logits) per
+               cell -- its normal cost per cell.
 * ``nnsight``  nnsight (``TransformersModel`` around its own copy of the HF model): one trace per
                ``--nnsight-cells`` cells, one ``invoke`` per cell (each invoke = the whole receiver
-               batch), editing the decoder layer input / ``self_attn`` output / ``o_proj`` input.
+               batch), editing the decoder layer input (resid_pre) / output (resid_post) /
+               ``self_attn`` output (attn_out) / ``mlp`` output (mlp_out) / ``o_proj`` input
+               (heads); cumulative cells edit layers 0..l inside one invoke.
 
 The grid (``--model real``): Qwen2.5-Coder-0.5B-Instruct (offline cache), the 7+7
 ``seed_gemma2_replication`` objects, harmful -> harmless (receiver = harmless prompts, source =
@@ -22,7 +28,9 @@ patched at the ``post_obj`` column(s) (z, i.e. each head's input to o_proj).
 
 Timed region per method: everything after the source activations exist (ours includes recording
 the receiver run). Each method is warmed up once on a 1-2 cell slice first; ours is then timed
-``--repeats`` times (fastest reported; it takes seconds), TL and nnsight once (minutes). Wall and
+``--repeats`` rounds in which every method runs once, interleaved (ours, TL, nnsight, ours, ...),
+so that load drifting on a shared machine hits all of them alike; each method's median round is
+reported. Wall and
 process-CPU seconds are both reported, plus "full-forward equivalents" (wall / one plain HF forward
 timed just before the method), which stays comparable when the load on a shared machine drifts.
 ``--tl-max-cells`` / ``--nnsight-max-cells`` run an evenly spaced subset and extrapolate the
@@ -59,9 +67,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from refusal_lab.models.hooked import HookedChatModel  # noqa: E402
-from refusal_lab.patching.engine import Batch, GridSpec, LogitDiff, Receiver, patch_grid  # noqa: E402
+from refusal_lab.patching.engine import GRID_SITES, GRIDS, Batch, GridSpec, LogitDiff, Receiver, patch_grid  # noqa: E402
 
-GRID_CHOICES = ("resid_pre", "attn_out", "heads")
+GRID_CHOICES = GRIDS  # resid_pre, resid_post, attn_out, mlp_out, attn_out_cumulative, mlp_out_cumulative, heads
 METHODS = ("ours", "tl", "nnsight")
 
 
@@ -187,7 +195,7 @@ class Clock:
 def run_ours(s: Setup, spec: GridSpec, warm: bool = True) -> tuple[torch.Tensor, Clock]:
     m = s.model
     metric = LogitDiff(s.refusal_id, s.compliance_id)
-    site = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "heads": "attn.hook_z"}[spec.grid]
+    site = GRID_SITES[spec.grid]
     keep = lambda n: n.endswith(site)  # noqa: E731
     with torch.no_grad():
         _, cache = m.run_with_cache(s.source.ids, s.source.mask, names=keep, logits="none")
@@ -221,11 +229,29 @@ def run_tl(bridge, s: Setup, spec: GridSpec, cells: list, warm: bool = True) -> 
     def metric(logits):  # [batch] per prompt (reduce="none")
         return logits[:, -1, R] - logits[:, -1, C]
 
-    act = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "heads": "attn.hook_z"}[spec.grid]
+    act = GRID_SITES[spec.grid]
     with torch.no_grad():
         _, cache = bridge.run_with_cache(s.source.ids, names_filter=lambda n: n.endswith(act))
 
     def sweep(cells_):
+        if spec.grid.endswith("cumulative"):
+            # TL has no cumulative patching function: the naive loop, one run_with_hooks per cell with
+            # the site replaced at layers 0..l (column c), whole batch, all positions, full logits
+            out = []
+            for a, b in cells_:
+                l, c = spec.layers[a], spec.cols[b]
+
+                def put(key, c=c):
+                    def fn(x, hook):
+                        x[:, c] = cache[key][:, c]
+                        return x
+
+                    return fn
+
+                names = [f"blocks.{k}.{act}" for k in range(l + 1)]
+                logits = bridge.run_with_hooks(s.receiver.ids, fwd_hooks=[(n, put(n)) for n in names])
+                out.append(metric(logits))
+            return _Vals(torch.stack(out))
         if spec.grid == "heads" and len(spec.cols) == 1:
             # TL's own per-(layer, pos, head) z patch, restricted to the post_obj column
             df = pd.DataFrame([(spec.layers[a], spec.cols[0], spec.heads[b]) for a, b in cells_],
@@ -243,7 +269,12 @@ def run_tl(bridge, s: Setup, spec: GridSpec, cells: list, warm: bool = True) -> 
             return patching.generic_activation_patch(bridge, s.receiver.ids, cache, metric, setter, "z",
                                                      index_df=df, reduce="none")
         df = pd.DataFrame([(spec.layers[a], spec.cols[b]) for a, b in cells_], columns=["layer", "pos"])
-        fn = {"resid_pre": patching.get_act_patch_resid_pre, "attn_out": patching.get_act_patch_attn_out}[spec.grid]
+        if spec.grid == "resid_post":  # no get_act_patch_resid_post in TL: its generic patch with TL's setter
+            return patching.generic_activation_patch(bridge, s.receiver.ids, cache, metric,
+                                                     patching.layer_pos_patch_setter, "resid_post",
+                                                     index_axis_names=None, index_df=df, reduce="none")
+        fn = {"resid_pre": patching.get_act_patch_resid_pre, "attn_out": patching.get_act_patch_attn_out,
+              "mlp_out": patching.get_act_patch_mlp_out}[spec.grid]
         return fn(bridge, s.receiver.ids, cache, metric, index_axis_names=None, index_df=df, reduce="none")
 
     with torch.no_grad():
@@ -255,6 +286,11 @@ def run_tl(bridge, s: Setup, spec: GridSpec, cells: list, warm: bool = True) -> 
     return {cell: vals[i] for i, cell in enumerate(cells)}, clk
 
 
+@dataclass
+class _Vals:
+    values: torch.Tensor  # [cells, batch], like TL's PatchingResult.values
+
+
 def wrap_nnsight(s: Setup):
     from nnsight import TransformersModel
 
@@ -262,11 +298,17 @@ def wrap_nnsight(s: Setup):
 
 
 def _nn_site(nm, grid: str, layer: int):
+    """The nnsight proxy of a grid's site (Qwen 2 / Llama: no post-norms, so the sublayer outputs
+    are exactly what is added to the residual stream)."""
     layer_mod = nm.model.layers[layer]
     if grid == "resid_pre":
         return layer_mod.input  # hidden_states entering the decoder layer
-    if grid == "attn_out":
+    if grid == "resid_post":
+        return layer_mod.output  # the decoder layer returns the new hidden_states (transformers 5)
+    if grid.startswith("attn_out"):
         return layer_mod.self_attn.output[0]
+    if grid.startswith("mlp_out"):
+        return layer_mod.mlp.output
     return layer_mod.self_attn.o_proj.input  # [b, q, heads * d_head]
 
 
@@ -288,13 +330,19 @@ def run_nnsight(nm, s: Setup, spec: GridSpec, cells: list, per_trace: int, warm:
                 vals = nnsight.save([])
                 for a, b in chunk:
                     with tracer.invoke(inputs):
-                        site = _nn_site(nm, spec.grid, spec.layers[a])
-                        if spec.grid == "heads":
+                        if spec.grid.endswith("cumulative"):  # layers 0..l, in execution order
+                            c = spec.cols[b]
+                            for k in range(spec.layers[a] + 1):
+                                site = _nn_site(nm, spec.grid, k)
+                                site[:, c] = src[k][:, c]
+                        elif spec.grid == "heads":
+                            site = _nn_site(nm, spec.grid, spec.layers[a])
                             h = spec.heads[b]
                             sl = slice(h * d_head, (h + 1) * d_head)
                             for c in spec.cols:
                                 site[:, c, sl] = src[a][:, c, sl]
                         else:
+                            site = _nn_site(nm, spec.grid, spec.layers[a])
                             c = spec.cols[b]
                             site[:, c] = src[a][:, c]
                         lg = nm.output.logits[:, -1]
@@ -376,6 +424,10 @@ def fmt_row(cols, widths):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("tiny", "real"), default="real")
+    ap.add_argument("--tiny", action="store_true", help="same as --model tiny (CI smoke test)")
+    ap.add_argument("--prompts", type=int, default=None, help="use only the first N prompt pairs")
+    ap.add_argument("--max-cols", type=int, default=None,
+                    help="use only the first K columns from the object on (per-position grids)")
     ap.add_argument("--grid", default="resid_pre", help=f"comma list of {', '.join(GRID_CHOICES)} or 'all'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="ours,tl,nnsight", help="comma list of ours, tl, nnsight")
@@ -383,7 +435,8 @@ def main(argv=None) -> int:
                     help="run only this many TL cells (evenly spaced) and extrapolate")
     ap.add_argument("--nnsight-max-cells", type=int, default=None, help="same for nnsight")
     ap.add_argument("--nnsight-cells", type=int, default=4, help="cells (invokes) per nnsight trace")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs of ours (the fastest is reported)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds; in each, every method runs once (interleaved); each method's median is reported")
     ap.add_argument("--profile", action="store_true",
                     help="only profile ours (torch.profiler op table + cProfile of the Python side) and exit")
     ap.add_argument("--tol", type=float, default=1e-4, help="exit 1 if a method differs from ours by more")
@@ -403,7 +456,14 @@ def main(argv=None) -> int:
     if "ours" not in methods:
         ap.error("'ours' is the reference every other method is compared with")
 
-    s = setup_tiny(args.device) if args.model == "tiny" else setup_real(args.device)
+    s = setup_tiny(args.device) if (args.model == "tiny" or args.tiny) else setup_real(args.device)
+    if args.prompts:
+        s.receiver = Batch(s.receiver.ids[: args.prompts], s.receiver.mask[: args.prompts])
+        s.source = Batch(s.source.ids[: args.prompts], s.source.mask[: args.prompts])
+        s.info["prompts"] += f" (first {s.receiver.n} pairs used)"
+    if args.max_cols:
+        s.cols = s.cols[: args.max_cols]
+        s.info["columns"] = s.cols
     import transformers
 
     env = {
@@ -434,47 +494,56 @@ def main(argv=None) -> int:
         for g, spec in specs.items():
             profile_ours(s, spec)
         return 0
-    ours_vals, ours_time = {}, {}
     ref_forward(s, 1)  # warm-up
-    for g, spec in specs.items():
-        fwd = ref_forward(s)
-        runs = [run_ours(s, spec, warm=(i == 0)) for i in range(max(1, args.repeats))]
-        vals, clk = min(runs, key=lambda r: r[1].wall)
-        spread = max(abs(float((v - vals).abs().max())) for v, _ in runs)
-        assert spread < 1e-5, spread  # deterministic
-        ours_vals[g], ours_time[g] = vals, clk
-        n_cells = spec.shape[0] * spec.shape[1]
-        results.append(dict(grid=g, method="ours (cone engine)", cells=n_cells, run_cells=n_cells, wall=clk.wall,
-                            cpu=clk.cpu, extrapolated=False, max_diff=0.0, fwd=fwd,
-                            all_walls=[round(c.wall, 2) for _, c in runs]))
-        print(f"[{g}] ours: {n_cells} cells, {clk.wall:.2f} s wall, {clk.cpu:.2f} s CPU", flush=True)
-
+    bridge = nm = None
     parity = {}
     if "tl" in methods:
         bridge = boot_bridge(s)
         parity.update(logits_parity(s, bridge=bridge))
         print(f"full-forward logits max|diff| vs ours: TL bridge {parity['tl']:.2e}", flush=True)
-        for g, spec in specs.items():
-            cells = subset(all_cells(spec), args.tl_max_cells)
-            fwd = ref_forward(s)
-            vals, clk = run_tl(bridge, s, spec, cells)
-            results.append(_compare(g, "TransformerLens patching (bridge)", spec, cells, vals, clk, ours_vals[g], fwd))
-            print(f"[{g}] tl: {_line(results[-1])}", flush=True)
-        del bridge
-        gc.collect()
     if "nnsight" in methods:
         nm = wrap_nnsight(s)
         parity.update(logits_parity(s, nm=nm))
         print(f"full-forward logits max|diff| vs ours: nnsight {parity['nnsight']:.2e}", flush=True)
-        for g, spec in specs.items():
-            cells = subset(all_cells(spec), args.nnsight_max_cells)
-            fwd = ref_forward(s)
-            vals, clk = run_nnsight(nm, s, spec, cells, args.nnsight_cells)
-            results.append(_compare(g, f"nnsight ({args.nnsight_cells} invokes/trace)", spec, cells, vals, clk,
-                                    ours_vals[g], fwd))
-            print(f"[{g}] nnsight: {_line(results[-1])}", flush=True)
-        del nm
-        gc.collect()
+    names = {"ours": "ours (cone engine)", "tl": "TransformerLens patching (bridge)",
+             "nnsight": f"nnsight ({args.nnsight_cells} invokes/trace)"}
+    ours_time = {}
+    R = max(1, args.repeats)
+    for g, spec in specs.items():
+        # the methods interleaved, R rounds; each method's median round is reported (shared machine)
+        fwd = ref_forward(s)
+        runs: dict[str, list] = {m: [] for m in methods}
+        cells = {"tl": subset(all_cells(spec), args.tl_max_cells),
+                 "nnsight": subset(all_cells(spec), args.nnsight_max_cells)}
+        for rnd in range(R):
+            for m in methods:
+                if m == "ours":
+                    runs[m].append(run_ours(s, spec, warm=(rnd == 0)))
+                elif m == "tl":
+                    runs[m].append(run_tl(bridge, s, spec, cells["tl"], warm=(rnd == 0)))
+                else:
+                    runs[m].append(run_nnsight(nm, s, spec, cells["nnsight"], args.nnsight_cells, warm=(rnd == 0)))
+            print(f"[{g}] round {rnd + 1}/{R}: " + ", ".join(f"{m} {runs[m][-1][1].wall:.2f} s" for m in methods),
+                  flush=True)
+        med = {m: _median_run(runs[m]) for m in methods}
+        vals, clk = med["ours"]
+        spread = max(float((v - vals).abs().max()) for v, _ in runs["ours"])
+        assert spread < 1e-5, spread  # deterministic
+        ours_time[g] = clk
+        n_cells = spec.shape[0] * spec.shape[1]
+        results.append(dict(grid=g, method=names["ours"], cells=n_cells, run_cells=n_cells, wall=clk.wall,
+                            cpu=clk.cpu, extrapolated=False, max_diff=0.0, fwd=fwd,
+                            all_walls=[round(c.wall, 2) for _, c in runs["ours"]]))
+        print(f"[{g}] ours: {n_cells} cells, median {clk.wall:.2f} s wall, {clk.cpu:.2f} s CPU", flush=True)
+        for m in methods:
+            if m == "ours":
+                continue
+            v, c = med[m]
+            results.append(_compare(g, names[m], spec, cells[m], v, c, vals, fwd))
+            results[-1]["all_walls"] = [round(c_.wall, 2) for _, c_ in runs[m]]
+            print(f"[{g}] {m}: {_line(results[-1])}", flush=True)
+    del bridge, nm
+    gc.collect()
 
     env["load_avg_end"] = round(os.getloadavg()[0], 1)
     for r in results:
@@ -488,6 +557,12 @@ def main(argv=None) -> int:
     for r in bad:
         print(f"FAIL: {r['grid']} {r['method']} differs from ours by {r['max_diff']:.2e} > {args.tol:g}")
     return 1 if bad else 0
+
+
+def _median_run(runs: list) -> tuple:
+    """The (values, clock) of the median-wall run (the lower median for an even count)."""
+    ordered = sorted(runs, key=lambda r: r[1].wall)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _compare(grid, name, spec, cells, vals, clk, ours, fwd):

@@ -46,14 +46,17 @@ def direct_logit_attribution(
     names = lambda n: n.endswith(("hook_resid_pre", "hook_resid_mid", "hook_attn_out", "hook_mlp_out",
                                   "attn.hook_result", "hook_embed", "hook_resid_post"))  # noqa: E731
     _, cache = model.run_with_cache(ids, mask, names=names, logits="last")
+    # float32 throughout (bf16/fp16 models too), on one device: with a device_map the layers'
+    # activations, the final norm and the unembedding may each live on a different device
+    dev = a.lm_head.weight.device
     w_u = a.lm_head.weight[[refusal_id, compliance_id]].float()
-    direction = (w_u[0] - w_u[1]) * a.ln_scale_weight(a.final_norm).float()  # [d]
-    final = cache[f"blocks.{L - 1}.hook_resid_post"][:, -1].float()
+    direction = (w_u[0] - w_u[1]) * a.ln_scale_weight(a.final_norm).float().to(dev)  # [d]
+    final = cache[f"blocks.{L - 1}.hook_resid_post"][:, -1].float().to(dev)
     eps = getattr(a.final_norm, "eps", None) or getattr(a.final_norm, "variance_epsilon", 1e-6)
     scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + eps)  # [n, 1]
 
     def proj(x: torch.Tensor) -> torch.Tensor:  # [n, ..., d] at the last position -> [n, ...]
-        return (x.float() * scale.view(-1, *([1] * (x.dim() - 2)), 1)) @ direction
+        return (x.float().to(dev) * scale.view(-1, *([1] * (x.dim() - 2)), 1)) @ direction
 
     acc_labels, acc = [], []
     for l in range(L):

@@ -30,11 +30,25 @@ def estimate_run_memory(model, n_pairs: int, seq_len: int, max_rows: int, sides:
     return weight_bytes(model) + sides * (receiver + source) + batch
 
 
+def model_devices(model) -> list[torch.device]:
+    """The distinct devices holding the model's parameters (several with ``device_map='auto'``)."""
+    seen: dict[str, torch.device] = {}
+    for p in model.hf_model.parameters():
+        seen.setdefault(str(p.device), p.device)
+    return list(seen.values())
+
+
 def available_memory(device: torch.device | str) -> int | None:
-    """Free bytes on ``device`` (None where unknown)."""
+    """Free bytes on ``device`` (None where unknown).
+
+    CUDA: what the driver reports free plus what PyTorch's caching allocator holds but does not
+    use (reserved - allocated), since our own tensors can reuse that."""
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        free = int(torch.cuda.mem_get_info(device)[0])
+        return free + max(0, int(torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)))
     if device.type != "cpu":
         return None
     try:
@@ -69,3 +83,54 @@ def check_run_memory(model, n_pairs: int, seq_len: int, max_rows: int, sides: in
             "fewer objects, or a smaller max_rows."
         )
     return need
+
+
+# ---------------------------------------------------------------------------------- batch size
+#: the cap on patched rows per cone batch when it is derived from free memory
+MAX_AUTO_ROWS = 1024
+#: the share of the free memory one cone batch may use (the rest: allocator slack, fragmentation)
+AUTO_FRACTION = 0.5
+
+
+def row_activation_bytes(model, seq_len: int, *, keep_states: bool = False) -> int:
+    """Peak bytes one patched row adds to a cone batch of the patching engine.
+
+    The engine runs a batch one layer at a time, so one layer's temporaries count, at the worst
+    case of a row starting at column 0 (q = k = ``seq_len``): the residual and its copies (input,
+    normed, attention output, sum, hook clones: 5 d), queries/keys/values and the GQA-expanded
+    keys/values plus z (``(h + 2 kv) dh + 3 h dh``), the MLP's gate/up/product (3 × intermediate),
+    the attention scores and their softmax (2 h T), the gathered key/value prefix of the receiver
+    and its concatenation (4 kv dh per column), and at the last column the unembedding rows of the
+    metric in float64 (log-odds: the whole vocabulary, 24 bytes per entry). ``keep_states``: the row
+    also keeps its residual entering every layer (cumulative trunks: L d per column). Doubled for
+    safety: PyTorch keeps a few more temporaries alive than this count."""
+    c = model.cfg
+    T, d, h, kvh, dh = int(seq_len), c.d_model, c.n_heads, c.n_key_value_heads, c.d_head
+    b = torch.empty((), dtype=model.dtype).element_size()
+    inter = getattr(model.hf_model.config, "intermediate_size", None) or 4 * d
+    per_col = 5 * d + (h + 2 * kvh) * dh + 3 * h * dh + 3 * inter + 2 * h * T + 4 * kvh * dh
+    if keep_states:
+        per_col += c.n_layers * d
+    return 2 * (b * T * per_col + 24 * c.d_vocab)
+
+
+def rows_that_fit(free_bytes: int | None, per_row_bytes: int, *, fraction: float = AUTO_FRACTION,
+                  cap: int = MAX_AUTO_ROWS, unknown: int = 256) -> int:
+    """How many rows of ``per_row_bytes`` fit in ``fraction`` of ``free_bytes`` (at least 1, at most
+    ``cap``; ``unknown`` when the free memory is not known). Pure arithmetic."""
+    if free_bytes is None:
+        return min(unknown, cap)
+    return int(max(1, min(cap, (fraction * max(0, free_bytes)) // max(1, per_row_bytes))))
+
+
+def auto_max_rows(model, seq_len: int, *, keep_states: bool = False, free_bytes: int | None = None,
+                  fraction: float = AUTO_FRACTION, cap: int = MAX_AUTO_ROWS) -> int:
+    """Patched rows per cone batch that fit in the free memory of every device holding a layer
+    (the batch visits each of them in turn; the least free one decides). ``free_bytes`` overrides
+    the measurement. The engine still halves the batch on an out-of-memory error."""
+    if free_bytes is None:
+        frees = [available_memory(dev) for dev in model_devices(model)]
+        known = [f for f in frees if f is not None]
+        free_bytes = min(known) if known else None
+    return rows_that_fit(free_bytes, row_activation_bytes(model, seq_len, keep_states=keep_states),
+                         fraction=fraction, cap=cap)

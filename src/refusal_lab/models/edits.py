@@ -39,7 +39,7 @@ class _Edit:
         """(row index [r], column index [c]) of the entries this edit touches in ``act``."""
         rows = _row_index(self.batch, act.shape[0], act.device)
         cmask = hook.col_mask(self.positions)
-        cols = torch.arange(act.shape[1], device=act.device) if cmask is None else cmask.nonzero().flatten()
+        cols = torch.arange(act.shape[1], device=act.device) if cmask is None else cmask.nonzero().flatten().to(act.device)
         return rows, cols
 
     def _view(self, act: torch.Tensor, hook: HookPoint | None = None) -> torch.Tensor:
@@ -115,5 +115,5 @@ class Read:
 
     def __call__(self, act: torch.Tensor, hook: HookPoint) -> None:
         cmask = hook.col_mask(self.positions)
-        self.value = (act if cmask is None else act[:, cmask]).detach()
+        self.value = (act if cmask is None else act[:, cmask.to(act.device)]).detach()
         return None

@@ -104,11 +104,11 @@ def load_hf(
             dtype=torch_dtype,
             use_safetensors=True,
             attn_implementation=attn,
-            device_map=device_map,
+            # straight into the target dtype and device: one copy of the weights, never a CPU copy
+            # followed by ``.to(device)`` (transformers 5 always loads with low memory use)
+            device_map=device_map if device_map is not None else {"": target_device},
             **hub_kwargs,
         )
-        if target_device is not None:
-            model = model.to(target_device)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer, name

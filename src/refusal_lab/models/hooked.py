@@ -97,8 +97,10 @@ class ActivationCache(dict):
     """``cache[site_name]`` -> tensor, plus TL-like helpers."""
 
     def stack(self, site: str, n_layers: int) -> torch.Tensor:
-        """[layer, ...] stack of ``blocks.{l}.{site}`` for every layer."""
-        return torch.stack([self[f"blocks.{l}.{site}"] for l in range(n_layers)])
+        """[layer, ...] stack of ``blocks.{l}.{site}`` for every layer (on layer 0's device: with a
+        ``device_map`` the layers' activations live on different devices)."""
+        first = self[f"blocks.0.{site}"]
+        return torch.stack([self[f"blocks.{l}.{site}"].to(first.device) for l in range(n_layers)])
 
 
 @dataclass
@@ -143,8 +145,8 @@ class KVPrefix:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx in self.prefix:
             pk, pv = self.prefix[layer_idx]
-            key = torch.cat([pk.to(key.dtype), key], dim=2)
-            value = torch.cat([pv.to(value.dtype), value], dim=2)
+            key = torch.cat([pk.to(key.device, key.dtype), key], dim=2)
+            value = torch.cat([pv.to(value.device, value.dtype), value], dim=2)
         if self.record:
             self.kv[layer_idx] = (key.detach(), value.detach())
         return key, value
@@ -325,7 +327,7 @@ class HookedChatModel(nn.Module):
         key_valid = attention_mask.bool()
         last_pos = pos[:, -1]
         for t in range(max_new_tokens):
-            nxt = logits.argmax(-1)
+            nxt = logits.argmax(-1).to(input_ids.device)  # lm_head may sit on another device
             if stop_at_eos and eos:
                 nxt = torch.where(done, torch.as_tensor(eos[0], device=nxt.device), nxt)
             out.append(nxt)
@@ -371,12 +373,19 @@ class HookedChatModel(nn.Module):
         return self._final(resid, run, cols), resid
 
     def _embed(self, input_ids: torch.Tensor, run: _Run, cols: torch.Tensor) -> torch.Tensor:
-        return run.site("hook_embed", None, self.adapter.embed(input_ids), cols)
+        dev = self.adapter.embed_tokens.weight.device
+        return run.site("hook_embed", None, self.adapter.embed(input_ids.to(dev)), cols.to(dev))
+
+    def _rotary_device(self, default: torch.device) -> torch.device:
+        """Where the rotary embedding's buffers live (``device_map`` may put it anywhere)."""
+        rot = getattr(self.adapter.base, "rotary_emb", None)
+        buf = next(rot.buffers(), None) if rot is not None else None
+        return buf.device if buf is not None else default
 
     def _final(self, resid: torch.Tensor, run: _Run, cols: torch.Tensor, vocab_rows=None) -> torch.Tensor:
         a = self.adapter
         resid = resid.to(a.final_norm.weight.device)
-        normed = run.site("ln_final.hook_normalized", None, a.final_norm(resid), cols)
+        normed = run.site("ln_final.hook_normalized", None, a.final_norm(resid), cols.to(resid.device))
         return a.final_logits(normed.to(a.lm_head.weight.device), vocab_rows)
 
     def attention_mask_4d(
@@ -421,16 +430,20 @@ class HookedChatModel(nn.Module):
             if on_layer_start is not None:
                 resid = on_layer_start(l, resid)
             dev = a.ln1(l).weight.device
-            if resid.device != dev:
+            if resid.device != dev:  # device_map: the residual follows the layers
                 resid = resid.to(dev)
+            if cols.device != dev:  # so hooks index this layer's activations with same-device columns
+                cols = cols.to(dev)
             b = resid.shape[0]
             window = a.sliding_window(l)
             mkey = (window, b, str(dev))
             if mkey not in masks:
-                masks[mkey] = self.attention_mask_4d(cols.to(dev), key_valid.to(dev), window, resid.dtype)
+                masks[mkey] = self.attention_mask_4d(cols, key_valid.to(dev), window, resid.dtype)
             rkey = (a.rotary_key(l), b, str(dev))
             if rkey not in rotary:
-                rotary[rkey] = a.rotary(resid, position_ids.to(dev), l)
+                # the rotary module sits on one device (its inv_freq buffer); cos/sin go to this layer's
+                rdev = self._rotary_device(dev)
+                rotary[rkey] = tuple(t.to(dev) for t in a.rotary(resid, position_ids.to(rdev), l))
 
             pre = f"blocks.{l}."
             resid = run.site(pre + "hook_resid_pre", l, resid, cols)
@@ -488,8 +501,9 @@ class HookedChatModel(nn.Module):
         norm = self.adapter.attn_post_norm(layer)
         if norm is None or not after_post_norm:
             return result
+        result = result.to(norm.weight.device)
         bias = self.adapter.o_proj(layer).bias
-        raw = result.sum(-2) + (bias if bias is not None else 0)
+        raw = result.sum(-2) + (bias.to(result.device) if bias is not None else 0)
         return result * self.post_norm_scale(norm, raw)[..., None, :]
 
     def post_norm_scale(self, norm: nn.Module, raw: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,7 @@ def _receiver_pass(model, receiver, sites, metric, attention: bool):
     ctx = recording(model) if attention else contextlib.nullcontext()
     with torch.enable_grad(), ctx as rec:
         _, out = model._run_full(receiver.ids, receiver.mask, model._make_run(hooks, None), logits="none")
-        normed = model.adapter.final_norm(out[:, -1])
+        normed = model.adapter.final_norm(out[:, -1].to(model.adapter.final_norm.weight.device))
         idx = torch.arange(receiver.n, device=normed.device)
         metric(model, normed, idx).sum().backward()
     values = ActivationCache({k: v.detach() for k, v in acts.items()})
@@ -111,9 +111,9 @@ def attribution_grid(
         name = f"blocks.{l}.{site}"
         diff = (source[name].to(grads[name].device) - receiver_acts[name]).float() * grads[name].float()
         if spec.grid == "heads":
-            per_layer[l] = diff[:, spec.cols].sum(dim=(1, 3))[:, spec.heads]  # [n, heads]
-        else:
-            per_layer[l] = diff[:, spec.cols].sum(-1)  # [n, cols]
+            per_layer[l] = diff[:, spec.cols].sum(dim=(1, 3))[:, spec.heads].cpu()  # [n, heads]
+        else:  # (on the CPU: with a device_map each layer's estimate is on its layer's device)
+            per_layer[l] = diff[:, spec.cols].sum(-1).cpu()  # [n, cols]
     if spec.grid.endswith("cumulative"):
         running, cum = 0, {}
         for l in range(L):

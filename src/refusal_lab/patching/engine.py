@@ -80,7 +80,7 @@ class LogOdds(NormedMetric):
     refusal_ids: Sequence[int]
 
     def __call__(self, model, normed, prompt_idx):
-        return self.from_logits(model.adapter.final_logits(normed), prompt_idx)
+        return self.from_logits(model.adapter.final_logits(normed.to(model.adapter.lm_head.weight.device)), prompt_idx)
 
     def from_logits(self, logits, prompt_idx):
         return refusal_log_odds(logits, self.refusal_ids).float()
@@ -187,27 +187,38 @@ def _free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def batch_rows(model: HookedChatModel, seq_len: int, max_rows: int | None, keep_states: bool = False) -> int:
+    """Rows per cone batch: what fits in free device memory (:func:`~refusal_lab.memory.auto_max_rows`),
+    and at most ``max_rows`` when given."""
+    from refusal_lab.memory import auto_max_rows
+
+    fit = auto_max_rows(model, seq_len, keep_states=keep_states)
+    return fit if max_rows is None else max(1, min(int(max_rows), fit))
+
+
 @torch.no_grad()
 def run_rows(
     model: HookedChatModel,
     receiver: Receiver,
     rows: list[Row],
     metric: NormedMetric,
-    max_rows: int = 256,
+    max_rows: int | None = None,
     progress: tqdm | None = None,
     on_chunk: Callable[[list[int], torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Metric [len(rows)] of every row, computing only each row's cone.
 
-    Rows run in batches of at most ``max_rows``; when a batch runs out of memory the batch size is
-    halved (and stays halved) and the batch retried, with one warning per reduction. ``on_chunk``
-    is called with the row indices and values of every finished batch (checkpointing)."""
+    Rows run in batches of at most ``max_rows`` (None: as many as fit in the free memory of the
+    devices holding the layers, :func:`refusal_lab.memory.auto_max_rows`; a given number is capped
+    by that too); when a batch runs out of memory the batch size is halved (and stays halved) and
+    the batch retried, with one warning per reduction. ``on_chunk`` is called with the row indices
+    and values of every finished batch (checkpointing)."""
     out = torch.empty(len(rows))
     groups: dict[int, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         groups[r.start_col].append(i)
     L, T = model.cfg.n_layers, receiver.batch.T
-    size = max_rows
+    size = batch_rows(model, T, max_rows, keep_states=any(r.record_states for r in rows)) if rows else 1
     for p, members in sorted(groups.items()):
         members.sort(key=lambda i: rows[i].start_layer)
         c0, failed_at = 0, None
@@ -257,8 +268,11 @@ def _run_group(model, receiver: Receiver, rows: list[Row], p: int, metric, L: in
     for l in range(first, L):
         joining = by_layer.get(l, [])
         if joining:
+            # every joining row onto this layer's device (device_map: the cached receiver residual of
+            # layer l lives there; a trunk state may have been recorded on another layer's device)
+            dev_l = model.adapter.ln1(l).weight.device
             new = torch.stack([
-                rows[i].init.to(device) if rows[i].init is not None else receiver.resid_pre[l][rows[i].prompt, p:]
+                (rows[i].init if rows[i].init is not None else receiver.resid_pre[l][rows[i].prompt, p:]).to(dev_l)
                 for i in joining
             ])
             resid = new if resid is None else torch.cat([resid.to(new.device), new])
@@ -277,9 +291,9 @@ def _run_group(model, receiver: Receiver, rows: list[Row], p: int, metric, L: in
             run.hooks[name] = [_edit_hook(items)]
         k, v = receiver.kv[l]
         kv = KVPrefix(prefix={l: (k[prompt_idx.to(k.device), :, :p], v[prompt_idx.to(v.device), :, :p])})
-        key_valid = receiver.batch.mask.bool()[prompt_idx]
+        key_valid = receiver.batch.mask.bool()[prompt_idx.to(receiver.batch.mask.device)]
         resid = model.blocks(
-            resid, run=run, cols=cols, position_ids=receiver.position_ids[prompt_idx][:, p:],
+            resid, run=run, cols=cols, position_ids=receiver.position_ids[prompt_idx.to(receiver.position_ids.device)][:, p:],
             key_valid=key_valid, kv=kv, start_layer=l, stop_layer=l + 1,
         )
     for pos, i in enumerate(active):
@@ -359,7 +373,7 @@ def patch_grid(
     source: ActivationCache,
     spec: GridSpec,
     metric: NormedMetric,
-    max_rows: int = 256,
+    max_rows: int | None = None,
     progress: bool = True,
     checkpoint: Path | str | None = None,
 ) -> torch.Tensor:

@@ -157,8 +157,8 @@ def _mean_head_sum(model, ids, mask, heads, col_pos, batch_size) -> torch.Tensor
         for l in layers:
             hs = [h for ll, h in heads if ll == l]
             res = model.head_results(cache, l)[:, col]  # [b, h, d], after any post-norm
-            s = s + res[:, hs].to(torch.float64).sum(1)
-        s = s.sum(0).cpu()
+            s = s + res[:, hs].to(torch.float64).sum(1).cpu()  # layers may sit on different devices
+        s = s.sum(0)
         total = s if total is None else total + s
     return total / ids.shape[0]
 
