@@ -125,3 +125,24 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         out["n_refusal_heads"] = len(sel) if sel is not None else None
         out["sufficiency"] = finite(heads.get("sufficiency"))
     return out
+
+
+def candidate_grid(d: dict[str, Any], rows: list[dict[str, Any]]):
+    """The direction candidates' bypass scores as a grid: ``(layers, cols, z [L, P], cells)`` where
+    ``cells`` lists ``(i, j, row)`` for every table row on the grid; None when there is no grid."""
+    layers = sorted({x.get("layer") for x in rows if isinstance(x.get("layer"), int)})
+    cols = [c for c in d.get("positions") or [] if isinstance(c, int)] if isinstance(d.get("positions"), list) else []
+    cols = cols or sorted({x.get("position") for x in rows if isinstance(x.get("position"), int)})
+    if not layers or not cols:
+        return None
+    li, ci = {v: i for i, v in enumerate(layers)}, {v: j for j, v in enumerate(cols)}
+    z = np.full((len(layers), len(cols)), np.nan)
+    cells = []
+    for x in rows:
+        i, j = li.get(x.get("layer")), ci.get(x.get("position"))
+        if i is None or j is None:
+            continue
+        b = finite(x.get("bypass"))
+        z[i, j] = np.nan if b is None else b
+        cells.append((i, j, x))
+    return layers, cols, z, cells

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from refusal_lab.report.common import (
+    candidate_grid,
     METRIC_TITLE,
     as_array,
     finite,
@@ -328,22 +329,12 @@ def steering_direction_figure(results: dict[str, Any]) -> Figure | None:
     """Bypass score of every direction candidate (layer x eoi column); selected boxed, filtered ones crossed."""
     d = _dict(results.get("direction"))
     rows = [x for x in d.get("table") or [] if isinstance(x, dict)] if isinstance(d.get("table"), list) else []
-    layers = sorted({x.get("layer") for x in rows if isinstance(x.get("layer"), int)})
-    cols = [c for c in d.get("positions") or [] if isinstance(c, int)] if isinstance(d.get("positions"), list) else []
-    cols = cols or sorted({x.get("position") for x in rows if isinstance(x.get("position"), int)})
-    if not layers or not cols:
+    grid = candidate_grid(d, rows)
+    if grid is None:
         return None
+    layers, cols, z, cells = grid
     li, ci = {v: i for i, v in enumerate(layers)}, {v: j for j, v in enumerate(cols)}
-    z = np.full((len(layers), len(cols)), np.nan)
-    filtered = []
-    for x in rows:
-        i, j = li.get(x.get("layer")), ci.get(x.get("position"))
-        if i is None or j is None:
-            continue
-        b = finite(x.get("bypass"))
-        z[i, j] = np.nan if b is None else b
-        if not x.get("kept"):
-            filtered.append((j, i))
+    filtered = [(j, i) for i, j, x in cells if not x.get("kept")]
     eoi = d.get("eoi_tokens") if isinstance(d.get("eoi_tokens"), list) else []
     fig = new_figure(min(12.0, max(6.0, 1.1 * len(cols) + 3.5)), min(14.0, max(4.5, 0.24 * len(layers) + 2.4)))
     ax = fig.add_subplot()

@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib import colormaps
 
 from refusal_lab.report.common import (
+    candidate_grid,
     METRIC_TITLE,
     as_array,
     finite,
@@ -652,21 +653,14 @@ def steering_direction(d: dict[str, Any], plots: Plots) -> str:
 
 def direction_heatmap(plots: Plots, d: dict[str, Any], rows: list[dict[str, Any]], eoi: Sequence[Any]) -> str:
     """Bypass score per (layer, eoi column); hover: induce, KL, kept/reason; chosen cell boxed, filtered ones x."""
-    layers = sorted({x.get("layer") for x in rows if isinstance(x.get("layer"), int)})
-    cols = list(d.get("positions") or []) if isinstance(d.get("positions"), list) else []
-    cols = cols or sorted({x.get("position") for x in rows if isinstance(x.get("position"), int)})
-    if not layers or not cols:
+    grid = candidate_grid(d, rows)
+    if grid is None:
         return ""
+    layers, cols, z, cells = grid
     li, ci = {v: i for i, v in enumerate(layers)}, {v: j for j, v in enumerate(cols)}
-    z = np.full((len(layers), len(cols)), np.nan)
     text = [["" for _ in cols] for _ in layers]
     fx, fy, ftext = [], [], []
-    for x in rows:
-        i, j = li.get(x.get("layer")), ci.get(x.get("position"))
-        if i is None or j is None:
-            continue
-        b = finite(x.get("bypass"))
-        z[i, j] = np.nan if b is None else b
+    for i, j, x in cells:
         text[i][j] = (f"layer {ptext(x.get('layer'))}, column {ptext(_eoi_label(x.get('position'), eoi))}<br>"
                       f"bypass {ptext(fmt(x.get('bypass')))}<br>induce {ptext(fmt(x.get('induce')))}<br>"
                       f"KL {ptext(fmt(x.get('kl')))}<br>norm {ptext(fmt(x.get('norm')))}<br>"
