@@ -86,3 +86,27 @@ def test_choose_alpha():
     alpha, why = choose_alpha(rows)
     assert alpha == 1.0 and "highest" in why  # none reaches 0.5: the best rate, ties to the smaller alpha
     assert choose_alpha([{"alpha": 0.0, "induce_refusal_rate": 0.0}])[0] == 1.0
+
+
+def test_choose_candidate_relaxes_induce_first():
+    """Every candidate filtered: first keep KL and layer filters with induce > the harmless baseline,
+    then only the layer filter."""
+    from refusal_lab.steering.selection import choose_candidate
+
+    def row(l, p, bypass, induce, kl):
+        reasons = [s for s, bad in ((f"kl {kl}", kl >= 0.1), (f"induce {induce}", induce <= 0),
+                                    (f"layer {l}", l >= 8)) if bad]
+        return {"layer": l, "position": p, "bypass": bypass, "induce": induce, "kl": kl,
+                "kept": not reasons, "reason": "; ".join(reasons) or "kept"}
+
+    table = [row(3, -1, -2.0, -0.7, 0.08), row(5, -1, -3.5, -0.5, 0.50), row(4, -2, -1.0, -2.9, 0.05),
+             row(9, -1, -9.0, 1.0, 0.01)]
+    best, why = choose_candidate(table, kl_max=0.1, layer_limit=8, harmless_baseline=-2.6, on_empty="best")
+    assert (best["layer"], best["position"]) == (3, -1) and "relaxed induce" in why
+    # nothing passes KL: only the layer filter remains -> lowest bypass below the limit
+    best, why = choose_candidate(table, kl_max=0.01, layer_limit=8, harmless_baseline=-2.6, on_empty="best")
+    assert (best["layer"], best["position"]) == (5, -1) and "lowest bypass below the layer limit" in why
+    with pytest.raises(RefusalLabError, match="All 4 candidate directions"):
+        choose_candidate(table, kl_max=0.1, layer_limit=8, harmless_baseline=-2.6)
+    kept = [dict(table[0], kept=True, reason="kept")] + table[1:]
+    assert choose_candidate(kept, 0.1, 8, -2.6) == (kept[0], None)

@@ -25,7 +25,7 @@ from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
 from refusal_lab.steering.vectors import diff_in_means_all_layers
 
-__all__ = ["SelectionResult", "select_direction"]
+__all__ = ["SelectionResult", "choose_candidate", "select_direction"]
 
 
 @dataclass
@@ -67,6 +67,41 @@ def _kl(base_logp: torch.Tensor, edit_logits: torch.Tensor) -> float:
     return float((base_logp.exp() * (base_logp - edit)).sum(-1).mean())
 
 
+def choose_candidate(table: list[dict], kl_max: float, layer_limit: float, harmless_baseline: float,
+                     on_empty: str = "raise") -> tuple[dict, str | None]:
+    """The kept candidate with the lowest bypass, and None; or, when every candidate is filtered
+    out and ``on_empty="best"``, a relaxed choice and the sentence saying so.
+
+    Relaxations, in order: (1) ``induce > 0`` becomes ``induce > harmless_baseline`` (adding the
+    direction raises the harmless prompts' refusal log-odds at all — ``> 0`` presumes log-odds on
+    which harmful prompts score above 0, which small models may not reach), KL and layer filters
+    kept; (2) the layer filter alone.
+    """
+    kept = [r for r in table if r["kept"]]
+    if kept:
+        return min(kept, key=lambda r: r["bypass"]), None
+    n = len(table)
+    n_kl = sum(1 for r in table if "kl " in r["reason"])
+    n_ind = sum(1 for r in table if "induce " in r["reason"])
+    n_lay = sum(1 for r in table if "layer " in r["reason"])
+    n_zero = sum(1 for r in table if r["reason"] == "zero direction")
+    zero = f", {n_zero} were zero vectors" if n_zero else ""
+    msg = (f"All {n} candidate directions were filtered out ({n_kl} failed KL < kl_max={kl_max:g}, "
+           f"{n_ind} failed induce > 0, {n_lay} failed layer < max_layer_frac*L={layer_limit:g}{zero})")
+    if on_empty == "raise":
+        raise RefusalLabError(msg + "; loosen kl_max or raise max_layer_frac (or use more/other validation prompts).")
+    usable = [r for r in table if r["reason"] != "zero direction" and r["layer"] < layer_limit]
+    relaxed = [r for r in usable if r["kl"] < kl_max and r["induce"] > harmless_baseline]
+    if relaxed:
+        return min(relaxed, key=lambda r: r["bypass"]), (
+            msg + f"; relaxed induce > 0 to induce > the unsteered harmless log-odds ({harmless_baseline:.3g}), "
+                  "keeping the KL and layer filters, and took the lowest bypass.")
+    if usable:
+        return min(usable, key=lambda r: r["bypass"]), (
+            msg + "; no candidate passed even with induce relaxed, so the lowest bypass below the layer limit was taken.")
+    raise RefusalLabError(msg + "; loosen kl_max or raise max_layer_frac (or use more/other validation prompts).")
+
+
 @torch.no_grad()
 def select_direction(
     model,
@@ -87,8 +122,8 @@ def select_direction(
 
     Each split is an ``(ids, mask)`` pair of left-padded prompts (``mask`` may be None).
     When the filters reject every candidate, ``on_empty="raise"`` raises :class:`RefusalLabError`
-    with the counts per filter; ``on_empty="best"`` instead returns the candidate with the lowest
-    bypass among those below the layer limit, with ``fallback`` holding that sentence.
+    with the counts per filter; ``on_empty="best"`` relaxes the filters (see :func:`choose_candidate`)
+    and says so in ``fallback``.
     """
     if on_empty not in ("raise", "best"):
         raise RefusalLabError(f"on_empty must be 'raise' or 'best', got {on_empty!r}.")
@@ -104,7 +139,9 @@ def select_direction(
 
     hf_ids, hf_mask = harmful_val
     hl_ids, hl_mask = harmless_val
-    base_hl_logp = torch.log_softmax(_last_logits(model, hl_ids, hl_mask, (), batch_size), -1)
+    base_hl_logits = _last_logits(model, hl_ids, hl_mask, (), batch_size)
+    base_hl_logp = torch.log_softmax(base_hl_logits, -1)
+    base_hl_induce = float(refusal_log_odds(base_hl_logits, refusal_ids).mean())  # harmless val, unsteered
     layer_limit = max_layer_frac * L
 
     table: list[dict] = []
@@ -136,23 +173,7 @@ def select_direction(
             table.append(row | {"bypass": bypass, "induce": induce, "kl": kl,
                                 "kept": not reasons, "reason": "; ".join(reasons) or "kept"})
 
-    kept = [r for r in table if r["kept"]]
-    fallback = None
-    if not kept:
-        n = len(table)
-        n_kl = sum(1 for r in table if "kl " in r["reason"])
-        n_ind = sum(1 for r in table if "induce " in r["reason"])
-        n_lay = sum(1 for r in table if "layer " in r["reason"])
-        n_zero = sum(1 for r in table if r["reason"] == "zero direction")
-        zero = f", {n_zero} were zero vectors" if n_zero else ""
-        msg = (f"All {n} candidate directions were filtered out ({n_kl} failed KL < kl_max={kl_max:g}, "
-               f"{n_ind} failed induce > 0, {n_lay} failed layer < max_layer_frac*L={layer_limit:g}{zero})")
-        usable = [r for r in table if r["reason"] != "zero direction" and r["layer"] < layer_limit]
-        if on_empty == "raise" or not usable:
-            raise RefusalLabError(msg + "; loosen kl_max or raise max_layer_frac (or use more/other validation prompts).")
-        kept = usable
-        fallback = msg + "; the candidate with the lowest bypass below the layer limit was taken instead."
-    best = min(kept, key=lambda r: r["bypass"])
+    best, fallback = choose_candidate(table, kl_max, layer_limit, base_hl_induce, on_empty)
     j = positions.index(best["position"])
     return SelectionResult(direction=cands[best["layer"], j].clone(), layer=best["layer"], position=best["position"],
                            bypass=best["bypass"], induce=best["induce"], kl=best["kl"], table=table,
