@@ -161,8 +161,9 @@ class RunFolder:
                         "choose another --out folder or pass --force to overwrite it."
                     )
                 # Overwriting another run: drop its steps and artifacts (not only the steps), so no
-                # table, tensor or figure of the old config survives next to the new run's.
-                for sub in ("steps", "tensors", "tables", "figures", "partial"):
+                # table, tensor or figure of the old config survives next to the new run's (its
+                # within-grid checkpoints go below, with every --force).
+                for sub in ("steps", "tensors", "tables", "figures"):
                     for p in (self.root / sub).glob("*"):
                         if p.is_file():
                             p.unlink()

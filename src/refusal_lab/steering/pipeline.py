@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
+from refusal_lab.metrics import default_refusal_token_ids
 from refusal_lab.prompts import build_instruction_prompts, load_instructions
 from refusal_lab.prompts.builder import eoi_tokens
 from refusal_lab.steering.evaluation import (
@@ -84,8 +84,6 @@ def direction_step(model, s: SteeringSettings, save_vector: Callable[[str, torch
                            kl_max=s.kl_max, max_layer_frac=s.max_layer_frac, batch_size=s.batch_size,
                            on_empty="best", progress=progress)
     eoi = eoi_tokens(tok)
-    base = {k: float(refusal_log_odds(_last(model, *enc["val", k], s.batch_size), refusal_ids).mean())
-            for k in ("harmful", "harmless")}
     meta = {"model": model.cfg.model_name, "layer": res.layer, "position": res.position,
             "site": "hook_resid_pre", "dataset": f"instructions train ({len(train['harmful'])} harmful, "
                                                   f"{len(train['harmless'])} harmless, seed {s.seed})",
@@ -97,7 +95,7 @@ def direction_step(model, s: SteeringSettings, save_vector: Callable[[str, torch
         "position_token": eoi[res.position] if -len(eoi) <= res.position < 0 and eoi else None,
         "site": f"blocks.{res.layer}.hook_resid_pre", "norm": float(res.direction.norm()),
         "bypass": res.bypass, "induce": res.induce, "kl": res.kl,
-        "baseline": {"harmful_val_log_odds": base["harmful"], "harmless_val_log_odds": base["harmless"]},
+        "baseline": {"harmful_val_log_odds": res.baseline["harmful"], "harmless_val_log_odds": res.baseline["harmless"]},
         "filters": {"kl_max": s.kl_max, "max_layer_frac": s.max_layer_frac, "induce_min": 0.0},
         "fallback": res.fallback,
         "n_train": {k: len(v) for k, v in train.items()}, "n_val": {k: len(v) for k, v in val.items()},
@@ -107,15 +105,6 @@ def direction_step(model, s: SteeringSettings, save_vector: Callable[[str, torch
                 "induce = that of harmless val prompts with the direction added at its layer; kl = KL(base || ablated) "
                 "of harmless val prompts' next-token distribution.",
     }
-
-
-@torch.no_grad()
-def _last(model, ids, mask, batch_size, hooks=()) -> torch.Tensor:
-    out = []
-    for i in range(0, ids.shape[0], batch_size):
-        out.append(model(ids[i:i + batch_size].to(model.device), mask[i:i + batch_size].to(model.device),
-                         fwd_hooks=list(hooks), logits="last").float().cpu())
-    return torch.cat(out)
 
 
 def choose_alpha(rows: Sequence[dict], target: float = 0.5) -> tuple[float, str]:

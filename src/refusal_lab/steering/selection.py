@@ -42,6 +42,7 @@ class SelectionResult:
     candidates: torch.Tensor | None = None  # float64 [L, P, d]
     positions: tuple[int, ...] = ()
     fallback: str | None = None  # set when every candidate was filtered out and on_empty="best"
+    baseline: dict = field(default_factory=dict)  # unsteered mean refusal log-odds: {"harmful", "harmless"} val
 
     @property
     def chosen(self) -> dict:
@@ -142,6 +143,7 @@ def select_direction(
     base_hl_logits = _last_logits(model, hl_ids, hl_mask, (), batch_size)
     base_hl_logp = torch.log_softmax(base_hl_logits, -1)
     base_hl_induce = float(refusal_log_odds(base_hl_logits, refusal_ids).mean())  # harmless val, unsteered
+    base_hf_bypass = float(refusal_log_odds(_last_logits(model, hf_ids, hf_mask, (), batch_size), refusal_ids).mean())
     layer_limit = max_layer_frac * L
 
     table: list[dict] = []
@@ -177,4 +179,5 @@ def select_direction(
     j = positions.index(best["position"])
     return SelectionResult(direction=cands[best["layer"], j].clone(), layer=best["layer"], position=best["position"],
                            bypass=best["bypass"], induce=best["induce"], kl=best["kl"], table=table,
-                           candidates=cands, positions=positions, fallback=fallback)
+                           candidates=cands, positions=positions, fallback=fallback,
+                           baseline={"harmful": base_hf_bypass, "harmless": base_hl_induce})
