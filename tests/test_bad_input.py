@@ -176,6 +176,11 @@ def test_output_folder_with_another_run(models, tmp_path, capsys):
     rc, _, err = run_main(capsys, first)
     assert rc == 0, err
     assert (out / "tables" / "patching_resid_pre_sufficiency.csv").is_file()
+    import torch
+
+    from refusal_lab.steering.vectors import save_vector  # as a steering run of the first config would leave
+
+    save_vector(out / "vectors" / "objects_heads.safetensors", torch.ones(4), {"layer": 0})
 
     other = ["run", "--model", models["chat"], "--out", out, "--quiet", "--grids", "attn_out", "--no-attribution", "--no-steering"]
     rc, _, err = run_main(capsys, other)
@@ -191,6 +196,7 @@ def test_output_folder_with_another_run(models, tmp_path, capsys):
     # Nothing of the overwritten run is left next to the new one.
     assert {p.name for p in (out / "tables").glob("*.csv")} == {"baseline.csv", "patching_attn_out_sufficiency.csv"}
     assert not list((out / "tensors").glob("*resid_pre*"))
+    assert not list((out / "vectors").glob("*"))
 
     # The same config again is a resume, not a conflict.
     rc, _, err = run_main(capsys, other)

@@ -161,9 +161,9 @@ class RunFolder:
                         "choose another --out folder or pass --force to overwrite it."
                     )
                 # Overwriting another run: drop its steps and artifacts (not only the steps), so no
-                # table, tensor or figure of the old config survives next to the new run's (its
+                # table, tensor, vector or figure of the old config survives next to the new run's (its
                 # within-grid checkpoints go below, with every --force).
-                for sub in ("steps", "tensors", "tables", "figures"):
+                for sub in ("steps", "tensors", "tables", "figures", "vectors"):
                     for p in (self.root / sub).glob("*"):
                         if p.is_file():
                             p.unlink()
