@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refusal_lab.metrics import default_refusal_token_ids
 from refusal_lab.prompts import build_instruction_prompts, load_instructions
 from refusal_lab.prompts.builder import eoi_tokens
 from refusal_lab.steering.evaluation import (
@@ -58,13 +57,10 @@ class SteeringSettings:
     judge_name: str | None = None  # how results name the judge (e.g. the run config's ``judge``)
 
 
-def _eoi_positions(tokenizer) -> list[int]:
-    n = len(eoi_tokens(tokenizer))
-    return list(range(-max(n, 1), 0))
-
-
-def _cap(n: int, split: str, kind: str) -> int:
-    return min(n, len(load_instructions(split, kind)))
+def _instructions(split: str, n: int, seed: int) -> dict[str, list[str]]:
+    """``n`` seeded harmful and harmless instructions of ``split`` (fewer if the split is smaller)."""
+    return {k: load_instructions(split, k, n=min(n, len(load_instructions(split, k))), seed=seed)
+            for k in ("harmful", "harmless")}
 
 
 # ------------------------------------------------------------------------------------ direction
@@ -73,17 +69,15 @@ def direction_step(model, s: SteeringSettings, save_vector: Callable[[str, torch
                    progress: bool = True) -> dict:
     """Select the refusal direction; returns the ``direction`` results entry (JSON-ready)."""
     tok = model.tokenizer
-    train = {k: load_instructions("train", k, n=_cap(s.n_train, "train", k), seed=s.seed) for k in ("harmful", "harmless")}
-    val = {k: load_instructions("val", k, n=_cap(s.n_val, "val", k), seed=s.seed) for k in ("harmful", "harmless")}
+    train, val = _instructions("train", s.n_train, s.seed), _instructions("val", s.n_val, s.seed)
     enc = {(split, k): build_instruction_prompts(tok, v[k]) for split, v in (("train", train), ("val", val))
            for k in ("harmful", "harmless")}
-    positions = _eoi_positions(tok)
-    refusal_ids = default_refusal_token_ids(tok)
+    eoi = eoi_tokens(tok)
+    positions = list(range(-max(len(eoi), 1), 0))  # the end-of-instruction columns
     res = select_direction(model, enc["train", "harmful"], enc["train", "harmless"], enc["val", "harmful"],
-                           enc["val", "harmless"], positions=positions, refusal_ids=refusal_ids,
+                           enc["val", "harmless"], positions=positions,
                            kl_max=s.kl_max, max_layer_frac=s.max_layer_frac, batch_size=s.batch_size,
                            on_empty="best", progress=progress)
-    eoi = eoi_tokens(tok)
     meta = {"model": model.cfg.model_name, "layer": res.layer, "position": res.position,
             "site": "hook_resid_pre", "dataset": f"instructions train ({len(train['harmful'])} harmful, "
                                                   f"{len(train['harmless'])} harmless, seed {s.seed})",
@@ -154,9 +148,8 @@ def steering_step(model, s: SteeringSettings, direction: dict, direction_vector:
                   object_position: int, heads: Sequence[tuple[int, int]] = (), heads_position: int | None = None,
                   save_vector: Callable[[str, torch.Tensor, dict], None]) -> dict:
     """Alpha sweeps of the selected direction (val instructions) and of the replication's vectors (objects)."""
-    tok = model.tokenizer
     layer = direction["layer"]
-    val = {k: load_instructions("val", k, n=_cap(s.n_val, "val", k), seed=s.seed) for k in ("harmful", "harmless")}
+    val = _instructions("val", s.n_val, s.seed)
     sweep = alpha_sweep(model, direction_vector.to(model.dtype), layer, list(s.alphas), val["harmless"], val["harmful"],
                         positions="all", ablate=True, judge=s.judge, max_new_tokens=s.max_new_tokens,
                         batch_size=s.batch_size, n_samples=s.n_samples)
@@ -196,7 +189,7 @@ def steering_step(model, s: SteeringSettings, direction: dict, direction_vector:
 def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vector: torch.Tensor, alpha: float) -> dict:
     """Held-out test refusal rates with baselines, and KL / cross-entropy on harmless prompts."""
     layer = direction["layer"]
-    test = {k: load_instructions("test", k, n=_cap(s.n_test, "test", k), seed=s.seed) for k in ("harmful", "harmless")}
+    test = _instructions("test", s.n_test, s.seed)
     v = direction_vector.to(model.dtype)
     kw = dict(judge=s.judge, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
     add = addition_hooks(v, layer, alpha, "all")
@@ -215,9 +208,8 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
         return {"value": r["refusal_rate"], "baseline": b["refusal_rate"], "n": r["n"],
                 "refusal_score": r["refusal_score"], "baseline_refusal_score": b["refusal_score"], "intervention": what}
 
-    tok = model.tokenizer
     n_dmg = min(len(test["harmless"]), 16)
-    ids, mask = build_instruction_prompts(tok, test["harmless"][:n_dmg])
+    ids, mask = build_instruction_prompts(model.tokenizer, test["harmless"][:n_dmg])
     damage = {}
     for name, hooks in (("ablation", abl), ("addition", add)):
         ce = completion_cross_entropy(model, ids, mask, hooks, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
