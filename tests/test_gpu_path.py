@@ -26,6 +26,7 @@ from refusal_lab.patching.attribution import attribution_grid, receiver_gradient
 from refusal_lab.patching.engine import GRIDS, GridSpec, LogitDiff, LogOdds, Receiver, patch_grid, source_sites
 from tests.conftest import patch_pair
 from tests.helpers_tiny_chat import make_tiny_chat_model
+from tests.numeric import assert_tensors_close
 
 GiB = 1024**3
 
@@ -101,10 +102,11 @@ def test_engine_batches_follow_free_memory(qwen_tiny, monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda dev: 6 * per_row)  # half of it: 3 rows
     got = patch_grid(m, receiver, source, spec, metric, progress=False)
     assert max(sizes) == 3
-    assert torch.equal(got, ref)
+    assert_tensors_close(got, ref)  # batches sized from free memory: to fp32 rounding
     sizes.clear()
     got = patch_grid(m, receiver, source, spec, metric, max_rows=256, progress=False)
-    assert max(sizes) == 3 and torch.equal(got, ref)
+    assert max(sizes) == 3
+    assert_tensors_close(got, ref)
     assert engine.batch_rows(m, rec.T, 2) == 2
 
 

@@ -10,6 +10,7 @@ from refusal_lab.errors import RefusalLabError
 from refusal_lab.patching import engine
 from refusal_lab.patching.engine import GridSpec, patch_grid
 from tests.conftest import patch_setup
+from tests.numeric import assert_tensors_close
 
 
 def _limit(monkeypatch, k, exc=None):
@@ -40,7 +41,7 @@ def test_oom_halves_batch_and_gives_same_values(tiny, monkeypatch, grid, oom):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = patch_grid(tiny, receiver, source, spec, metric, max_rows=8, progress=False)
-    assert torch.equal(got, ref)
+    assert_tensors_close(got, ref)  # halved batches: to fp32 rounding
     assert torch.allclose(got, big, atol=1e-5)
     assert any(s > 2 for s in sizes)  # it really ran out of memory
     msgs = [str(w.message) for w in caught if "out of memory" in str(w.message)]
