@@ -39,6 +39,11 @@ def _atomic_target(path: Path):
             os.unlink(tmp)
 
 
+atomic_target = _atomic_target
+"""Public name of :func:`_atomic_target`: ``with atomic_target(path) as tmp: writer(tmp)`` for writers that
+want a file name (matplotlib's ``savefig``); ``path`` appears only once ``tmp`` is complete."""
+
+
 def _atomic_write(path: Path, write) -> Path:
     with _atomic_target(path) as tmp, open(tmp, "wb") as f:
         write(f)

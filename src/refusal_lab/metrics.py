@@ -217,6 +217,9 @@ def propose_token_pair(
     harmful_logits: torch.Tensor,
     harmless_logits: torch.Tensor,
     k: int = 10,
+    *,
+    refusal: tuple[int, str] | None = None,
+    compliance: tuple[int, str] | None = None,
 ) -> tuple[RefusalTokens, list[dict]]:
     """Propose a refusal/compliance token pair from the model's own next-token distributions.
 
@@ -226,7 +229,14 @@ def propose_token_pair(
     set's top-``k`` with the largest reverse difference. Returns the pair and a candidate table
     (one dict per top-k token: ``side``, ``token_id``, ``token``, ``harmful_logprob``,
     ``harmless_logprob``, ``diff``, ``chosen``).
+
+    ``refusal=(id, str)`` or ``compliance=(id, str)`` fixes that side (``--refusal Sorry
+    --compliance auto``): only the other side is proposed (never the fixed token itself) and the
+    table lists only the proposed side's candidates.
     """
+    fixed = {"harmful": _fixed_token(refusal), "harmless": _fixed_token(compliance)}
+    if fixed["harmful"] is not None and fixed["harmless"] is not None:
+        raise RefusalLabError("propose_token_pair needs at least one side to propose; both tokens were given.")
     h = torch.log_softmax(_last(harmful_logits).to(torch.float64), dim=-1).mean(0)  # [vocab]
     s = torch.log_softmax(_last(harmless_logits).to(torch.float64), dim=-1).mean(0)
     if h.shape != s.shape:
@@ -238,7 +248,14 @@ def propose_token_pair(
     table: list[dict] = []
     chosen: dict[str, int] = {}
     for side, mine, other in (("harmful", h, s), ("harmless", s, h)):
-        top = torch.topk(mine, k).indices
+        if fixed[side] is not None:
+            chosen[side] = fixed[side][0]
+            continue
+        other_fixed = fixed["harmless" if side == "harmful" else "harmful"]
+        ranked = mine.clone()
+        if other_fixed is not None:  # never propose the token fixed for the other side
+            ranked[other_fixed[0]] = -torch.inf
+        top = torch.topk(ranked, min(k, ranked.shape[0] - (other_fixed is not None))).indices
         diff = (mine - other)[top]
         best = int(top[int(torch.argmax(diff))])
         chosen[side] = best
@@ -261,4 +278,16 @@ def propose_token_pair(
             "not separate; pass the token pair explicitly (e.g. refusal='Sorry', compliance='Sure')."
         )
     rs, cs = _tok_strs(tokenizer, [r, c])
+    if fixed["harmful"] is not None:
+        rs = fixed["harmful"][1]
+    if fixed["harmless"] is not None:
+        cs = fixed["harmless"][1]
     return RefusalTokens(r, c, rs, cs), table
+
+
+def _fixed_token(x) -> tuple[int, str] | None:
+    """``(id, str)`` of a fixed side of :func:`propose_token_pair` (``None``: propose it)."""
+    if x is None:
+        return None
+    i, st = x
+    return int(i), str(st)

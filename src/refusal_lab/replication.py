@@ -35,6 +35,7 @@ from refusal_lab.errors import ConfigError, RefusalLabError
 from refusal_lab.memory import check_run_memory
 from refusal_lab.metrics import (
     NORMALIZED_METRIC_NOTE, default_refusal_token_ids, propose_token_pair, refusal_log_odds, resolve_refusal_tokens,
+    resolve_single_token,
 )
 from refusal_lab.models.edits import Replace
 from refusal_lab.models.hooked import HookedChatModel
@@ -43,6 +44,7 @@ from refusal_lab.patching.engine import (
     GRIDS, Batch, Edit, GridSpec, LogitDiff, Receiver, Row, patch_grid, run_rows, source_sites,
 )
 from refusal_lab.prompts import build_object_prompts, load_objects
+from refusal_lab.stats import bootstrap_ci, mean_se, summary, wilson_interval
 
 DIRECTIONS = {
     "sufficiency": ("harmful", "harmless"),  # (source, receiver): harmful -> harmless
@@ -193,16 +195,114 @@ def _normalise(values: torch.Tensor, harmless: float, harmful: float) -> torch.T
     return (values.mean(0) - harmless) / (harmful - harmless)
 
 
+def _normalised_pairs(per_pair, harmless: float, harmful: float) -> torch.Tensor:
+    """Per-pair metric normalised with the fixed (mean) baselines: 0 = harmless, 1 = harmful."""
+    return (torch.as_tensor(per_pair, dtype=torch.float64) - harmless) / (harmful - harmless)
+
+
+def _uncertainty(per_pair, harmless: float, harmful: float, seed: int) -> dict:
+    """``se`` (same shape as the grid's values), bootstrap ``ci95`` {low, high} and ``n_pairs`` of a grid."""
+    norm = _normalised_pairs(per_pair, harmless, harmful)
+    _, se = mean_se(norm)
+    low, high = bootstrap_ci(norm, seed=seed)
+    return {"se": se, "ci95": {"low": low, "high": high}, "n_pairs": int(norm.shape[0])}
+
+
+def _sufficiency_uncertainty(heads: dict, n_pairs: int, harmless: float, harmful: float, seed: int) -> dict:
+    """SE, bootstrap interval and pair count of the refusal heads' joint sufficiency (None when no head was kept)."""
+    per = heads.get("sufficiency_per_pair")
+    if heads.get("sufficiency") is None or per is None:
+        return {"sufficiency_se": None, "sufficiency_ci95": None, "n_pairs": n_pairs}
+    st = summary(_normalised_pairs(per, harmless, harmful), seed=seed)
+    return {"sufficiency_se": st["se"], "sufficiency_ci95": st["ci95"], "n_pairs": st["n"]}
+
+
+def patching_summary(patching: dict) -> pd.DataFrame:
+    """``tables/patching_summary.csv``: one row per grid cell with mean, SE, bootstrap interval and pair count."""
+    entries = [(g, "sufficiency", e) for g, e in patching.items() if isinstance(e, dict) and "values" in e]
+    entries += [(g, "necessity", e) for g, e in (patching.get("necessity") or {}).items()]
+    entries += [(g, "sufficiency", e) for g, e in (patching.get("attribution") or {}).items()]
+    recs = []
+    for g, direction, e in entries:
+        vals = torch.as_tensor(e["values"], dtype=torch.float64)
+        se = torch.as_tensor(e["se"], dtype=torch.float64)
+        lo = torch.as_tensor(e["ci95"]["low"], dtype=torch.float64)
+        hi = torch.as_tensor(e["ci95"]["high"], dtype=torch.float64)
+        for a, layer in enumerate(e["rows"]):
+            for b, col in enumerate(e["cols"]):
+                recs.append({"grid": g, "direction": direction, "method": e["method"], "layer": layer, "col": col,
+                             "mean": float(vals[a, b]), "se": float(se[a, b]), "ci_low": float(lo[a, b]),
+                             "ci_high": float(hi[a, b]), "n_pairs": e["n_pairs"]})
+    return pd.DataFrame(recs, columns=["grid", "direction", "method", "layer", "col", "mean", "se", "ci_low",
+                                       "ci_high", "n_pairs"])
+
+
+SANITY_RULE = ("separates = the mean paired gap (harmful object i minus harmless object i, on the metric) is > 0 "
+               "and the lower bound of its 95% bootstrap interval over pairs is > 0")
+TOKEN_NOTE_RULE = ("note when the metric's refusal token has less than a quarter of the mean probability of the "
+                   "most likely refusal onset on harmful prompts")
+
+
+def sanity_check(harmful: dict, harmless: dict, tokenizer, tokens, seed: int = 0) -> dict:
+    """The ``sanity`` entry of results.json from the baseline's per-prompt records of both sides."""
+    h = torch.as_tensor(harmful["metric"], dtype=torch.float64)
+    s = torch.as_tensor(harmless["metric"], dtype=torch.float64)
+    n = min(len(h), len(s))
+    gap = summary(h[:n] - s[:n], seed=seed)
+    gap = {"mean": gap["mean"], "se": gap["se"], "ci95": gap["ci95"], "n_pairs": gap["n"]}
+    onset_ids = [int(i) for i in harmful["onset_ids"]]
+    dec = lambda i: tokenizer.decode([int(i)])  # noqa: E731
+    k, m = sum(int(t) in onset_ids for t in harmful["top_id"]), len(harmful["top_id"])
+    lo, hi = wilson_interval(k, m)
+    lo, hi = (0.0 if k == 0 else lo), (1.0 if k == m else hi)  # exact ends (not 1e-17 rounding)
+    onset = {"value": k / m if m else None, "k": k, "n": m, "ci95": [lo, hi],
+             "onset_tokens": [dec(i) for i in onset_ids]}
+    op = torch.as_tensor(harmful["onset_probs"], dtype=torch.float64).reshape(m, len(onset_ids)).mean(0)
+    best = int(op.argmax())
+    top = {"token": dec(onset_ids[best]), "id": onset_ids[best], "mean_prob": float(op[best])}
+    ref = {"token": tokens.refusal_str, "id": tokens.refusal_id,
+           "mean_prob": float(torch.as_tensor(harmful["refusal_prob"], dtype=torch.float64).mean())}
+    separates = bool(gap["mean"] > 0 and gap["ci95"][0] > 0)
+    metric = f"logit[{tokens.refusal_str}] - logit[{tokens.compliance_str}]"
+    se = "nan" if gap["se"] != gap["se"] else f"{gap['se']:.2f}"
+    nums = (f"gap {gap['mean']:.2f} ± {se}, 95% CI [{gap['ci95'][0]:.2f}, {gap['ci95'][1]:.2f}], "
+            f"n = {n} pairs")
+    onset_words = (f"{k} of {m} harmful prompts have a refusal onset as their top next token "
+                   f"(fraction {onset['value']:.2f}, Wilson 95% CI [{lo:.2f}, {hi:.2f}])")
+    if separates:
+        sentence = (f"Sanity check passed: harmful prompts score higher than harmless ones on {metric} ({nums}); "
+                    f"{onset_words}.")
+        strict = ""
+    else:
+        sentence = (f"Warning: this model does not separate harmful from harmless prompts on {metric} ({nums}), "
+                    f"and {onset_words}; the normalised patching values below are not interpretable. Try "
+                    "--refusal auto or another refusal/compliance token pair.")
+        strict = (f"This model does not separate harmful from harmless prompts on {metric} ({nums}), so --strict "
+                  "stops the run before any patching; try --refusal auto or another refusal/compliance token pair.")
+    note = None
+    if separates and top["id"] != ref["id"] and ref["mean_prob"] < 0.25 * top["mean_prob"]:
+        note = (f"Note: the metric's refusal token {ref['token']!r} has mean probability {ref['mean_prob']:.2f} on "
+                f"harmful prompts, far below the model's most likely refusal onset {top['token']!r} "
+                f"({top['mean_prob']:.2f}); the metric may miss how this model refuses (try --refusal "
+                f"{top['token'].strip() or 'auto'!r} or --refusal auto).")
+    return {"metric": metric, "gap": gap, "refusal_onset_fraction": onset, "refusal_token": ref,
+            "top_refusal_onset": top, "separates": separates, "rule": SANITY_RULE, "sentence": sentence,
+            "token_note": note, "token_note_rule": TOKEN_NOTE_RULE, "strict_message": strict}
+
+
 class Replication:
     """Runs the steps on one loaded model (``model``) into one folder."""
 
     def __init__(self, model: HookedChatModel, config: RunConfig, out: Path | None, force: bool = False,
-                 progress: bool = True, executor=None):
+                 progress: bool = True, executor=None, strict: bool = False):
         """``out=None`` builds the inputs only (prompts, tokens, metric), no run folder: what a
         distributed worker needs. ``executor`` (e.g. :class:`refusal_lab.distributed.RayExecutor`)
-        computes the ``patch_*`` steps' grids instead of this process."""
+        computes the ``patch_*`` steps' grids instead of this process. ``strict``: stop right after
+        the baseline step (:class:`RefusalLabError`) when the sanity gate finds that the metric does
+        not separate harmful from harmless prompts, instead of warning and going on."""
         torch.manual_seed(config.seed)
         self.executor = executor
+        self.strict = strict
         self.model = model
         self.cfg = config
         self.progress = progress
@@ -213,10 +313,13 @@ class Replication:
         self.batches = {s: Batch(self.prompts.ids(s).to(dev), self.prompts.mask(s).to(dev)) for s in ("harmful", "harmless")}
         self.token_candidates = None
         if "auto" in (config.refusal, config.compliance):
-            # `auto`: propose the pair from the model's own next tokens on the two sets
+            # `auto`: propose the token(s) from the model's own next tokens on the two sets; a side
+            # given explicitly (`--refusal Sorry --compliance auto`) is kept, only the other is proposed
+            fixed = {k: None if v == "auto" else (resolve_single_token(tok, v), v)
+                     for k, v in (("refusal", config.refusal), ("compliance", config.compliance))}
             with torch.no_grad():
                 last = {s: model(b.ids, b.mask, logits="last") for s, b in self.batches.items()}
-            self.tokens, self.token_candidates = propose_token_pair(tok, last["harmful"], last["harmless"])
+            self.tokens, self.token_candidates = propose_token_pair(tok, last["harmful"], last["harmless"], **fixed)
         else:
             self.tokens = resolve_refusal_tokens(tok, config.refusal, config.compliance)
         self.metric = LogitDiff(self.tokens.refusal_id, self.tokens.compliance_id)
@@ -277,7 +380,8 @@ class Replication:
                 logits = self.model(b.ids, b.mask, logits="last").float()
                 ld = self.metric.from_logits(logits, None)
                 lo = refusal_log_odds(logits, refusal_ids)
-                probs = logits.softmax(-1).mean(0)
+                per_prompt = logits.softmax(-1)
+                probs = per_prompt.mean(0)
                 top = probs.topk(10)
                 objs = getattr(self.prompts, f"{side}_objects")
                 out[side] = {
@@ -285,10 +389,32 @@ class Replication:
                     "log_odds": dict(zip(objs, lo.tolist())),
                     "top_token": [tok.decode([int(i)]) for i in logits.argmax(-1)],
                     "top_next_tokens": [[tok.decode([int(i)]), float(p)] for p, i in zip(top.values, top.indices)],
+                    # per prompt, in object order (pairs: harmful i with harmless i): what the sanity gate reads
+                    "per_prompt": self._per_prompt(logits, ld, per_prompt, refusal_ids),
                 }
             return out
 
         return self._step("baseline", compute)
+
+    def _per_prompt(self, logits: torch.Tensor, metric: torch.Tensor, probs: torch.Tensor, refusal_ids) -> dict:
+        return {"metric": metric.tolist(), "top_id": [int(i) for i in logits.argmax(-1)],
+                "refusal_prob": probs[:, self.tokens.refusal_id].tolist(),
+                "onset_ids": list(refusal_ids), "onset_probs": probs[:, list(refusal_ids)].tolist()}
+
+    def baseline_per_prompt(self, base: dict, side: str) -> dict:
+        """``base[side]["per_prompt"]``, recomputed from the model for a baseline step recorded before it existed."""
+        if "per_prompt" in base[side]:
+            return base[side]["per_prompt"]
+        b = self.batches[side]
+        with torch.no_grad():
+            logits = self.model(b.ids, b.mask, logits="last").float()
+        return self._per_prompt(logits, self.metric.from_logits(logits, None), logits.softmax(-1),
+                                default_refusal_token_ids(self.model.tokenizer))
+
+    def sanity(self, base: dict) -> dict:
+        """The sanity gate: does the metric separate harmful from harmless prompts at all?"""
+        h, s = self.baseline_per_prompt(base, "harmful"), self.baseline_per_prompt(base, "harmless")
+        return sanity_check(h, s, self.model.tokenizer, self.tokens, seed=self.cfg.seed)
 
     def step_dla(self) -> dict:
         from refusal_lab.dla import SCALE_NOTE, direct_logit_attribution
@@ -463,6 +589,9 @@ class Replication:
         s_mean = sum(base["harmless"]["scores"].values()) / len(base["harmless"]["scores"])
         if abs(h_mean - s_mean) < 1e-6:
             raise RefusalLabError("Harmful and harmless prompts give the same mean score, so patching cannot be normalised; check the refusal/compliance tokens.")
+        sanity = self.sanity(base)
+        if self.strict and not sanity["separates"]:  # before any patching step
+            raise RefusalLabError(sanity["strict_message"])
         dla = self.step_dla()
         grids = {}
         for direction in self.cfg.directions:
@@ -472,7 +601,7 @@ class Replication:
         heads = None
         if "heads" in self.cfg.grids and "sufficiency" in self.cfg.directions:
             heads = self.step_heads(grids[("heads", "sufficiency")], s_mean, h_mean)
-        results = self.assemble(base, dla, grids, attr, heads, h_mean, s_mean)
+        results = self.assemble(base, dla, grids, attr, heads, h_mean, s_mean, sanity)
         if self.cfg.steering:
             steps = {"direction": self.step_direction()}
             steps["steering"] = self.step_steering(steps["direction"], heads, h_mean, s_mean)
@@ -486,20 +615,24 @@ class Replication:
         if dist:  # which workers computed which patching step (absent for single-process steps)
             results["distributed"] = dist
         write_json(self.folder.root / "results.json", results)
-        self.write_tables(base, grids, heads)
+        self.write_tables(base, grids, heads, results["patching"])
         self.write_report()
         return results
 
-    def assemble(self, base, dla, grids, attr, heads, h_mean, s_mean) -> dict:
+    def assemble(self, base, dla, grids, attr, heads, h_mean, s_mean, sanity: dict | None = None) -> dict:
         m = self.model
         L = m.cfg.n_layers
         col_labels = self.col_labels()
+        sanity = sanity if sanity is not None else self.sanity(base)
+        ok = bool(sanity["separates"])
+        seed = self.cfg.seed
         patching: dict = {}
         for (g, direction), data in grids.items():
             vals = _normalise(torch.as_tensor(data["per_pair"]), s_mean, h_mean)
             entry = {"rows": list(range(L)), "cols": data["heads"] if g == "heads" else col_labels,
-                     "values": vals, "direction": "harmful->harmless" if direction == "sufficiency" else "harmless->harmful",
-                     "method": "exact", "normalisation": NORMALIZED_METRIC_NOTE[direction]}
+                     "values": vals, **_uncertainty(data["per_pair"], s_mean, h_mean, seed),
+                     "direction": "harmful->harmless" if direction == "sufficiency" else "harmless->harmful",
+                     "method": "exact", "normalisation": NORMALIZED_METRIC_NOTE[direction], "interpretable": ok}
             if direction == "sufficiency":
                 patching[g] = entry
             else:
@@ -511,7 +644,8 @@ class Replication:
                     continue
                 vals = _normalise(torch.as_tensor(data["per_pair"]), s_mean, h_mean)
                 variant = data.get("variant", "AtP")
-                patching["attribution"][g] = dict(patching[g], values=vals, method="attribution", variant=variant)
+                patching["attribution"][g] = dict(patching[g], values=vals, method="attribution", variant=variant,
+                                                  **_uncertainty(data["per_pair"], s_mean, h_mean, seed))
                 patching["agreement"][g] = dict(agreement(patching[g]["values"], vals), variant=variant)
                 if "per_pair_plain" in data:  # AtP* grid: plain AtP beside it
                     plain = _normalise(torch.as_tensor(data["per_pair_plain"]), s_mean, h_mean)
@@ -533,6 +667,8 @@ class Replication:
             "tokens": {"refusal": {"str": self.tokens.refusal_str, "id": self.tokens.refusal_id},
                        "compliance": {"str": self.tokens.compliance_str, "id": self.tokens.compliance_id}},
             "token_choice": {"chosen_by": "auto" if self.token_candidates is not None else "config",
+                             "refusal": "auto" if self.cfg.refusal == "auto" else "config",
+                             "compliance": "auto" if self.cfg.compliance == "auto" else "config",
                              "candidates": self.token_candidates},
             "positions": [{"index": c, "label": self.prompts.positions[c].label, "token": self.prompts.positions[c].token}
                           for c in self.cols],
@@ -552,6 +688,7 @@ class Replication:
                 "heads": {"rows": list(range(L)), "cols": list(range(m.cfg.n_heads)),
                           "harmful_mean": mean("harmful", "heads"), "harmless_mean": mean("harmless", "heads")},
             },
+            "sanity": {k: v for k, v in sanity.items() if k != "strict_message"},
             "patching": patching,
             "timings": {k: v.get("_seconds", 0.0) for k, v in
                         {"baseline": base, "dla": dla, **{f"patch_{g}_{d}": v for (g, d), v in grids.items()},
@@ -559,10 +696,12 @@ class Replication:
         }
         if heads:
             results["heads"] = {k: v for k, v in heads.items() if not k.startswith("_") and k != "sufficiency_per_pair"}
+            results["heads"].update(_sufficiency_uncertainty(heads, len(self.prompts.harmless_objects), s_mean, h_mean,
+                                                             seed), interpretable=ok)
         results["findings"] = findings(results)
         return results
 
-    def write_tables(self, base, grids, heads) -> None:
+    def write_tables(self, base, grids, heads, patching: dict | None = None) -> None:
         t = self.folder.root / "tables"
         rows = [{"side": side, "object": o, "logit_diff": s, "log_odds": base[side]["log_odds"][o], "top_token": tt}
                 for side in ("harmful", "harmless")
@@ -583,6 +722,8 @@ class Replication:
             write_csv(t / f"patching_{g}_{direction}.csv", pd.DataFrame(recs))
         if heads and heads.get("ranked"):
             write_csv(t / "heads.csv", pd.DataFrame(heads["selected"] or heads["ranked"]))
+        if patching is not None:
+            write_csv(t / "patching_summary.csv", patching_summary(patching))
 
     def write_report(self) -> None:
         from refusal_lab.report import write_figures, write_report
@@ -629,6 +770,11 @@ def steering_findings(r: dict) -> list[str]:
 def findings(r: dict) -> list[str]:
     """The replication's headline observations, in words with their numbers."""
     out = []
+    san = r.get("sanity") or {}
+    if san and not san.get("separates"):
+        out.append(san["sentence"])  # the warning speaks first
+    elif san.get("token_note"):
+        out.append(san["token_note"])
     b = r["baseline"]
     out.append(f"Harmful prompts score {b['harmful_mean']:.2f} and harmless prompts {b['harmless_mean']:.2f} on "
                f"logit[{r['tokens']['refusal']['str']}] - logit[{r['tokens']['compliance']['str']}] "
@@ -656,6 +802,11 @@ def findings(r: dict) -> list[str]:
     if "heads" in r:
         h = r["heads"]
         suff = "n/a" if h["sufficiency"] is None else f"{h['sufficiency']:.3f}"
+        ci = h.get("sufficiency_ci95")
+        if h["sufficiency"] is not None and ci:
+            se = h.get("sufficiency_se")
+            suff += (f" (± {se:.3f} SE, " if se is not None and se == se else " (") + \
+                f"95% CI [{ci[0]:.3f}, {ci[1]:.3f}], n = {h.get('n_pairs')} pairs)"
         out.append(f"{len(h['selected'])} heads pass the {h['threshold']} threshold at {h['position']}; patched together "
                    f"they recover {suff} of the refusal metric.")
     for g, a in p.get("agreement", {}).items():

@@ -95,6 +95,29 @@ def fmt(x: Any, digits: int = 3) -> str:
     return f"{v:.{digits}g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3) else f"{v:.{digits}f}"
 
 
+def interval(ci: Any) -> tuple[float, float] | None:
+    """``(low, high)`` of a scalar interval, given as ``[low, high]`` or ``{"low": .., "high": ..}``; else None."""
+    if isinstance(ci, dict):
+        ci = [ci.get("low"), ci.get("high")]
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        lo, hi = finite(ci[0]), finite(ci[1])
+        if lo is not None and hi is not None:
+            return lo, hi
+    return None
+
+
+def fmt_ci(ci: Any, digits: int = 2) -> str | None:
+    """``[0.12, 0.34]`` for an interval (see :func:`interval`), None when there is none."""
+    iv = interval(ci)
+    return None if iv is None else f"[{iv[0]:.{digits}f}, {iv[1]:.{digits}f}]"
+
+
+def sanity_of(results: dict[str, Any]) -> dict[str, Any]:
+    """The run's ``sanity`` entry (empty for runs recorded before the sanity gate)."""
+    s = results.get("sanity")
+    return s if isinstance(s, dict) else {}
+
+
 def headline(results: dict[str, Any]) -> dict[str, Any]:
     """Headline numbers of one run: gap, max last-position residual patching, refusal heads, sufficiency."""
     model = results.get("model") or {}
@@ -104,8 +127,11 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "model": model.get("name", "?"), "n_layers": model.get("n_layers"), "n_heads": model.get("n_heads"),
         "harmful_mean": hm, "harmless_mean": sm, "gap": hm - sm if hm is not None and sm is not None else None,
         "resid_grid": None, "max_resid_last": None, "max_resid_last_layer": None,
-        "n_refusal_heads": None, "sufficiency": None,
+        "n_refusal_heads": None, "sufficiency": None, "sufficiency_ci95": None, "separates": None,
     }
+    san = sanity_of(results)
+    if isinstance(san.get("separates"), bool):
+        out["separates"] = san["separates"]
     patching = results.get("patching") or {}
     for name in ("resid_pre", "resid_post"):
         g = patching.get(name)
@@ -124,6 +150,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             sel = [r for r in heads.get("ranked") or [] if (finite(r.get("value")) or 0) > thr]
         out["n_refusal_heads"] = len(sel) if sel is not None else None
         out["sufficiency"] = finite(heads.get("sufficiency"))
+        out["sufficiency_ci95"] = interval(heads.get("sufficiency_ci95"))
     return out
 
 

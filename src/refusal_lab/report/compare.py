@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from refusal_lab.artifacts import write_text
 from refusal_lab.report.common import (
     GRID_ORDER,
     METRIC_TITLE,
@@ -315,6 +316,6 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> Path:
     if any('id="evaluation"' in b for b in body):
         nav.insert(2, ("evaluation", "Held-out refusal rates"))
     path = out_dir / "comparison.html"
-    path.write_text(page("refusal-lab comparison", nav, "\n".join(b for b in body if b), plots), encoding="utf-8")
+    write_text(path, page("refusal-lab comparison", nav, "\n".join(b for b in body if b), plots))  # atomic
     return path
 

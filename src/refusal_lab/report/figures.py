@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from refusal_lab.artifacts import atomic_target
 from refusal_lab.report.common import (
     candidate_grid,
     METRIC_TITLE,
@@ -56,10 +57,12 @@ def new_figure(w: float, h: float) -> Figure:
 
 
 def save(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as PNG, silencing missing-glyph warnings for exotic tokens."""
+    """Write ``fig`` as PNG atomically (a temporary file in the same folder, then ``os.replace``, like every
+    other run artifact), silencing missing-glyph warnings for exotic tokens."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        fig.savefig(path, dpi=DPI, facecolor="white")
+        with atomic_target(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI, facecolor="white")
     return path
 
 

@@ -19,16 +19,20 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from matplotlib import colormaps
 
+from refusal_lab.artifacts import write_text
 from refusal_lab.report.common import (
     candidate_grid,
     METRIC_TITLE,
     as_array,
     finite,
     fmt,
+    fmt_ci,
     grid_title,
     headline,
+    interval,
     iter_grids,
     load_results,
+    sanity_of,
 )
 
 HARMFUL, HARMLESS = "#c0392b", "#2e86c1"
@@ -59,6 +63,9 @@ pre{background:#fff;border:1px solid #ddd;padding:8px;overflow-x:auto;white-spac
 img.fig{max-width:100%;border:1px solid #ddd;background:#fff}
 h4{margin:1.1em 0 .3em;font-size:.98em}details{margin:.4em 0 1em}summary{cursor:pointer;color:#2c3e50}
 .warn{background:#fff4e5;border:1px solid #e67e22;border-left:5px solid #e67e22;padding:6px 10px;border-radius:4px}
+.banner{margin:10px 0 14px;padding:10px 14px;border-radius:6px;font-size:1.02em}
+.banner.warning{background:#fdecea;border:2px solid #c0392b;border-left:8px solid #c0392b;color:#6e1b12}
+.banner.note{background:#fff4e5;border:1px solid #e67e22;border-left:6px solid #e67e22}
 """
 
 
@@ -137,23 +144,45 @@ class Plots:
         return f'<div class="plot" id="{pid}" style="height:{height}px"></div>'
 
 
+def _same_shape(x: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    a = as_array(x) if x is not None else None
+    return a if a is not None and a.shape == shape else None
+
+
 def heatmap(plots: Plots, values: Any, rows: Sequence[Any], cols: Sequence[Any], title: str, *,
             colorbar: str, xlabel: str, std: Any = None, ylabel: str = "layer", zlim: float | None = None,
-            value_name: str = "value") -> str:
-    """Interactive diverging heatmap (centred at 0) with per-cell hover text."""
+            value_name: str = "value", se: Any = None, ci95: Any = None, n: Any = None) -> str:
+    """Interactive diverging heatmap (centred at 0) with per-cell hover text.
+
+    Hover: the value ± ``se`` (standard error over pairs) with ``n`` and the ``ci95`` interval
+    (``{"low": grid, "high": grid}``) where given; else ± ``std`` (older run folders)."""
     a = as_array(values)
     if a.ndim != 2 or a.size == 0:
         return f'<p class="muted">{esc(title)}: no values.</p>'
     nr, nc = a.shape
     rows = list(rows) + list(range(len(rows), nr))
     cols = list(cols) + list(range(len(cols), nc))
-    sd = as_array(std) if std is not None else None
-    if sd is not None and sd.shape != a.shape:
-        sd = None
-    text = [[f"{ylabel} {ptext(rows[i])}<br>{ptext(cols[j])}<br>{value_name} "
-             f"{'nan' if not np.isfinite(a[i, j]) else f'{a[i, j]:.4f}'}"
-             + (f" ± {sd[i, j]:.4f}" if sd is not None and np.isfinite(sd[i, j]) else "")
-             for j in range(nc)] for i in range(nr)]
+    err = _same_shape(se, a.shape)
+    err_name = "SE"
+    if err is None:
+        err, err_name = _same_shape(std, a.shape), "std"
+    lo = hi = None
+    if isinstance(ci95, dict):
+        lo, hi = _same_shape(ci95.get("low"), a.shape), _same_shape(ci95.get("high"), a.shape)
+    n_txt = f", n = {ptext(n)} pairs" if n is not None else ""
+
+    def cell(i: int, j: int) -> str:
+        t = (f"{ylabel} {ptext(rows[i])}<br>{ptext(cols[j])}<br>{value_name} "
+             f"{'nan' if not np.isfinite(a[i, j]) else f'{a[i, j]:.4f}'}")
+        if err is not None and np.isfinite(err[i, j]):
+            t += f" ± {err[i, j]:.4f} ({err_name}{n_txt if err_name == 'SE' else ''})"
+        elif n is not None:
+            t += f" (n = {ptext(n)} pairs)"
+        if lo is not None and hi is not None and np.isfinite(lo[i, j]) and np.isfinite(hi[i, j]):
+            t += f"<br>95% CI [{lo[i, j]:.4f}, {hi[i, j]:.4f}]"
+        return t
+
+    text = [[cell(i, j) for j in range(nc)] for i in range(nr)]
     fin = np.abs(a[np.isfinite(a)])
     v = zlim if zlim is not None else float(max(fin.max() if fin.size else 1.0, 1e-9))
     trace = {"type": "heatmap", "z": a, "x": list(range(nc)), "y": list(range(nr)), "text": text,
@@ -290,10 +319,12 @@ def section_overview(r: dict[str, Any]) -> str:
     if h["n_refusal_heads"] is not None:
         cards.append(("refusal heads above threshold", str(h["n_refusal_heads"])))
     if h["sufficiency"] is not None:
-        cards.append(("joint sufficiency of refusal heads", fmt(h["sufficiency"])))
+        ci = fmt_ci(h.get("sufficiency_ci95"))
+        cards.append(("joint sufficiency of refusal heads" + (f" (95% CI {ci})" if ci else ""),
+                      fmt(h["sufficiency"])))
     spec = ", ".join(f"{k} {m[k]}" for k in ("model_type", "n_layers", "n_heads", "d_model", "d_head", "dtype",
                                               "device") if k in m)
-    out = [f'<h1 id="overview">Refusal circuit report: {esc(m.get("name", "?"))}</h1>',
+    out = [f'<h1 id="overview">Refusal circuit report: {esc(m.get("name", "?"))}</h1>', sanity_banner(r),
            f'<p class="muted">{esc(spec)}; seed {esc(r.get("seed", "–"))}; schema version '
            f'{esc(r.get("schema_version", "?"))}. Metric: {esc(_metric(r))}; patching values are normalised so '
            f'that {esc(METRIC_TITLE)}.</p>', _cards(cards)]
@@ -302,6 +333,46 @@ def section_overview(r: dict[str, Any]) -> str:
         out.append('<h2 id="findings">Findings</h2><ul class="findings">'
                    + "".join(f"<li>{numbers_bold(f)}</li>" for f in findings) + "</ul>")
     return "\n".join(out)
+
+
+def sanity_banner(r: dict[str, Any]) -> str:
+    """The sanity gate's verdict at the top of the page: a warning banner when the metric does not separate
+    harmful from harmless prompts, a note when the refusal token is far less likely than the model's own onset."""
+    san = sanity_of(r)
+    if san.get("separates") is False:
+        return ('<div class="banner warning" id="sanity-banner" role="alert"><b>Sanity check failed.</b> '
+                f'{numbers_bold(san.get("sentence", ""))} <a href="#sanity">Details</a>.</div>')
+    if san.get("token_note"):
+        return (f'<div class="banner note" id="sanity-note">{numbers_bold(san["token_note"])} '
+                '<a href="#sanity">Details</a>.</div>')
+    return ""
+
+
+def sanity_table(r: dict[str, Any]) -> str:
+    """The sanity gate's numbers (baseline section)."""
+    san = sanity_of(r)
+    if not san:
+        return ""
+    gap = san.get("gap") if isinstance(san.get("gap"), dict) else {}
+    on = san.get("refusal_onset_fraction") if isinstance(san.get("refusal_onset_fraction"), dict) else {}
+    ref = san.get("refusal_token") if isinstance(san.get("refusal_token"), dict) else {}
+    top = san.get("top_refusal_onset") if isinstance(san.get("top_refusal_onset"), dict) else {}
+    rows = [["paired gap harmful − harmless (" + str(san.get("metric", _metric(r))) + ")", gap.get("mean"),
+             gap.get("se"), fmt_ci(gap.get("ci95"), 3), f"{gap.get('n_pairs', '?')} pairs"],
+            ["harmful prompts whose top next token is a refusal onset"
+             + (f" ({', '.join(repr(t) for t in on.get('onset_tokens') or [])})" if on.get("onset_tokens") else ""),
+             on.get("value"), None, fmt_ci(on.get("ci95"), 3) and f"{fmt_ci(on.get('ci95'), 3)} (Wilson)",
+             f"{on.get('k', '?')} of {on.get('n', '?')}"],
+            [f"mean probability of the refusal token {ref.get('token')!r} on harmful prompts", ref.get("mean_prob"),
+             None, None, None],
+            [f"mean probability of the most likely refusal onset {top.get('token')!r}", top.get("mean_prob"),
+             None, None, None]]
+    verdict = san.get("separates")
+    head = ('<h3 id="sanity">Sanity check</h3><p>'
+            + ("<b>Separates</b>" if verdict else '<b class="harmful">Does not separate</b>' if verdict is False
+               else "–")
+            + f' <span class="muted">(rule: {esc(san.get("rule", "–"))})</span></p>')
+    return head + table(["", "value", "SE", "95% CI", "n"], rows)
 
 
 def section_prompts(r: dict[str, Any]) -> str:
@@ -330,7 +401,7 @@ def section_baseline(r: dict[str, Any], plots: Plots) -> str:
     b = r.get("baseline") or {}
     if not b:
         return ""
-    out = ['<h2 id="baseline">Baseline</h2>']
+    out = ['<h2 id="baseline">Baseline</h2>', sanity_table(r)]
     hm, sm = finite(b.get("harmful_mean")), finite(b.get("harmless_mean"))
     lo = b.get("log_odds") or {}
     out.append(table(["", "harmful mean", "harmless mean", "gap"],
@@ -416,7 +487,8 @@ def section_patching(r: dict[str, Any], plots: Plots) -> str:
         return ""
     out = ['<h2 id="patching">Activation patching</h2>',
            f'<p class="muted">Each cell is the mean normalised metric after patching that site ({esc(METRIC_TITLE)}). '
-           "Hover a cell for its value (± std over prompts where recorded).</p>"]
+           "Hover a cell for its value ± its standard error over prompt pairs, the number of pairs and a 95% "
+           "bootstrap interval over pairs (where recorded; the baselines are held fixed).</p>"]
     rows_summary = []
     heads_pos = (r.get("heads") or {}).get("position")
     for kind, name, slug, g in grids:
@@ -429,11 +501,17 @@ def section_patching(r: dict[str, Any], plots: Plots) -> str:
                                  f"{a.shape[0]}×{a.shape[1]}", float(a[i, j]),
                                  f"layer {rows[i] if i < len(rows) else i}, {cols[j] if j < len(cols) else j}"])
         out.append(f'<h3 id="{esc(slug)}">{esc(title)}</h3>')
-        out.append(heatmap(plots, g.get("values"), rows, cols, title, std=g.get("std"),
+        out.append(heatmap(plots, g.get("values"), rows, cols, title, std=g.get("std"), se=g.get("se"),
+                           ci95=g.get("ci95"), n=g.get("n_pairs"),
                            colorbar=f"normalised metric<br>{ptext(g.get('direction', '?'))}<br>0 = harmless baseline,"
                                     "<br>1 = harmful baseline",
                            xlabel="head" if "head" in name else "position"))
     out.insert(2, table(["kind", "grid", "direction", "method", "shape", "max", "at"], rows_summary))
+    if any(g.get("interpretable") is False for *_, g in grids):
+        out.insert(2, '<p class="warn" id="patching-not-interpretable"><b>Not interpretable:</b> the metric does '
+                      'not separate harmful from harmless prompts on this model (see the '
+                      '<a href="#sanity-banner">sanity check</a>), so these normalised values do not measure '
+                      "how much of a refusal signal a site carries.</p>")
     agr = pt.get("agreement") or {}
     scatters = [scatter(plots, n, pt[n], g) for n, g in (pt.get("attribution") or {}).items()
                 if isinstance(g, dict) and isinstance(pt.get(n), dict)]
@@ -480,7 +558,8 @@ def section_heads(r: dict[str, Any], plots: Plots) -> str:
     out = ['<h2 id="heads">Refusal heads</h2>',
            f"<p>Heads patched one at a time at position <code>{esc(h.get('position', '?'))}</code>; heads above "
            f"<b>{esc(fmt(thr))}</b> are kept as refusal heads. Patching all of them together recovers "
-           f"<b>{esc(fmt(h.get('sufficiency')))}</b> of the gap (joint sufficiency; {esc(METRIC_TITLE)}).</p>"]
+           f"<b>{esc(fmt(h.get('sufficiency')))}</b>{_suff_interval(h)} of the gap (joint sufficiency; "
+           f"{esc(METRIC_TITLE)}).</p>"]
     ranked = h.get("ranked") or []
     if ranked:
         vals = [finite(x.get("value")) for x in ranked]
@@ -507,6 +586,21 @@ def section_heads(r: dict[str, Any], plots: Plots) -> str:
             ["object", "baseline", "patched"], [[g.get("object"), g.get("baseline"), g.get("patched")] for g in gens],
             cls="gen"))
     return "\n".join(out)
+
+
+def _suff_interval(h: dict[str, Any]) -> str:
+    """`` ± 0.031 SE (95% CI [0.41, 0.53], n = 7 pairs)`` for the heads' joint sufficiency, when recorded."""
+    if finite(h.get("sufficiency")) is None:
+        return ""
+    se, ci = finite(h.get("sufficiency_se")), fmt_ci(h.get("sufficiency_ci95"), 3)
+    n = h.get("n_pairs")
+    parts = [f"95% CI {ci}"] if ci else []
+    if n is not None:
+        parts.append(f"n = {n} pairs")
+    out = f" ± {fmt(se)} SE" if se is not None else ""
+    if parts:
+        out += f" ({', '.join(parts)})"
+    return esc(out)
 
 
 def section_objects(r: dict[str, Any]) -> str:
@@ -746,6 +840,16 @@ def steering_sweep(ins: dict[str, Any], plots: Plots) -> str:
                           HARMLESS),
                     _line(f"suppress (harmful, −alpha) {what}", x, [finite(r.get(f"suppress_{key}")) for r in rows],
                           HARMFUL)]
+            if key == "refusal_rate":  # Wilson intervals as error bars, where recorded
+                for trace, side in zip(data, ("induce", "suppress")):
+                    err = _error_bars([(r.get(f"{side}_refusal_rate"), r.get(f"{side}_refusal_rate_ci95"))
+                                       for r in rows])
+                    if err:
+                        trace["error_y"] = err
+                        trace["customdata"] = [ptext(_rate_ci(r.get(f"{side}_refusal_rate_ci95"), None,
+                                                              r.get(f"{side}_n")) or "") for r in rows]
+                        trace["hovertemplate"] = trace["hovertemplate"].replace(
+                            "<extra>", "<br>95% CI %{customdata}<extra>")
             shapes = list(vline)
             av = finite(abl.get(ab))
             if av is not None:
@@ -762,13 +866,19 @@ def steering_sweep(ins: dict[str, Any], plots: Plots) -> str:
                 "xaxis": {"title": {"text": "alpha"}}, "yaxis": yaxis, "shapes": shapes,
                 "legend": {"orientation": "h", "y": -0.25}}, 420))
         out.append('<div class="row">' + "".join(f"<div>{f}</div>" for f in figs if f) + "</div>")
+        with_ci = any(interval(r.get(f"{side}_refusal_rate_ci95")) for r in rows for side in ("induce", "suppress")) \
+            or interval(abl.get("refusal_rate_ci95")) is not None
+        ci_cols = ["induce 95% CI (Wilson)", "suppress 95% CI (Wilson)"] if with_ci else []
         out.append(table(["alpha", "induce refusal rate", "suppress refusal rate", "induce refusal score",
-                          "suppress refusal score", "n harmless", "n harmful"],
+                          "suppress refusal score", "n harmless", "n harmful"] + ci_cols,
                          [[r.get("alpha"), r.get("induce_refusal_rate"), r.get("suppress_refusal_rate"),
-                           r.get("induce_refusal_score"), r.get("suppress_refusal_score"), r.get("n_harmless"),
-                           r.get("n_harmful")] for r in rows]
+                           r.get("induce_refusal_score"), r.get("suppress_refusal_score"),
+                           r.get("induce_n", r.get("n_harmless")), r.get("suppress_n", r.get("n_harmful"))]
+                          + ([_rate_ci(r.get("induce_refusal_rate_ci95")), _rate_ci(r.get("suppress_refusal_rate_ci95"))]
+                             if with_ci else []) for r in rows]
                          + ([["ablation", None, abl.get("refusal_rate"), None, abl.get("refusal_score"), None,
-                              abl.get("n")]] if abl else [])))
+                              abl.get("n")] + ([None, _rate_ci(abl.get("refusal_rate_ci95"))] if with_ci else [])]
+                            if abl else [])))
     samples = _rows_of(ins.get("samples"))
     if samples:
         out.append(f"<details><summary>Sample completions on val ({len(samples)})</summary>" + table(
@@ -808,6 +918,20 @@ def steering_objects(objs: dict[str, Any], plots: Plots) -> str:
                               HARMFUL)]
                 if all(v is None for t in data for v in t["y"]):
                     continue
+                for trace, side in zip(data, ("harmless", "harmful")):  # ± SE / Wilson intervals where recorded
+                    if key == "normalised":
+                        err = _se_bars(trace["y"], [r.get(f"{side}_normalised_se") for r in rows])
+                        extra = [f"± {fmt(r.get(f'{side}_normalised_se'))} SE, n = {r.get(f'{side}_n', '?')}"
+                                 for r in rows]
+                    else:
+                        err = _error_bars([(r.get(f"{side}_refusal_fraction"), r.get(f"{side}_refusal_fraction_ci95"))
+                                           for r in rows])
+                        extra = [f"95% CI {_rate_ci(r.get(f'{side}_refusal_fraction_ci95'), None, r.get(f'{side}_n'))}"
+                                 " (Wilson)" for r in rows]
+                    if err:
+                        trace["error_y"] = err
+                        trace["customdata"] = [ptext(e) for e in extra]
+                        trace["hovertemplate"] = trace["hovertemplate"].replace("<extra>", "<br>%{customdata}<extra>")
                 yaxis = {"title": {"text": yt}}
                 if key == "refusal_fraction":
                     yaxis["range"] = [-0.03, 1.03]
@@ -817,11 +941,21 @@ def steering_objects(objs: dict[str, Any], plots: Plots) -> str:
                     "xaxis": {"title": {"text": "alpha (|alpha|; sign by side)"}, "type": "category"},
                     "yaxis": yaxis, "shapes": shapes, "legend": {"orientation": "h", "y": -0.25}}, 380))
             out.append('<div class="row">' + "".join(f"<div>{f}</div>" for f in figs if f) + "</div>")
+            unc = any(f"{side}_{k}" in r for r in rows for side in ("harmless", "harmful")
+                      for k in ("refusal_fraction_ci95", "n", "metric_se", "normalised_se"))
+            unc_cols = (["harmless normalised SE", "harmless refusal 95% CI (Wilson)", "harmless n",
+                         "harmful normalised SE", "harmful refusal 95% CI (Wilson)", "harmful n",
+                         "harmless metric SE", "harmful metric SE"] if unc else [])
             out.append(table(["alpha", "harmless normalised", "harmless refusal fraction", "harmful normalised",
-                              "harmful refusal fraction", "harmless metric", "harmful metric"],
+                              "harmful refusal fraction", "harmless metric", "harmful metric"] + unc_cols,
                              [[r.get("alpha"), r.get("harmless_normalised"), r.get("harmless_refusal_fraction"),
                                r.get("harmful_normalised"), r.get("harmful_refusal_fraction"),
-                               r.get("harmless_metric"), r.get("harmful_metric")] for r in rows]))
+                               r.get("harmless_metric"), r.get("harmful_metric")]
+                              + ([r.get("harmless_normalised_se"), _rate_ci(r.get("harmless_refusal_fraction_ci95")),
+                                  r.get("harmless_n"), r.get("harmful_normalised_se"),
+                                  _rate_ci(r.get("harmful_refusal_fraction_ci95")), r.get("harmful_n"),
+                                  r.get("harmless_metric_se"), r.get("harmful_metric_se")] if unc else [])
+                              for r in rows]))
         samples = _rows_of(o.get("samples"))
         if samples:
             out.append(f"<details><summary>Sample completions, {esc(name)} vector ({len(samples)})</summary>"
@@ -842,25 +976,41 @@ def steering_evaluation(ev: dict[str, Any], plots: Plots) -> str:
                    "never used for a choice.</p>")
     rates = [(k, v) for k, v in ev.items() if "refusal_rate" in str(k) and _is_rate(v)]
     if rates:
+        with_ci = any(interval(v.get("ci95")) or interval(v.get("baseline_ci95")) for _, v in rates)
         out.append(table(["measure", "value", "baseline", "change", "n", "refusal score", "baseline refusal score",
-                          "intervention"],
+                          "intervention"] + (["95% CI (Wilson)", "baseline 95% CI (Wilson)"] if with_ci else []),
                          [[k, v.get("value"), v.get("baseline"),
                            (finite(v.get("value")) - finite(v.get("baseline"))
                             if finite(v.get("value")) is not None and finite(v.get("baseline")) is not None
                             else None), v.get("n"), v.get("refusal_score"), v.get("baseline_refusal_score"),
-                           v.get("intervention")] for k, v in rates]))
+                           v.get("intervention")]
+                          + ([_rate_ci(v.get("ci95"), v.get("k"), v.get("n")),
+                              _rate_ci(v.get("baseline_ci95"), v.get("baseline_k"), v.get("n"))] if with_ci else [])
+                          for k, v in rates]))
         names = [k.replace("_refusal_rate", "").replace("refusal_rate_", "").replace("_", " ") or k
                  for k, _ in rates]
         hover = [f"{ptext(k)}<br>n {ptext(v.get('n', '?'))}<br>{ptext(v.get('intervention', ''))}" for k, v in rates]
+
+        def ci_text(key: str, kkey: str) -> list[str]:
+            return ["<br>" + ptext(f"95% CI {_rate_ci(v.get(key), v.get(kkey), v.get('n'))} (Wilson)")
+                    if interval(v.get(key)) else "" for _, v in rates]
+
         data = [{"type": "bar", "name": "baseline", "x": [ptext(n) for n in names], "text": hover,
+                 "customdata": ci_text("baseline_ci95", "baseline_k"),
                  "y": [finite(v.get("baseline")) for _, v in rates], "marker": {"color": "#95a5a6"},
-                 "hovertemplate": "%{text}<br>baseline %{y:.3f}<extra></extra>", "textposition": "none"},
+                 "hovertemplate": "%{text}<br>baseline %{y:.3f}%{customdata}<extra></extra>",
+                 "textposition": "none"},
                 {"type": "bar", "name": "edited", "x": [ptext(n) for n in names], "text": hover,
+                 "customdata": ci_text("ci95", "k"),
                  "y": [finite(v.get("value")) for _, v in rates],
                  "marker": {"color": [HARMLESS if "harmless" in k else HARMFUL for k, _ in rates]},
-                 "hovertemplate": "%{text}<br>edited %{y:.3f}<extra></extra>", "texttemplate": "%{y:.2f}",
-                 "textposition": "outside"}]
+                 "hovertemplate": "%{text}<br>edited %{y:.3f}%{customdata}<extra></extra>",
+                 "texttemplate": "%{y:.2f}", "textposition": "outside"}]
         data[0].update(texttemplate="%{y:.2f}", textposition="outside")
+        for trace, (vkey, ckey) in zip(data, (("baseline", "baseline_ci95"), ("value", "ci95"))):
+            err = _error_bars([(v.get(vkey), v.get(ckey)) for _, v in rates])
+            if err:
+                trace["error_y"] = err
         out.append(plots.add(data, {"title": {"text": "Held-out refusal rate: baseline vs edited",
                                               "font": {"size": 13}}, "barmode": "group",
                                     "yaxis": {"title": {"text": "refusal rate"}, "range": [0, 1.05]}}, 380))
@@ -891,6 +1041,44 @@ def steering_evaluation(ev: dict[str, Any], plots: Plots) -> str:
     known |= {"substrings"} if isinstance(ev.get("substrings"), list) else set()
     out.append(_leftover(ev, known, "Other evaluation fields"))
     return "\n".join(out)
+
+
+def _rate_ci(ci: Any, k: Any = None, n: Any = None) -> str | None:
+    """``[0.41, 0.63] (26/50)``: a Wilson interval with its count, None without an interval."""
+    c = fmt_ci(ci)
+    if c is None:
+        return None
+    if k is not None and n is not None:
+        c += f" ({k}/{n})"
+    elif n is not None:
+        c += f" (n = {n})"
+    return c
+
+
+def _error_bars(points: Sequence[tuple[Any, Any]]) -> dict[str, Any] | None:
+    """A plotly asymmetric ``error_y`` from ``(value, interval)`` points (None when no point has an interval)."""
+    plus, minus, any_ci = [], [], False
+    for v, ci in points:
+        iv, x = interval(ci), finite(v)
+        if iv is None or x is None:
+            plus.append(None)
+            minus.append(None)
+            continue
+        any_ci = True
+        plus.append(max(0.0, iv[1] - x))
+        minus.append(max(0.0, x - iv[0]))
+    if not any_ci:
+        return None
+    return {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "thickness": 1.2, "width": 4,
+            "color": "#333"}
+
+
+def _se_bars(values: Sequence[Any], ses: Sequence[Any]) -> dict[str, Any] | None:
+    """A plotly symmetric ``error_y`` of ± SE (None when no SE is recorded)."""
+    arr = [finite(e) if finite(v) is not None else None for v, e in zip(values, ses)]
+    if all(a is None for a in arr):
+        return None
+    return {"type": "data", "array": arr, "thickness": 1.2, "width": 4}
 
 
 def section_steering(r: dict[str, Any], plots: Plots) -> str:
@@ -951,5 +1139,5 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     tdir = run_dir / "tables"
     tables_ = sorted(p.name for p in tdir.glob("*.csv")) if tdir.is_dir() else []
     path = Path(out) if out is not None else run_dir / "report.html"
-    path.write_text(render_report(results, tables_), encoding="utf-8")
+    write_text(path, render_report(results, tables_))  # atomic: a failed write leaves the previous report whole
     return path
