@@ -12,6 +12,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -432,16 +433,15 @@ def test_offline_hash_mismatch_is_reported_and_cleaned_up(tmp_path, monkeypatch)
         p = tmp_path / f"part{i:02d}.bin"
         p.write_bytes(bytes([i]) * 1000)
         parts.append(p)
-    monkeypatch.setattr(offline, "offline_part_paths", lambda: parts)
-    monkeypatch.setattr(offline, "OFFLINE_GGUF_SIZE", 6000)
+    monkeypatch.setattr(offline, "offline_part_paths", lambda model=None: parts)
+    small = dataclasses.replace(offline.DEFAULT_OFFLINE_MODEL, gguf_size=6000)
     cache = tmp_path / "cache"
-    with pytest.raises(ModelLoadError, match="sha256 .* instead of 1d9614"):
-        offline_model_dir(cache, progress=False)
+    with pytest.raises(ModelLoadError, match="sha256 .* instead of 1d9614.*refusal-lab\\[offline-model\\]"):
+        offline_model_dir(cache, progress=False, model=small)
     models = cache / "models"
     assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
 
-    monkeypatch.setattr(offline, "OFFLINE_GGUF_SIZE", 6001)
-    with pytest.raises(ModelLoadError, match="add up to 6,000 bytes instead of 6,001"):
+    with pytest.raises(ModelLoadError, match="add up to 6,000 bytes instead of 491,400,064"):
         offline_model_dir(cache, progress=False)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from refusal_lab.metrics import resolve_refusal_tokens
@@ -17,6 +19,7 @@ def inspect_model(model: HookedChatModel, objects=None, template=None, mode="sin
     tokens = resolve_refusal_tokens(tok, refusal, compliance)
     info = {
         "model": model.cfg.to_dict(),
+        "source": model_source(model),
         "sites": {"global": ["hook_embed", "ln_final.hook_normalized"],
                   "per_block": [f"blocks.{{l}}.{s}" for s in BLOCK_SITES], "n_layers": model.cfg.n_layers},
         "tokens": {"refusal": {"str": tokens.refusal_str, "id": tokens.refusal_id},
@@ -42,10 +45,34 @@ def inspect_model(model: HookedChatModel, objects=None, template=None, mode="sin
     return info
 
 
+def model_source(model: HookedChatModel) -> dict:
+    """Where the weights were read from: the folder or hub id, and for a converted folder (an
+    offline model or a user ``.gguf``) which offline model or GGUF file it holds."""
+    from refusal_lab.models.offline import OFFLINE_MODELS, read_source_info
+
+    path = str(getattr(getattr(model.hf_model, "config", None), "_name_or_path", "") or "")
+    marker = (read_source_info(Path(path)) if path and Path(path).is_dir() else None) or {}
+    offline = marker.get("offline_model")
+    if offline is None and marker.get("gguf_sha256"):  # folders cached before the marker named it
+        offline = next((m.name for m in OFFLINE_MODELS.values() if m.gguf_sha256 == marker["gguf_sha256"]), None)
+    return {"path": path, "local": bool(path) and Path(path).exists(), "offline_model": offline,
+            "gguf_file": marker.get("gguf_file"), "gguf_sha256": marker.get("gguf_sha256"),
+            "origin": marker.get("source")}
+
+
+def _format_source(src: dict) -> str:
+    if src.get("offline_model"):
+        return f"offline model {src['offline_model']} (registry packages), cached in {src['path']}"
+    if src.get("gguf_file"):
+        return f"converted from {src.get('origin') or src['gguf_file']}, cached in {src['path']}"
+    return f"{src['path']}" + ("" if src.get("local") else " (hub)")
+
+
 def format_inspect(info: dict) -> str:
     m = info["model"]
     lines = [f"model      {m['model_name']} ({m['model_type']}): {m['n_layers']} layers, d_model {m['d_model']}, "
              f"{m['n_heads']} heads ({m['n_key_value_heads']} kv) of {m['d_head']}, vocab {m['d_vocab']}, {m['dtype']} on {m['device']}",
+             *([f"weights    {_format_source(info['source'])}"] if info.get("source", {}).get("path") else []),
              f"sites      {', '.join(info['sites']['global'])}, " + ", ".join(info["sites"]["per_block"]),
              f"metric     logit[{info['tokens']['refusal']['str']!r}] - logit[{info['tokens']['compliance']['str']!r}]"
              f" (ids {info['tokens']['refusal']['id']}, {info['tokens']['compliance']['id']})",

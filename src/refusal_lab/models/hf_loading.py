@@ -1,8 +1,9 @@
 """Load a Hugging Face causal LM and its tokenizer, with every failure as one clear sentence.
 
 ``load_hf`` accepts ``None`` (the offline default, built from registry packages by
-:mod:`refusal_lab.models.offline`), a local model folder, a ``.gguf`` file (dequantized once and
-cached) or a hub id. Weights are read from safetensors only (never pickled ``.bin`` files) and
+:mod:`refusal_lab.models.offline`), the short name of an offline model
+(``qwen2.5-coder-1.5b-instruct``; see :data:`~refusal_lab.models.offline.OFFLINE_MODELS`), a
+local model folder, a ``.gguf`` file (dequantized once and cached) or a hub id. Weights are read from safetensors only (never pickled ``.bin`` files) and
 remote code runs only when asked. Hub and ``transformers`` exceptions are mapped to
 :class:`~refusal_lab.errors.ModelLoadError` (or a subclass) chained to the original, so the CLI can
 print one sentence and still show the traceback with ``--debug``.
@@ -21,8 +22,11 @@ import torch
 from refusal_lab.errors import ConfigError, ModelLoadError, PromptError, UnsupportedArchitectureError
 from refusal_lab.models.offline import (
     DEFAULT_MODEL_NAME,
+    OFFLINE_MODELS,
     cached_gguf_dir,
+    get_offline_model,
     offline_model_dir,
+    progress_bars,
     read_source_info,
 )
 
@@ -65,17 +69,42 @@ def load_hf(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """Load ``(model, tokenizer, display_name)``; the model is in eval mode with frozen params.
 
-    ``spec``: None (offline default), a local folder, a ``.gguf`` file or a hub id.
+    ``spec``: None (offline default), an offline model's short name (exact, case-insensitive;
+    an existing path of that name wins), a local folder, a ``.gguf`` file or a hub id.
     ``device`` is ignored when ``device_map`` is given (e.g. ``"auto"`` over several GPUs).
     ``chat_template`` replaces a missing (or existing) chat template; without one, a tokenizer
     lacking a template raises :class:`PromptError`. ``supported_model_types`` restricts the
-    architectures accepted (:class:`UnsupportedArchitectureError` otherwise). ``cache_dir`` and
-    ``progress`` apply to the GGUF conversion cache only.
+    architectures accepted (:class:`UnsupportedArchitectureError` otherwise). ``cache_dir`` is
+    the GGUF conversion cache; ``progress=False`` silences every progress bar and message of the
+    load (assembly, GGUF dequantization, hub downloads, "Loading weights").
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     torch_dtype = resolve_dtype(dtype)
     target_device = None if device_map is not None else _resolve_device(device)
+    with progress_bars(progress):
+        return _load(
+            spec, torch_dtype=torch_dtype, target_device=target_device, device_map=device_map,
+            trust_remote_code=trust_remote_code, token=token, revision=revision,
+            chat_template=chat_template, supported_model_types=supported_model_types,
+            cache_dir=cache_dir, progress=progress,
+        )
+
+
+def _load(
+    spec: str | os.PathLike[str] | None,
+    *,
+    torch_dtype: torch.dtype,
+    target_device: torch.device | None,
+    device_map: str | dict[str, Any] | None,
+    trust_remote_code: bool,
+    token: str | bool | None,
+    revision: str | None,
+    chat_template: str | None,
+    supported_model_types: set[str] | frozenset[str] | None,
+    cache_dir: Path | None,
+    progress: bool,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     source, name, local = _resolve_spec(spec, cache_dir=cache_dir, progress=progress)
     hub_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "token": token}
     if not local and revision is not None:
@@ -131,11 +160,19 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def _resolve_spec(
     spec: str | os.PathLike[str] | None, *, cache_dir: Path | None, progress: bool
 ) -> tuple[str, str, bool]:
-    """``spec`` -> (path or hub id for transformers, display name, is_local)."""
+    """``spec`` -> (path or hub id for transformers, display name, is_local).
+
+    Order: None -> the offline default; an existing file or folder; an offline model's short
+    name; a path-like string that does not exist (error); else a hub id.
+    """
     if spec is None:
         return str(offline_model_dir(cache_dir, progress=progress)), DEFAULT_MODEL_NAME, True
     text = os.fspath(spec)
     path = Path(text).expanduser()
+    offline_model = None if path.exists() else get_offline_model(text)
+    if offline_model is not None:
+        folder = offline_model_dir(cache_dir, progress=progress, model=offline_model)
+        return str(folder), offline_model.display_name, True
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(
@@ -278,10 +315,16 @@ def _map_error(exc: Exception, name: str, what: str, revision: str | None) -> Mo
             "check the branch, tag or commit."
         )
     if find((LocalEntryNotFoundError, OfflineModeIsEnabled)) or any(_is_connection_error(c) for c in chain):
+        same = next((m for m in OFFLINE_MODELS.values() if m.display_name.lower() == name.lower()), None)
+        if same is not None:
+            return ModelLoadError(
+                f"'{name}' is not in the local Hugging Face cache and the hub is unreachable; its "
+                f"offline copy loads with the model name '{same.name}' (install: {same.install_hint})."
+            )
         return ModelLoadError(
             f"'{name}' is not in the local Hugging Face cache and the hub is unreachable; pass a local "
-            f"model folder or .gguf file, or omit the model to use the offline default "
-            f"({DEFAULT_MODEL_NAME})."
+            f"model folder or .gguf file, an offline model ({', '.join(OFFLINE_MODELS)}), or omit "
+            f"the model to use the offline default ({DEFAULT_MODEL_NAME})."
         )
     if find(HFValidationError):
         return ModelLoadError(

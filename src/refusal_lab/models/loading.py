@@ -1,4 +1,4 @@
-"""``load_model``: a hub id, a local folder or a ``.gguf`` file -> :class:`HookedChatModel`."""
+"""``load_model``: an offline model, a hub id, a local folder or a ``.gguf`` file -> :class:`HookedChatModel`."""
 
 from __future__ import annotations
 
@@ -18,13 +18,18 @@ def load_model(
     token: str | None = None,
     revision: str | None = None,
     chat_template: str | None = None,
+    progress: bool = True,
 ) -> HookedChatModel:
     """Load a chat model with TransformerLens-named sites.
 
-    ``spec`` is a hub id (``google/gemma-2-2b-it``), a local directory, a ``.gguf`` file, or None
-    for the offline default (Qwen2.5-Coder-0.5B-Instruct from registry packages). Weights are read
-    from safetensors or GGUF only; ``trust_remote_code`` only when asked. ``device_map='auto'``
-    spreads layers over several GPUs (activations follow the layers).
+    ``spec`` is None for the offline default (Qwen2.5-Coder-0.5B-Instruct from registry
+    packages), the short name of an offline model (``qwen2.5-coder-0.5b-instruct``,
+    ``qwen2.5-coder-1.5b-instruct``: see ``refusal_lab.models.offline.OFFLINE_MODELS``; an
+    existing path of the same name wins), a hub id (``google/gemma-2-2b-it``), a local directory
+    or a ``.gguf`` file. Weights are read from safetensors or GGUF only; ``trust_remote_code``
+    only when asked. ``device_map='auto'`` spreads layers over several GPUs (activations follow
+    the layers). ``progress=False`` prints no progress bar or message while loading (assembly
+    and dequantization of an offline model or ``.gguf`` file, downloads, "Loading weights").
     """
     from refusal_lab.models.hf_loading import load_hf
 
@@ -40,6 +45,7 @@ def load_model(
         revision=revision,
         chat_template=chat_template,
         supported_model_types=set(SUPPORTED_MODEL_TYPES),
+        progress=progress,
     )
     wanted = adapter_class(hf_model.config.model_type).attn_implementation
     if getattr(hf_model.config, "_attn_implementation", None) != wanted:

