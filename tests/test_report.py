@@ -422,3 +422,131 @@ def test_report_in_headless_chromium(run_dir, report_html, tmp_path):
         assert im.size == (1280, 2000)
     if os.environ.get("REPORT_SCREENSHOT"):  # keep it for a human look
         shutil.copy(shot, os.environ["REPORT_SCREENSHOT"])
+
+
+# ----------------------------------------------------------------------------------- sanity and intervals
+
+def figure_data(doc: str) -> dict:
+    return json.loads(re.search(r'id="figure-data">(.*?)</script>', doc, re.S).group(1))
+
+
+def test_sanity_banner_only_when_the_metric_does_not_separate():
+    r = sample_results(n_layers=4, n_heads=2)
+    doc = render_report(r)
+    assert 'id="sanity-banner"' not in doc and 'id="sanity-note"' not in doc
+    assert '<h3 id="sanity">Sanity check</h3>' in doc and "<b>Separates</b>" in doc
+    assert "patching-not-interpretable" not in doc
+    bad = copy.deepcopy(r)
+    bad["sanity"].update(separates=False, sentence="Warning: this model does not separate harmful from harmless "
+                                                   f"prompts {PAYLOAD} (gap -0.37 ± 0.20, n = 8 pairs).")
+    for _, e in [(k, v) for k, v in bad["patching"].items() if isinstance(v, dict) and "values" in v]:
+        e["interpretable"] = False
+    doc = render_report(bad)
+    assert '<div class="banner warning" id="sanity-banner" role="alert"><b>Sanity check failed.</b>' in doc
+    assert doc.index('id="sanity-banner"') < doc.index('id="findings"')
+    assert "Does not separate" in doc and 'id="patching-not-interpretable"' in doc
+    assert PAYLOAD not in doc and html.escape("prompts <script>window.__pwned=") in doc  # escaped (numbers bold)
+    note = copy.deepcopy(r)
+    note["sanity"]["token_note"] = "Note: the metric's refusal token 'Sorry' has mean probability 0.05, far below 'I' (0.42)."
+    doc = render_report(note)
+    assert '<div class="banner note" id="sanity-note">' in doc and 'id="sanity-banner"' not in doc
+
+
+def test_report_shows_uncertainty():
+    r = sample_results(n_layers=4, n_heads=2)
+    doc = render_report(r)
+    figs = figure_data(doc)
+    hm = next(f for f in figs.values() if f["layout"]["title"]["text"].startswith("resid_pre — exact"))["data"][0]
+    g = r["patching"]["resid_pre"]
+    assert hm["text"][0][0].endswith(f"value {g['values'][0][0]:.4f} ± {g['se'][0][0]:.4f} (SE, n = 8 pairs)"
+                                     f"<br>95% CI [{g['ci95']['low'][0][0]:.4f}, {g['ci95']['high'][0][0]:.4f}]")
+    assert "± 0.031 SE (95% CI [0.410, 0.530], n = 8 pairs)" in doc  # heads' joint sufficiency
+    assert "joint sufficiency of refusal heads (95% CI [0.41, 0.53])" in doc  # card
+    ev = r["evaluation"]["harmless_refusal_rate_added"]
+    lo, hi = ev["ci95"]
+    assert f"<td>[{lo:.2f}, {hi:.2f}] (26/50)</td>" in doc  # Wilson interval with its count in the rate table
+    bars = next(f for f in figs.values() if "baseline vs edited" in f["layout"]["title"]["text"])["data"]
+    edited = next(t for t in bars if t["name"] == "edited")
+    assert edited["error_y"]["array"][0] == pytest.approx(hi - ev["value"])
+    assert edited["error_y"]["arrayminus"][0] == pytest.approx(ev["value"] - lo)
+    assert "Wilson" in edited["customdata"][0]
+    rates = [f for f in figs.values() if "Val refusal rate vs alpha" in f["layout"]["title"]["text"]]
+    assert rates and all("error_y" in t for t in rates[0]["data"][:2])
+    row = r["steering"]["instructions"]["rows"][0]
+    assert f"<td>[{row['induce_refusal_rate_ci95'][0]:.2f}, {row['induce_refusal_rate_ci95'][1]:.2f}]</td>" in doc
+    obj = [f for f in figs.values() if "difference vector" in f["layout"]["title"]["text"]]
+    assert len(obj) == 2 and all("error_y" in t for f in obj for t in f["data"])
+    assert "harmful refusal 95% CI (Wilson)" in doc
+
+
+def strip_uncertainty(r: dict) -> dict:
+    """A results dict as written before the sanity gate and the intervals existed."""
+    r = copy.deepcopy(r)
+    r.pop("sanity")
+    for _, _, _, g in __import__("refusal_lab.report.common", fromlist=["iter_grids"]).iter_grids(r):
+        for k in ("se", "ci95", "n_pairs", "interpretable"):
+            g.pop(k, None)
+    for k in ("sufficiency_se", "sufficiency_ci95", "n_pairs", "interpretable"):
+        r["heads"].pop(k)
+    for v in r["evaluation"].values():
+        if isinstance(v, dict):
+            for k in ("k", "ci95", "baseline_k", "baseline_ci95"):
+                v.pop(k, None)
+    for row in r["steering"]["instructions"]["rows"]:
+        for k in [k for k in row if k.endswith(("_ci95", "_n"))]:
+            row.pop(k)
+    for o in r["steering"]["objects"].values():
+        for row in o["rows"]:
+            for k in [k for k in row if k.endswith(("_ci95", "_n", "_se"))]:
+                row.pop(k)
+    return r
+
+
+def test_old_results_without_intervals_still_render(tmp_path):
+    r = strip_uncertainty(sample_results(n_layers=4, n_heads=2))
+    doc = render_report(r)
+    assert "Could not draw" not in doc and 'id="sanity' not in doc and "Wilson" not in doc
+    assert "<td>harmless_refusal_rate_added</td>" in doc and "joint sufficiency" in doc
+    figs = figure_data(doc)
+    assert all("error_y" not in t for f in figs.values() for t in f["data"])
+    names = {p.stem for p in write_figures(r, tmp_path)}
+    assert set(STEERING_PNGS) <= names and "heads_ranked" in names
+    r["patching"]["resid_pre"]["std"] = [[0.1] * len(row) for row in r["patching"]["resid_pre"]["values"]]
+    hm = next(f for f in figure_data(render_report(r)).values()
+              if f["layout"]["title"]["text"].startswith("resid_pre — exact"))["data"][0]
+    assert hm["text"][0][0].endswith(" ± 0.1000 (std)")  # older folders' std is still shown
+
+
+# --------------------------------------------------------------------------------------- atomic writes
+
+def test_report_html_is_written_atomically(tmp_path, monkeypatch):
+    d = write_run(tmp_path / "run", sample_results(n_layers=3, n_heads=2))
+    before = write_report(d).read_bytes()
+    assert before.startswith(b"<!DOCTYPE html>")
+    # the writer fails half way (here: text that cannot be encoded, after the page was rendered)
+    monkeypatch.setattr("refusal_lab.report.html.render_report",
+                        lambda *a, **k: "<!DOCTYPE html><html>" + "x" * 100_000 + "\ud800</html>")
+    with pytest.raises(UnicodeEncodeError):
+        write_report(d)
+    assert (d / "report.html").read_bytes() == before  # the previous report is whole
+    assert sorted(p.name for p in d.iterdir()) == ["report.html", "results.json", "tables"]  # no temporary left
+
+
+def test_figures_are_written_atomically(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    r = sample_results(n_layers=3, n_heads=2)
+    out = tmp_path / "figs"
+    write_figures(r, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "baseline.png" in before
+
+    def broken_savefig(self, fname, *args, **kwargs):  # writes part of a PNG, then the disk is full
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n half a figure")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="No space left"):
+        write_figures(r, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # previous figures intact, no partial file

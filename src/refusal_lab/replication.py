@@ -753,9 +753,17 @@ def steering_findings(r: dict) -> list[str]:
     if ev:
         a, b, c = (ev["harmless_refusal_rate_added"], ev["harmful_refusal_rate_ablated"],
                    ev["harmful_refusal_rate_subtracted"])
-        out.append(f"Held-out test prompts: harmless refusal rate {a['baseline']:.2f} -> {a['value']:.2f} with the direction "
-                   f"added (alpha {ev['alpha']:g}, n={a['n']}); harmful refusal rate {b['baseline']:.2f} -> {b['value']:.2f} "
-                   f"with it ablated (n={b['n']}) and {c['value']:.2f} with it subtracted.")
+
+        def ci(x: dict, key: str = "ci95") -> str:  # " [0.41, 0.63]": the Wilson interval, when recorded
+            iv = x.get(key)
+            return f" [{iv[0]:.2f}, {iv[1]:.2f}]" if isinstance(iv, (list, tuple)) and len(iv) == 2 and None not in iv else ""
+
+        wilson = any(ci(x) or ci(x, "baseline_ci95") for x in (a, b, c))
+        out.append(f"Held-out test prompts: harmless refusal rate {a['baseline']:.2f}{ci(a, 'baseline_ci95')} -> "
+                   f"{a['value']:.2f}{ci(a)} with the direction added (alpha {ev['alpha']:g}, n={a['n']}); harmful "
+                   f"refusal rate {b['baseline']:.2f}{ci(b, 'baseline_ci95')} -> {b['value']:.2f}{ci(b)} with it ablated "
+                   f"(n={b['n']}) and {c['value']:.2f}{ci(c)} with it subtracted (n={c['n']})"
+                   + (" [Wilson 95% intervals]" if wilson else "") + ".")
     for name, o in ((st or {}).get("objects") or {}).items():
         rows = o.get("rows") or []
         if rows:

@@ -24,7 +24,9 @@ from refusal_lab.report.common import (
     METRIC_TITLE,
     as_array,
     finite,
+    fmt_ci,
     grid_title,
+    interval,
     iter_grids,
 )
 
@@ -295,8 +297,11 @@ def heads_ranked_figure(results: dict[str, Any]) -> Figure | None:
         ax.legend(fontsize=8)
     suff = finite(heads.get("sufficiency"))
     pos = mpl_text(heads.get("position", "?"))
+    ci = fmt_ci(heads.get("sufficiency_ci95"))
+    n = heads.get("n_pairs")
+    extra = (f", 95% CI {ci}" if ci else "") + (f", n = {mpl_text(n)} pairs" if ci and n is not None else "")
     ax.set_title(f"Head patching at {pos}: ranked heads"
-                 + (f" (selected heads jointly recover {suff:.2f})" if suff is not None else ""), fontsize=10)
+                 + (f" (selected heads jointly recover {suff:.2f}{extra})" if suff is not None else ""), fontsize=10)
     ax.set_ylabel(f"normalised metric\n{METRIC_TITLE}", fontsize=8)
     return fig
 
@@ -316,6 +321,21 @@ def _alpha_rows(rows: Any) -> list[dict[str, Any]]:
 
 def _series(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray:
     return np.array([np.nan if finite(r.get(key)) is None else float(r[key]) for r in rows], dtype=float)
+
+
+def _yerr(points: Sequence[tuple[Any, Any]]) -> np.ndarray | None:
+    """``[2, n]`` asymmetric error bars from ``(value, interval)`` points; None when no point has an interval."""
+    err = np.full((2, len(points)), np.nan)
+    for i, (v, ci) in enumerate(points):
+        iv, x = interval(ci), finite(v)
+        if iv is not None and x is not None:
+            err[:, i] = [max(0.0, x - iv[0]), max(0.0, iv[1] - x)]
+    return None if np.isnan(err).all() else np.nan_to_num(err, nan=0.0)
+
+
+def _se_err(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray | None:
+    e = _series(rows, key)
+    return None if np.isnan(e).all() else np.nan_to_num(e, nan=0.0)
 
 
 def _eoi_tick(pos: Any, eoi: Sequence[Any]) -> str:
@@ -382,10 +402,16 @@ def steering_sweep_figure(results: dict[str, Any]) -> Figure | None:
     axes = fig.subplots(1, 2)
     for ax, key, ylabel in ((axes[0], "refusal_rate", "refusal rate (judge)"),
                             (axes[1], "refusal_score", "mean refusal log-odds")):
-        ax.plot(x, _series(rows, f"induce_{key}"), color=HARMLESS, marker="o", ms=4,
-                label="induce: harmless, +alpha")
-        ax.plot(x, _series(rows, f"suppress_{key}"), color=HARMFUL, marker="o", ms=4,
-                label="suppress: harmful, −alpha")
+        for side, color, label in (("induce", HARMLESS, "induce: harmless, +alpha"),
+                                   ("suppress", HARMFUL, "suppress: harmful, −alpha")):
+            y = _series(rows, f"{side}_{key}")
+            err = _yerr([(r.get(f"{side}_{key}"), r.get(f"{side}_{key}_ci95")) for r in rows]) \
+                if key == "refusal_rate" else None
+            if err is not None:
+                ax.errorbar(x, y, yerr=err, color=color, marker="o", ms=4, capsize=3, lw=1.5,
+                            label=label + " (Wilson 95% CI)")
+            else:
+                ax.plot(x, y, color=color, marker="o", ms=4, label=label)
         a = finite(abl.get(key))
         if a is not None:
             ax.axhline(a, color=HARMFUL, ls="--", lw=1.2, label=f"ablation: harmful ({a:.2f})")
@@ -416,10 +442,15 @@ def steering_objects_figure(results: dict[str, Any]) -> Figure | None:
         labels = [f"{float(r['alpha']):g}" for r in rows]
         for ax, key, ylabel in ((left, "normalised", f"normalised metric\n{METRIC_TITLE}"),
                                 (right, "refusal_fraction", "refusal fraction (judge)")):
-            ax.plot(x, _series(rows, f"harmless_{key}"), color=HARMLESS, marker="o", ms=4,
-                    label="harmless objects, +alpha")
-            ax.plot(x, _series(rows, f"harmful_{key}"), color=HARMFUL, marker="o", ms=4,
-                    label="harmful objects, −alpha")
+            for side, color, label in (("harmless", HARMLESS, "harmless objects, +alpha"),
+                                       ("harmful", HARMFUL, "harmful objects, −alpha")):
+                y = _series(rows, f"{side}_{key}")
+                err = (_se_err(rows, f"{side}_normalised_se") if key == "normalised" else
+                       _yerr([(r.get(f"{side}_{key}"), r.get(f"{side}_{key}_ci95")) for r in rows]))
+                if err is not None:
+                    ax.errorbar(x, y, yerr=err, color=color, marker="o", ms=4, capsize=3, lw=1.5, label=label)
+                else:
+                    ax.plot(x, y, color=color, marker="o", ms=4, label=label)
             if key == "normalised":
                 ax.axhline(0, color=HARMLESS, ls=":", lw=0.8)
                 ax.axhline(1, color=HARMFUL, ls=":", lw=0.8)
@@ -449,9 +480,13 @@ def steering_evaluation_figure(results: dict[str, Any]) -> Figure | None:
     x = np.arange(len(rates))
     base = [finite(v.get("baseline")) for _, v in rates]
     val = [finite(v.get("value")) for _, v in rates]
-    b1 = ax.bar(x - 0.2, [np.nan if b is None else b for b in base], 0.4, color="#95a5a6", label="baseline")
+    e1 = _yerr([(v.get("baseline"), v.get("baseline_ci95")) for _, v in rates])
+    e2 = _yerr([(v.get("value"), v.get("ci95")) for _, v in rates])
+    b1 = ax.bar(x - 0.2, [np.nan if b is None else b for b in base], 0.4, color="#95a5a6", label="baseline",
+                yerr=e1, capsize=3 if e1 is not None else 0)
     b2 = ax.bar(x + 0.2, val, 0.4, color=[HARMLESS if "harmless" in k else HARMFUL for k, _ in rates],
-                label="edited")
+                label="edited" + (" (Wilson 95% CI)" if e2 is not None else ""), yerr=e2,
+                capsize=3 if e2 is not None else 0)
     for bars in (b1, b2):
         ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
     names = [k.replace("_refusal_rate", "").replace("refusal_rate_", "").replace("_", " ") or k for k, _ in rates]
