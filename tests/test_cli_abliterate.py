@@ -166,25 +166,55 @@ def test_real_model_abliterated_folder_generates(tmp_path, capsys):
     assert text.strip()
 
 
-def test_select_uses_select_direction(folders, tmp_path, capsys, monkeypatch):
-    """--select hands the train and val prompts to select_direction and records its choice (stubbed
-    here: on random weights every candidate fails its filters)."""
-    from refusal_lab.steering import selection
+def test_select_runs_the_real_selection_with_the_run_fallback(folders, tmp_path, capsys):
+    """--select on a tiny random model, where every candidate fails induce > 0: the run's direction
+    step policy (relax the filters, say so) applies instead of an error (regression), with --n-val
+    val instructions, and abliteration.json holds the selection's layer/position."""
+    from refusal_lab.steering.pipeline import SteeringSettings, select_refusal_direction
 
-    seen = {}
-
-    def fake_select(model, hf_train, hl_train, hf_val, hl_val, positions, batch_size):
-        seen.update(n_train=hf_train[0].shape[0], n_val=hl_val[0].shape[0], positions=list(positions))
-        d = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        return selection.SelectionResult(direction=d, layer=1, position=-3, bypass=-1.0, induce=0.5, kl=0.01)
-
-    monkeypatch.setattr(selection, "select_direction", fake_select)
     out = tmp_path / "abl"
-    assert main(["abliterate", "--model", str(folders["qwen2"]), "--select", "--n-train", "4", "--out", str(out)]) == 0
-    assert seen == {"n_train": 4, "n_val": 32, "positions": [-5, -4, -3, -2, -1]}
-    assert "selected layer 1, position -3 ('<|im_start|>')" in capsys.readouterr().err
+    rc = main(["abliterate", "--model", str(folders["qwen2"]), "--select", "--n-train", "4", "--n-val", "3",
+               "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "direction: scoring candidates" in cap.err and "/15 [" in cap.err  # 3 layers x 5 eoi columns
+    assert "(4+4 train, 3+3 val prompts)" in cap.err and "note: All 15 candidate directions" in cap.err
     info = json.loads((out / "abliteration.json").read_text())
-    assert info["layer"] == 1 and info["position"] == -3 and info["selection"]["kl"] == 0.01
-    assert "select_direction" in info["method"]
+    assert "select_direction" in info["method"] and "selection on val: 3 + 3" in info["dataset"]
+    sel = info["selection"]
+    assert sel["fallback"].startswith("All 15 candidate directions were filtered out")
+    assert sel["filters"]["stage"] in ("induce_relaxed", "layer_only")
+
+    model = load_model(str(folders["qwen2"]), dtype="float32", device="cpu", progress=False)
+    want = select_refusal_direction(model, SteeringSettings(n_train=4, n_val=3), progress=False).result
+    assert (info["layer"], info["position"]) == (want.layer, want.position)
+    assert sel["filters"] == want.filters and sel["fallback"] == want.fallback
+    assert f"selected layer {want.layer}, position {want.position}" in cap.err
+    v, meta = load_vector(out / "refusal_direction.safetensors")
+    torch.testing.assert_close(v, want.direction)
+    assert meta["layer"] == want.layer and meta["position"] == want.position
+    _assert_equals_hook_ablation(folders["qwen2"], out, v)
+
+    capsys.readouterr()
     _one_sentence_error(capsys, ["abliterate", "--model", str(folders["qwen2"]), "--select", "--layer", "1",
                                  "--out", str(tmp_path / "o")], "--select chooses the layer and position itself")
+    _one_sentence_error(capsys, ["abliterate", "--model", str(folders["qwen2"]), "--select", "--n-val", "0",
+                                 "--out", str(tmp_path / "o")], "--n-val must be a positive number")
+
+
+def test_quiet_reaches_the_model_loader(folders, tmp_path, monkeypatch):
+    """--quiet passes progress=False to load_model (GGUF conversion and loading bars), else progress=True."""
+    import refusal_lab.models.loading as loading
+
+    seen = []
+    real = loading.load_model
+
+    def spy(*a, **kw):
+        seen.append(kw.get("progress"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loading, "load_model", spy)
+    for i, extra in enumerate((["--quiet"], [])):
+        assert main(["abliterate", "--model", str(folders["llama"]), "--n-train", "2", "--out",
+                     str(tmp_path / f"o{i}"), *extra]) == 0
+    assert seen == [False, True]

@@ -110,3 +110,74 @@ def test_choose_candidate_relaxes_induce_first():
         choose_candidate(table, kl_max=0.1, layer_limit=8, harmless_baseline=-2.6)
     kept = [dict(table[0], kept=True, reason="kept")] + table[1:]
     assert choose_candidate(kept, 0.1, 8, -2.6) == (kept[0], None)
+
+
+# ------------------------------------------------------------------ the filters actually applied
+
+
+def test_filters_record_the_stage_that_chose():
+    """SelectionResult.filters are the filters applied: the configured ones, induce > the unsteered
+    harmless log-odds after the first relaxation, the layer limit alone after the second."""
+    from refusal_lab.models.hooked import HookedChatModel
+    from refusal_lab.models.tiny import tiny_model
+    from refusal_lab.steering.selection import STAGES, applied_filters
+
+    tiny = HookedChatModel(tiny_model("qwen2"), name="tiny-qwen2")
+    L = tiny.cfg.n_layers
+    res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)), kl_max=5.0,
+                           max_layer_frac=0.7)
+    assert res.fallback is None and res.stage == "configured"
+    assert res.filters == {"kl_max": 5.0, "max_layer_frac": 0.7, "induce_min": 0.0, "stage": "configured"}
+
+    # one refusal token of 128: log-odds ~ -5 < 0 everywhere, so induce > 0 fails for every candidate
+    res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=[0], kl_max=1e9, max_layer_frac=1.0,
+                           on_empty="best")
+    assert res.stage == "induce_relaxed" and "relaxed induce" in res.fallback
+    assert res.filters == {"kl_max": 1e9, "max_layer_frac": 1.0, "induce_min": res.baseline["harmless"],
+                           "stage": "induce_relaxed"}
+    assert res.induce > res.filters["induce_min"]
+
+    res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)), kl_max=1e-12,
+                           max_layer_frac=0.7, on_empty="best")
+    assert res.stage == "layer_only" and res.layer < 0.7 * L
+    assert res.filters == {"kl_max": None, "max_layer_frac": 0.7, "induce_min": None, "stage": "layer_only"}
+    assert [applied_filters(s, 0.1, 0.8, -3.0)["induce_min"] for s in STAGES] == [0.0, -3.0, None]
+    with pytest.raises(ValueError, match="stage"):
+        applied_filters("loose", 0.1, 0.8, -3.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    from refusal_lab.models.loading import load_model
+    from tests.helpers_tiny_chat import make_tiny_chat_model
+
+    return load_model(str(make_tiny_chat_model(tmp_path_factory.mktemp("sel"))), device="cpu", progress=False)
+
+
+def test_direction_step_records_the_relaxed_filters(tiny_chat, capsys):
+    """Regression: results.json said induce_min 0.0 (and the configured kl_max) when the fallback had
+    dropped those filters."""
+    from refusal_lab.steering.pipeline import SteeringSettings, direction_step
+
+    saved = {}
+    s = SteeringSettings(n_train=4, n_val=3, kl_max=1e-12)  # nothing passes KL: only the layer filter is left
+    d = direction_step(tiny_chat, s, lambda name, v, meta: saved.update({name: meta}), progress=False)
+    assert d["fallback"] and "lowest bypass below the layer limit" in d["fallback"]
+    assert d["filters"] == {"kl_max": None, "max_layer_frac": 0.8, "induce_min": None, "stage": "layer_only"}
+    assert saved["direction"]["layer"] == d["layer"] and capsys.readouterr().err == ""
+
+
+def test_selection_progress_counts_candidates(tiny_chat, capsys):
+    """progress=True: a bar on stderr over the n_layers x n_positions candidates ("n/N", with ETA)."""
+    from refusal_lab.prompts import build_instruction_prompts, load_instructions
+
+    tok = tiny_chat.tokenizer
+    sp = [build_instruction_prompts(tok, load_instructions(split, kind, n=2, seed=0))
+          for split in ("train", "val") for kind in ("harmful", "harmless")]
+    n = tiny_chat.cfg.n_layers * len(POS)
+    capsys.readouterr()
+    select_direction(tiny_chat, *sp, positions=POS, on_empty="best", progress=True)
+    err = capsys.readouterr().err
+    assert "direction: scoring candidates" in err and f"/{n} [" in err and "<" in err  # n of N [elapsed<ETA]
+    select_direction(tiny_chat, *sp, positions=POS, on_empty="best", progress=False)
+    assert capsys.readouterr().err == ""

@@ -217,3 +217,136 @@ def test_generate_completions_and_sweep_on_tiny():
     assert [row["alpha"] for row in out["rows"]] == [0.0, 2.0]
     assert out["ablation"]["n"] == 2 and len(out["samples"]) == 5
     assert out["rows"][0]["induce_refusal_score"] != out["rows"][1]["induce_refusal_score"]
+
+
+class _Count:
+    """A stand-in progress bar: counts the units it is advanced by."""
+
+    def __init__(self):
+        self.n = 0
+
+    def update(self, k=1):
+        self.n += k
+
+
+def _alternate(instructions, completions):
+    return [i % 2 == 0 for i in range(len(completions))]
+
+
+def test_sweep_rates_carry_wilson_intervals_n_and_progress_units():
+    from refusal_lab.models.hooked import HookedChatModel
+    from refusal_lab.models.tiny import tiny_model
+    from refusal_lab.stats import wilson_interval
+    from refusal_lab.steering.sweep import alpha_sweep, evaluate_hooks, n_batches, sweep_units
+
+    m = HookedChatModel(tiny_model("qwen2"), tokenizer=_CharTokenizer())
+    ins = ["Tell me a joke", "Hi", "How do I bake bread?"]
+    bar = _Count()
+    r = evaluate_hooks(m, ins, [], judge=_alternate, refusal_ids=[ord("I")], max_new_tokens=2, batch_size=2, bar=bar)
+    assert (r["k"], r["n"], r["refusal_rate"]) == (2, 3, pytest.approx(2 / 3))
+    assert r["ci95"] == list(wilson_interval(2, 3)) and bar.n == n_batches(3, 2) == 2
+    r = evaluate_hooks(m, ins, [], refusal_ids=[ord("I")], batch_size=2, generate=False)
+    assert r["k"] is None and r["ci95"] is None and r["refusal_rate"] is None
+
+    bar = _Count()
+    out = alpha_sweep(m, torch.randn(m.cfg.d_model), 1, [0.0, 2.0], ins[:2], ins, judge=_alternate,
+                      refusal_ids=[ord("I")], max_new_tokens=2, batch_size=2, n_samples=1, bar=bar)
+    assert bar.n == sweep_units(2, 2, 3, 2) == 2 * (1 + 2) + 2
+    for row in out["rows"]:
+        assert (row["induce_n"], row["suppress_n"]) == (2, 3) == (row["n_harmless"], row["n_harmful"])
+        assert row["induce_refusal_rate"] == 0.5 and row["induce_refusal_rate_ci95"] == list(wilson_interval(1, 2))
+        assert row["suppress_refusal_rate_ci95"] == list(wilson_interval(2, 3))
+    ab = out["ablation"]
+    assert ab["n"] == 3 and ab["refusal_rate_ci95"] == list(wilson_interval(2, 3))
+    assert all(0 <= lo <= ab["refusal_rate"] <= hi <= 1 for lo, hi in [ab["refusal_rate_ci95"]])
+
+
+def test_object_sweep_standard_errors_and_intervals():
+    """Object sweeps: SE of the metric over the objects, the normalised SE = SE / |gap|, Wilson
+    interval and n of the refusal fraction; one progress unit per (alpha, side)."""
+    from refusal_lab.models.hooked import HookedChatModel
+    from refusal_lab.models.tiny import tiny_model
+    from refusal_lab.stats import mean_se, wilson_interval
+    from refusal_lab.steering.pipeline import SteeringSettings, _object_sweep
+    from refusal_lab.steering.interventions import addition_hooks
+
+    m = HookedChatModel(tiny_model("llama"), tokenizer=_CharTokenizer())
+    batches = {"harmful": random_batch(m, b=3, T=7, seed=5), "harmless": random_batch(m, b=4, T=7, seed=6)}
+    objects = {"harmful": ["a", "b", "c"], "harmless": ["d", "e", "f", "g"]}
+    metric = lambda logits: logits[:, 5] - logits[:, 9]  # noqa: E731
+    v = torch.randn(m.cfg.d_model)
+    s = SteeringSettings(max_new_tokens=2, judge=_alternate)
+    bar = _Count()
+    out = _object_sweep(m, batches, metric, 1.5, -0.5, v, 1, [0.0, 4.0], s, objects, bar=bar)
+    assert bar.n == 2 * 2
+    for row in out["rows"]:
+        for side, sign, n in (("harmless", 1.0, 4), ("harmful", -1.0, 3)):
+            hooks = addition_hooks(v, 1, sign * row["alpha"]) if row["alpha"] else []
+            with torch.no_grad():
+                vals = metric(m(*batches[side], fwd_hooks=hooks, logits="last").float()).double()
+            mean, se = mean_se(vals)
+            assert row[f"{side}_metric"] == pytest.approx(float(mean), abs=1e-5)
+            assert row[f"{side}_metric_se"] == pytest.approx(float(se), abs=1e-5)
+            assert row[f"{side}_normalised_se"] == pytest.approx(float(se) / 2.0, abs=1e-5)
+            assert row[f"{side}_n"] == n
+            k = (n + 1) // 2
+            assert row[f"{side}_refusal_fraction"] == k / n
+            assert row[f"{side}_refusal_fraction_ci95"] == list(wilson_interval(k, n))
+    s0 = SteeringSettings(max_new_tokens=0, judge=_alternate)  # no generation: no refusal fraction
+    row = _object_sweep(m, batches, metric, 1.5, -0.5, v, 1, [0.0], s0, objects)["rows"][0]
+    assert "harmful_refusal_fraction" not in row and row["harmful_n"] == 3 and row["harmful_metric_se"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    from refusal_lab.models.loading import load_model
+    from tests.helpers_tiny_chat import make_tiny_chat_model
+
+    return load_model(str(make_tiny_chat_model(tmp_path_factory.mktemp("steer"))), device="cpu", progress=False)
+
+
+def _steps(model, progress):
+    from refusal_lab.prompts import build_instruction_prompts
+    from refusal_lab.steering.pipeline import SteeringSettings, evaluation_step, steering_step
+
+    s = SteeringSettings(n_val=3, n_test=3, alphas=(0.0, 1.0), object_alphas=(0.0, 2.0), max_new_tokens=2,
+                         batch_size=2)
+    objects = {"harmful": ["bomb", "poison"], "harmless": ["cake", "pie"]}
+    batches = {k: build_instruction_prompts(model.tokenizer, [f"Tell me how to make a {o}." for o in v])
+               for k, v in objects.items()}
+    direction = {"layer": 1}
+    v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    st = steering_step(model, s, direction, v, object_batches=batches, objects=objects,
+                       metric_fn=lambda logits: logits[:, 0] - logits[:, 1], harmful_mean=1.0, harmless_mean=0.0,
+                       object_position=-1, heads=[(0, 1)], heads_position=-1, save_vector=lambda *a: None,
+                       progress=progress)
+    ev = evaluation_step(model, s, direction, v, 1.0, progress=progress)
+    return st, ev
+
+
+def test_steering_and_evaluation_steps_progress_and_intervals(tiny_chat, capsys):
+    """One bar per step on stderr (n of N units, ETA), none with progress=False; the evaluation's
+    rates carry k, a Wilson interval and n, beside their baselines'."""
+    from refusal_lab.stats import wilson_interval
+
+    capsys.readouterr()
+    st, ev = _steps(tiny_chat, progress=True)
+    err = capsys.readouterr().err
+    # steering: alpha sweep 2 x (2 + 2 batches) + ablation 2 batches, objects 2 vectors x 2 alphas x 2 sides
+    assert "steering: val alpha sweep" in err and "/18 [" in err and "steering: heads vector on objects" in err
+    # evaluation: 5 runs x 2 batches + 2 edits x (cross-entropy, KL)
+    assert "evaluation: harmless baseline" in err and "/14 [" in err and "evaluation: damage of the addition" in err
+    assert "<" in err  # [elapsed<remaining]
+    for key in ("harmless_refusal_rate_added", "harmful_refusal_rate_ablated", "harmful_refusal_rate_subtracted"):
+        e = ev[key]
+        assert {"value", "k", "ci95", "n", "baseline", "baseline_k", "baseline_ci95"} <= set(e)
+        assert e["n"] == 3 and e["value"] == e["k"] / 3 and e["baseline"] == e["baseline_k"] / 3
+        assert e["ci95"] == list(wilson_interval(e["k"], 3))
+        assert e["baseline_ci95"] == list(wilson_interval(e["baseline_k"], 3))
+    assert set(st["objects"]) == {"difference", "heads"}
+    assert "harmful_normalised_se" in st["objects"]["heads"]["rows"][1]
+    assert "induce_refusal_rate_ci95" in st["instructions"]["rows"][0]
+
+    st2, ev2 = _steps(tiny_chat, progress=False)
+    assert capsys.readouterr().err == ""
+    assert ev2["harmful_refusal_rate_ablated"] == ev["harmful_refusal_rate_ablated"]  # the bar changes nothing

@@ -262,14 +262,22 @@ class DirectionChoice:
 
 def instruction_direction(model, layer: int | None = None, position: str | int | None = None, *,
                           select: bool = False, n_train: int = 64, n_val: int = 32, seed: int = 0,
-                          batch_size: int = 16, log: Callable[[str], None] | None = None) -> DirectionChoice:
+                          batch_size: int = 16, log: Callable[[str], None] | None = None,
+                          progress: bool = True) -> DirectionChoice:
     """Difference in means of ``blocks.{layer}.hook_resid_pre`` at an eoi column between the packaged
     harmful and harmless *train* instructions (``n_train`` of each, sampled with ``seed``).
 
     ``layer`` defaults to :func:`default_layer`, ``position`` to the last eoi token. ``select=True``
-    instead runs :func:`~refusal_lab.steering.selection.select_direction` over every layer and eoi
-    column (scored on ``n_val`` + ``n_val`` val instructions; slow on CPU).
+    instead runs the same selection as ``refusal-lab run``'s direction step
+    (:func:`refusal_lab.steering.pipeline.select_refusal_direction`: every layer and eoi column,
+    scored on ``n_val`` + ``n_val`` val instructions, default filters, and the relaxing fallback when
+    every candidate is filtered out; slow on CPU). ``progress`` shows a bar on stderr.
     """
+    import math
+    import sys
+
+    from tqdm.auto import tqdm
+
     from refusal_lab.errors import ConfigError, SiteError
     from refusal_lab.prompts import build_instruction_prompts, eoi_tokens, load_instructions
     from refusal_lab.steering.vectors import diff_in_means
@@ -279,28 +287,41 @@ def instruction_direction(model, layer: int | None = None, position: str | int |
     L = model.cfg.n_layers
     if select and (layer is not None or position is not None):
         raise ConfigError("--select chooses the layer and position itself; drop --layer/--position or --select.")
+    if n_train < 1 or (select and n_val < 1):
+        raise ConfigError(f"n_train and n_val must be positive numbers of instructions, got {n_train} and {n_val}.")
     if layer is not None and not -L <= int(layer) < L:
         raise SiteError(f"Layer {layer} does not exist; this model has layers 0..{L - 1}.")
-    col, col_tok = resolve_eoi_position(tok, position) if not select else (None, None)
+    if select:
+        from refusal_lab.steering.pipeline import SteeringSettings, select_refusal_direction
+
+        if tok is None:
+            from refusal_lab.errors import PromptError
+
+            raise PromptError("The model has no tokenizer, so instruction prompts cannot be built; give --direction.")
+        settings = SteeringSettings(n_train=n_train, n_val=n_val, seed=seed, batch_size=batch_size)
+        say(f"selecting the direction over {L} layers x {len(eoi_tokens(tok))} eoi positions "
+            f"({n_train}+{n_train} train, {n_val}+{n_val} val prompts)...")
+        sel = select_refusal_direction(model, settings, progress=progress)
+        res = sel.result
+        nt, nv = (f"{len(sel.train['harmful'])} harmful + {len(sel.train['harmless'])} harmless",
+                  f"{len(sel.val['harmful'])} + {len(sel.val['harmless'])}")
+        if res.fallback:
+            say(f"note: {res.fallback}")
+        say(f"selected layer {res.layer}, position {res.position} ({sel.position_token!r}): "
+            f"bypass {res.bypass:.3f}, induce {res.induce:.3f}, kl {res.kl:.4f}")
+        return DirectionChoice(res.direction, res.layer, res.position, {
+            "layer": res.layer, "position": res.position, "position_token": sel.position_token,
+            "site": "hook_resid_pre",
+            "dataset": f"refusal_lab packaged instructions, train split: {nt} (seed {seed}); selection on val: {nv}",
+            "method": "difference in means, select_direction (Arditi et al. 2024)",
+            "selection": {"bypass": res.bypass, "induce": res.induce, "kl": res.kl,
+                          "baseline": {"harmful_val_log_odds": res.baseline.get("harmful"),
+                                       "harmless_val_log_odds": res.baseline.get("harmless")},
+                          "filters": dict(res.filters), "fallback": res.fallback}})
+    col, col_tok = resolve_eoi_position(tok, position)
     hf = build_instruction_prompts(tok, load_instructions("train", "harmful", n=n_train, seed=seed))
     hl = build_instruction_prompts(tok, load_instructions("train", "harmless", n=n_train, seed=seed))
     dataset = f"refusal_lab packaged instructions, train split: {n_train} harmful + {n_train} harmless (seed {seed})"
-    if select:
-        from refusal_lab.steering.selection import select_direction
-
-        eoi = eoi_tokens(tok)
-        hv = build_instruction_prompts(tok, load_instructions("val", "harmful", n=n_val, seed=seed))
-        lv = build_instruction_prompts(tok, load_instructions("val", "harmless", n=n_val, seed=seed))
-        say(f"selecting the direction over {L} layers x {len(eoi)} eoi positions "
-            f"({n_train}+{n_train} train, {n_val}+{n_val} val prompts)...")
-        res = select_direction(model, hf, hl, hv, lv, positions=range(-len(eoi), 0), batch_size=batch_size)
-        say(f"selected layer {res.layer}, position {res.position} ({eoi[res.position]!r}): "
-            f"bypass {res.bypass:.3f}, induce {res.induce:.3f}, kl {res.kl:.4f}")
-        return DirectionChoice(res.direction, res.layer, res.position, {
-            "layer": res.layer, "position": res.position, "position_token": eoi[res.position],
-            "site": "hook_resid_pre", "dataset": dataset + f"; selection on val: {n_val} + {n_val}",
-            "method": "difference in means, select_direction (Arditi et al. 2024)",
-            "selection": {"bypass": res.bypass, "induce": res.induce, "kl": res.kl}})
     if layer is None:
         layer = default_layer(L)
         say(f"layer: {layer} of {L} (default round(0.6 * n_layers); --layer or --select to change)")
@@ -309,7 +330,10 @@ def instruction_direction(model, layer: int | None = None, position: str | int |
         say(f"position: {col} = last end-of-instruction token {col_tok!r} (--position to change)")
     say(f"difference in means at blocks.{layer}.hook_resid_pre, column {col}, over {n_train} harmful + "
         f"{n_train} harmless train instructions...")
-    v = diff_in_means(model, *hf, *hl, layer=layer, position=col, batch_size=batch_size)
+    total = sum(math.ceil(x[0].shape[0] / batch_size) for x in (hf, hl))
+    with tqdm(total=total, desc="difference in means", unit="batch", leave=False, disable=not progress,
+              file=sys.stderr) as bar:
+        v = diff_in_means(model, *hf, *hl, layer=layer, position=col, batch_size=batch_size, bar=bar)
     return DirectionChoice(v, layer, col, {
         "layer": layer, "position": col, "position_token": col_tok, "site": "hook_resid_pre",
         "dataset": dataset, "method": "difference in means (Arditi et al. 2024)"})

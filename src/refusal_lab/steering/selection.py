@@ -10,13 +10,17 @@ and every end-of-instruction column ``p``. Each candidate is scored on held-out 
 * ``kl``: mean KL(baseline || ablated) of the harmless val prompts' last-column distribution.
 
 A candidate is kept when ``kl < kl_max``, ``induce > 0`` and ``l < max_layer_frac * n_layers``; the
-kept candidate with the lowest ``bypass`` is chosen.
+kept candidate with the lowest ``bypass`` is chosen. :attr:`SelectionResult.filters` records the
+filters actually applied (they differ from the configured ones after a fallback, see
+:func:`choose_candidate`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import sys
 
 import torch
 
@@ -25,7 +29,12 @@ from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
 from refusal_lab.steering.vectors import diff_in_means_all_layers
 
-__all__ = ["SelectionResult", "choose_candidate", "select_direction"]
+__all__ = ["STAGES", "SelectionResult", "applied_filters", "choose_candidate", "select_direction"]
+
+STAGES = ("configured", "induce_relaxed", "layer_only")
+"""Which filters chose the candidate: the configured ones (``kl < kl_max``, ``induce > 0``, layer
+limit); ``induce > 0`` relaxed to ``induce >`` the unsteered harmless log-odds (KL and layer kept);
+the layer limit alone."""
 
 
 @dataclass
@@ -43,6 +52,8 @@ class SelectionResult:
     positions: tuple[int, ...] = ()
     fallback: str | None = None  # set when every candidate was filtered out and on_empty="best"
     baseline: dict = field(default_factory=dict)  # unsteered mean refusal log-odds: {"harmful", "harmless"} val
+    stage: str = "configured"  # one of STAGES: which filters the chosen candidate passed
+    filters: dict = field(default_factory=dict)  # the filters actually applied (applied_filters)
 
     @property
     def chosen(self) -> dict:
@@ -68,19 +79,25 @@ def _kl(base_logp: torch.Tensor, edit_logits: torch.Tensor) -> float:
     return float((base_logp.exp() * (base_logp - edit)).sum(-1).mean())
 
 
-def choose_candidate(table: list[dict], kl_max: float, layer_limit: float, harmless_baseline: float,
-                     on_empty: str = "raise") -> tuple[dict, str | None]:
-    """The kept candidate with the lowest bypass, and None; or, when every candidate is filtered
-    out and ``on_empty="best"``, a relaxed choice and the sentence saying so.
+def applied_filters(stage: str, kl_max: float, max_layer_frac: float, harmless_baseline: float) -> dict:
+    """The filters a candidate chosen at ``stage`` (:data:`STAGES`) passed, JSON-ready:
+    ``{"kl_max", "max_layer_frac", "induce_min", "stage"}``; a filter that was dropped is None
+    (kept candidates satisfy ``kl < kl_max``, ``induce > induce_min`` and
+    ``layer < max_layer_frac * n_layers``)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}.")
+    return {"kl_max": None if stage == "layer_only" else float(kl_max),
+            "max_layer_frac": float(max_layer_frac),
+            "induce_min": {"configured": 0.0, "induce_relaxed": float(harmless_baseline), "layer_only": None}[stage],
+            "stage": stage}
 
-    Relaxations, in order: (1) ``induce > 0`` becomes ``induce > harmless_baseline`` (adding the
-    direction raises the harmless prompts' refusal log-odds at all — ``> 0`` presumes log-odds on
-    which harmful prompts score above 0, which small models may not reach), KL and layer filters
-    kept; (2) the layer filter alone.
-    """
+
+def _choose(table: list[dict], kl_max: float, layer_limit: float, harmless_baseline: float,
+            on_empty: str) -> tuple[dict, str | None, str]:
+    """:func:`choose_candidate` plus the stage (:data:`STAGES`) that chose."""
     kept = [r for r in table if r["kept"]]
     if kept:
-        return min(kept, key=lambda r: r["bypass"]), None
+        return min(kept, key=lambda r: r["bypass"]), None, "configured"
     n = len(table)
     n_kl = sum(1 for r in table if "kl " in r["reason"])
     n_ind = sum(1 for r in table if "induce " in r["reason"])
@@ -96,11 +113,26 @@ def choose_candidate(table: list[dict], kl_max: float, layer_limit: float, harml
     if relaxed:
         return min(relaxed, key=lambda r: r["bypass"]), (
             msg + f"; relaxed induce > 0 to induce > the unsteered harmless log-odds ({harmless_baseline:.3g}), "
-                  "keeping the KL and layer filters, and took the lowest bypass.")
+                  "keeping the KL and layer filters, and took the lowest bypass."), "induce_relaxed"
     if usable:
         return min(usable, key=lambda r: r["bypass"]), (
-            msg + "; no candidate passed even with induce relaxed, so the lowest bypass below the layer limit was taken.")
+            msg + "; no candidate passed even with induce relaxed, so the lowest bypass below the layer limit "
+                  "was taken."), "layer_only"
     raise RefusalLabError(msg + "; loosen kl_max or raise max_layer_frac (or use more/other validation prompts).")
+
+
+def choose_candidate(table: list[dict], kl_max: float, layer_limit: float, harmless_baseline: float,
+                     on_empty: str = "raise") -> tuple[dict, str | None]:
+    """The kept candidate with the lowest bypass, and None; or, when every candidate is filtered
+    out and ``on_empty="best"``, a relaxed choice and the sentence saying so.
+
+    Relaxations, in order: (1) ``induce > 0`` becomes ``induce > harmless_baseline`` (adding the
+    direction raises the harmless prompts' refusal log-odds at all — ``> 0`` presumes log-odds on
+    which harmful prompts score above 0, which small models may not reach), KL and layer filters
+    kept; (2) the layer filter alone. :attr:`SelectionResult.stage` / ``filters`` say which applied.
+    """
+    best, fallback, _stage = _choose(table, kl_max, layer_limit, harmless_baseline, on_empty)
+    return best, fallback
 
 
 @torch.no_grad()
@@ -124,7 +156,8 @@ def select_direction(
     Each split is an ``(ids, mask)`` pair of left-padded prompts (``mask`` may be None).
     When the filters reject every candidate, ``on_empty="raise"`` raises :class:`RefusalLabError`
     with the counts per filter; ``on_empty="best"`` relaxes the filters (see :func:`choose_candidate`)
-    and says so in ``fallback``.
+    and says so in ``fallback``; ``stage`` and ``filters`` record what was applied. ``progress``
+    shows a bar over the ``n_layers x len(positions)`` candidates on stderr.
     """
     if on_empty not in ("raise", "best"):
         raise RefusalLabError(f"on_empty must be 'raise' or 'best', got {on_empty!r}.")
@@ -146,19 +179,19 @@ def select_direction(
     base_hf_bypass = float(refusal_log_odds(_last_logits(model, hf_ids, hf_mask, (), batch_size), refusal_ids).mean())
     layer_limit = max_layer_frac * L
 
-    table: list[dict] = []
-    layers = range(L)
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        layers = tqdm(layers, desc="direction candidates", unit="layer", leave=False)
-    for l in layers:
+    table: list[dict] = []
+    bar = tqdm(total=L * len(positions), desc="direction: scoring candidates", unit="candidate", leave=False,
+               disable=not progress, file=sys.stderr)
+    for l in range(L):
         for j, p in enumerate(positions):
             r = cands[l, j]
             row = {"layer": l, "position": p, "norm": float(r.norm())}
             if not torch.isfinite(r.norm()) or float(r.norm()) == 0.0:
                 table.append(row | {"bypass": float("nan"), "induce": float("nan"), "kl": float("nan"),
                                     "kept": False, "reason": "zero direction"})
+                bar.update(1)
                 continue
             abl = ablation_hooks(model, r)
             bypass = float(refusal_log_odds(_last_logits(model, hf_ids, hf_mask, abl, batch_size), refusal_ids).mean())
@@ -174,10 +207,13 @@ def select_direction(
                 reasons.append(f"layer {l} >= max_layer_frac*L = {layer_limit:g}")
             table.append(row | {"bypass": bypass, "induce": induce, "kl": kl,
                                 "kept": not reasons, "reason": "; ".join(reasons) or "kept"})
+            bar.update(1)
+    bar.close()
 
-    best, fallback = choose_candidate(table, kl_max, layer_limit, base_hl_induce, on_empty)
+    best, fallback, stage = _choose(table, kl_max, layer_limit, base_hl_induce, on_empty)
     j = positions.index(best["position"])
     return SelectionResult(direction=cands[best["layer"], j].clone(), layer=best["layer"], position=best["position"],
                            bypass=best["bypass"], induce=best["induce"], kl=best["kl"], table=table,
                            candidates=cands, positions=positions, fallback=fallback,
-                           baseline={"harmful": base_hf_bypass, "harmless": base_hl_induce})
+                           baseline={"harmful": base_hf_bypass, "harmless": base_hl_induce}, stage=stage,
+                           filters=applied_filters(stage, kl_max, max_layer_frac, base_hl_induce))

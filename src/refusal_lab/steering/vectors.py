@@ -68,10 +68,12 @@ def mean_activations(
     positions: Sequence[int] = (-1,),
     batch_size: int = 16,
     fwd_hooks: Sequence = (),
+    bar=None,
 ) -> torch.Tensor:
     """Mean over prompts of each site's activation at each column: float64 [n_sites, n_pos, ...].
 
     The forward stops as soon as the last requested site has been read (cheap for early layers).
+    ``bar`` (a tqdm bar or anything with ``update``) advances by one per batch.
     """
     mask = _check_pair(ids, mask)
     sites = list(sites)
@@ -100,6 +102,8 @@ def mean_activations(
             pass
         for i, s in enumerate(sites):
             total[i] = got[s] if total[i] is None else total[i] + got[s]
+        if bar is not None:
+            bar.update(1)
     return torch.stack(total) / ids.shape[0]
 
 
@@ -113,11 +117,13 @@ def diff_in_means(
     position: int = -1,
     site: str = "hook_resid_pre",
     batch_size: int = 16,
+    bar=None,
 ) -> torch.Tensor:
-    """mean(harmful) - mean(harmless) of ``blocks.{layer}.{site}`` at column ``position``: float64 [d]."""
+    """mean(harmful) - mean(harmless) of ``blocks.{layer}.{site}`` at column ``position``: float64 [d].
+    ``bar`` advances by one per batch (``ceil(n_harmful / batch_size) + ceil(n_harmless / batch_size)``)."""
     name = _site_name(layer, site)
-    a = mean_activations(model, harmful_ids, harmful_mask, [name], [position], batch_size)
-    b = mean_activations(model, harmless_ids, harmless_mask, [name], [position], batch_size)
+    a = mean_activations(model, harmful_ids, harmful_mask, [name], [position], batch_size, bar=bar)
+    b = mean_activations(model, harmless_ids, harmless_mask, [name], [position], batch_size, bar=bar)
     return (a - b)[0, 0]
 
 
