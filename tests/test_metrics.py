@@ -206,3 +206,27 @@ def test_propose_token_pair_identical_sets_is_an_error(tok):
     x[:, 5] = 3.0
     with pytest.raises(PromptError, match="explicitly"):
         propose_token_pair(tok, x, x, k=1)
+
+
+def test_propose_token_pair_keeps_a_fixed_side(tok):
+    """``--refusal Sorry --compliance auto``: the fixed token is kept, only the other side is proposed."""
+    V = len(tok)
+    sorry, sure, i_, here = (_id(tok, s) for s in ("Sorry", "Sure", "I", "Here"))
+    harmful = torch.zeros(3, V)
+    harmless = torch.zeros(3, V)
+    harmful[:, i_] = 9.0  # the unconstrained refusal proposal would be 'I'
+    harmless[:, i_] = 2.0
+    harmless[:, sure] = 8.0
+    harmless[:, here] = 7.0
+    harmful[:, here] = 3.0
+    harmful[:, sure] = 1.0
+    harmless[:, sorry] = 9.5  # would win the harmless side, but it is the fixed refusal token
+    pair, table = propose_token_pair(tok, harmful, harmless, k=3, refusal=(sorry, "Sorry"))
+    assert pair == RefusalTokens(sorry, sure, "Sorry", "Sure")
+    assert {r["side"] for r in table} == {"harmless"} and sorry not in [r["token_id"] for r in table]
+    assert [r["token"] for r in table if r["chosen"]] == ["Sure"]
+    pair, table = propose_token_pair(tok, harmful, harmless, k=3, compliance=(sure, "Sure"))
+    assert pair.compliance_id == sure and pair.compliance_str == "Sure" and pair.refusal_id == i_
+    assert {r["side"] for r in table} == {"harmful"}
+    with pytest.raises(RefusalLabError):
+        propose_token_pair(tok, harmful, harmless, refusal=(sorry, "Sorry"), compliance=(sure, "Sure"))
