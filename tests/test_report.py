@@ -351,6 +351,8 @@ def test_compare_runs(tmp_path, run_dir):
     assert f"{hb['gap']:.3f}" in doc and f"{hb['max_resid_last']:.3f}" in doc
     assert '<a href="../big/report.html">' in doc
     assert 'id="evaluation"' in doc and "harmless added: baseline" in doc  # held-out rates, both runs
+    assert "<td>separates</td>" in doc and "<td>[0.410, 0.530]</td>" in doc  # sanity verdict, sufficiency interval
+    assert "harmless added: 95% CI" in doc  # Wilson intervals of the held-out rates
     rb = json.loads((big / "results.json").read_text())
     assert f"{rb['direction']['layer'] / 42:.3f}" in doc  # the selected layer at its depth
     figs = json.loads(re.search(r'id="figure-data">(.*?)</script>', doc, re.S).group(1))

@@ -18,7 +18,9 @@ from refusal_lab.report.common import (
     METRIC_TITLE,
     as_array,
     finite,
+    fmt_ci,
     headline,
+    interval,
     layer_depth,
     load_results,
 )
@@ -228,8 +230,10 @@ def _headline_rows(runs: Sequence[Run], out_dir: Path) -> list[list[Any]]:
         link = esc(name)
         if rep.exists():
             link = f'<a href="{esc(Path(os.path.relpath(rep, out_dir)).as_posix())}">{esc(name)}</a>'
-        rows.append([link, h["n_layers"], h["n_heads"], h["harmful_mean"], h["harmless_mean"], h["gap"],
-                     h["max_resid_last"], where, h["n_refusal_heads"], h["sufficiency"]])
+        sep = {True: "separates", False: "does NOT separate"}.get(h.get("separates"))
+        rows.append([link, h["n_layers"], h["n_heads"], h["harmful_mean"], h["harmless_mean"], h["gap"], sep,
+                     h["max_resid_last"], where, h["n_refusal_heads"], h["sufficiency"],
+                     fmt_ci(h.get("sufficiency_ci95"), 3)])
     return rows
 
 
@@ -245,6 +249,7 @@ def _evaluation_table(runs: Sequence[Run]) -> str:
     keys = [k for k in EVAL_RATES if any(isinstance(e.get(k), dict) for e in evs)]
     keys += sorted({k for e in evs for k, v in e.items()
                     if "refusal_rate" in str(k) and isinstance(v, dict) and k not in keys})
+    with_ci = any(interval((e.get(k) or {}).get("ci95")) for e in evs for k in keys if isinstance(e.get(k), dict))
     rows = []
     for (name, _, r), e in zip(runs, evs):
         d = r.get("direction") if isinstance(r.get("direction"), dict) else {}
@@ -254,11 +259,15 @@ def _evaluation_table(runs: Sequence[Run]) -> str:
         for k in keys:
             v = e.get(k) if isinstance(e.get(k), dict) else {}
             row += [v.get("value"), v.get("baseline"), v.get("n")]
+            if with_ci:  # Wilson intervals, where recorded
+                row += [fmt_ci(v.get("ci95")), fmt_ci(v.get("baseline_ci95"))]
         rows.append(row)
     heads = ["model", "layer", "depth (layer / n_layers)", "alpha"]
     for k in keys:
         short = k.replace("_refusal_rate", "").replace("refusal_rate_", "").replace("_", " ") or k
         heads += [f"{short}: value", f"{short}: baseline", f"{short}: n"]
+        if with_ci:
+            heads += [f"{short}: 95% CI", f"{short}: baseline 95% CI"]
     return ('<h2 id="evaluation">Held-out refusal rates</h2>'
             '<p class="muted">Steering evaluation on each run\'s held-out test instructions; the direction\'s '
             "layer is shown at its depth so models of different size compare.</p>" + table(heads, rows))
@@ -293,8 +302,9 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> Path:
             f'<p class="muted">Layers are shown at depth layer / n_layers so models of different depth overlay. '
             f"Patching values: {esc(METRIC_TITLE)}.</p>",
             '<h2 id="headline">Headline numbers</h2>',
-            table(["model", "layers", "heads", "harmful mean", "harmless mean", "gap",
-                   "max resid patching, last position", "at", "heads above threshold", "joint sufficiency"],
+            table(["model", "layers", "heads", "harmful mean", "harmless mean", "gap", "sanity check",
+                   "max resid patching, last position", "at", "heads above threshold", "joint sufficiency",
+                   "sufficiency 95% CI"],
                   _headline_rows(runs, out_dir), raw=(0,)),
             _evaluation_table(runs),
             '<h2 id="interactive">Overlays</h2>']
