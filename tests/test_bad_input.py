@@ -201,3 +201,27 @@ def test_output_folder_with_another_run(models, tmp_path, capsys):
     # The same config again is a resume, not a conflict.
     rc, _, err = run_main(capsys, other)
     assert rc == 0, err
+
+
+# -------------------------------------------------------------------------------------- judge
+
+
+@pytest.mark.parametrize(("judge", "needle"), [("./nope", "does not exist"), ("/tmp/refusal-lab-x", "does not exist"),
+                                               ("not a model", "owner/name"),
+                                               ("nobody/no-such-judge", "local Hugging Face cache")])
+def test_bad_judge_fails_before_the_model_load(judge, needle, models, tmp_path, capsys, monkeypatch):
+    """--judge is checked before the (slow) model load, not after the patching steps."""
+    import refusal_lab.models.loading as loading
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --judge was checked")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    rc, _, err = run_main(capsys, ["run", "--model", models["chat"], "--judge", judge, "--out", out, "--quiet"])
+    assert_one_line_error(rc, err, "--judge", needle)
+    assert not out.exists()
+    cfg = write(tmp_path / "cfg.json", {"judge": judge})  # the same from a --config file
+    rc, _, err = run_main(capsys, ["run", "--model", models["chat"], "--config", cfg, "--out", out, "--quiet"])
+    assert_one_line_error(rc, err, needle)

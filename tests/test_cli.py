@@ -119,6 +119,7 @@ def test_run_writes_tables_and_report(run_dir):
 
 def test_run_steering_sections(run_dir, tiny_dir):
     """Steering runs by default: direction, sweeps and held-out refusal rates with baselines and n."""
+    from refusal_lab.stats import wilson_interval
     from refusal_lab.steering.vectors import load_vector
 
     r = read_results(run_dir)
@@ -132,6 +133,12 @@ def test_run_steering_sections(run_dir, tiny_dir):
     assert len(chosen) == 1 and chosen[0]["bypass"] == d["bypass"]
     if d["fallback"] is None:  # the lowest bypass among the kept candidates
         assert chosen[0]["kept"] and d["bypass"] == min(row["bypass"] for row in d["table"] if row["kept"])
+        assert d["filters"] == {"kl_max": 0.1, "max_layer_frac": 0.8, "induce_min": 0.0, "stage": "configured"}
+    else:  # the filters actually applied, not the configured ones
+        relaxed = {"kl_max": 0.1, "max_layer_frac": 0.8, "induce_min": d["baseline"]["harmless_val_log_odds"],
+                   "stage": "induce_relaxed"}
+        assert d["filters"] in (relaxed, {"kl_max": None, "max_layer_frac": 0.8, "induce_min": None,
+                                          "stage": "layer_only"})
 
     v, meta = load_vector(run_dir / "vectors" / "direction.safetensors")
     assert v.shape == (D_MODEL,) and meta["layer"] == d["layer"] and meta["position"] == d["position"]
@@ -140,6 +147,12 @@ def test_run_steering_sections(run_dir, tiny_dir):
     st = r["steering"]["instructions"]
     assert [row["alpha"] for row in st["rows"]] == [0.0, 2.0]
     assert st["chosen_alpha"] == 2.0 and st["ablation"]["n"] == 4
+    wilson = lambda rate, n: list(wilson_interval(round(rate * n), n))  # noqa: E731
+    assert st["ablation"]["refusal_rate_ci95"] == wilson(st["ablation"]["refusal_rate"], 4)
+    for row in st["rows"]:
+        for kind in ("induce", "suppress"):
+            assert row[f"{kind}_n"] == 4
+            assert row[f"{kind}_refusal_rate_ci95"] == wilson(row[f"{kind}_refusal_rate"], 4)
     # alpha 0 is the unsteered model: induce and suppress rows coincide with the baselines
     assert st["rows"][0]["induce_refusal_score"] == pytest.approx(d["baseline"]["harmless_val_log_odds"], abs=1e-5)
     assert st["rows"][0]["suppress_refusal_score"] == pytest.approx(d["baseline"]["harmful_val_log_odds"], abs=1e-5)
@@ -150,11 +163,21 @@ def test_run_steering_sections(run_dir, tiny_dir):
         assert zero["harmless_normalised"] == pytest.approx(0.0, abs=1e-4)
         assert zero["harmful_normalised"] == pytest.approx(1.0, abs=1e-4)
         assert (run_dir / "vectors" / f"objects_{name}.safetensors").is_file()
+        gap = r["baseline"]["harmful_mean"] - r["baseline"]["harmless_mean"]
+        for row in o["rows"]:
+            for side in ("harmless", "harmful"):
+                assert row[f"{side}_n"] == 7
+                assert row[f"{side}_refusal_fraction_ci95"] == wilson(row[f"{side}_refusal_fraction"], 7)
+                assert row[f"{side}_metric_se"] > 0
+                assert row[f"{side}_normalised_se"] == pytest.approx(row[f"{side}_metric_se"] / abs(gap), rel=1e-6)
 
     ev = r["evaluation"]
     for key in ("harmless_refusal_rate_added", "harmful_refusal_rate_ablated", "harmful_refusal_rate_subtracted"):
         e = ev[key]
         assert e["n"] == 4 and 0 <= e["value"] <= 1 and 0 <= e["baseline"] <= 1
+        assert e["value"] == e["k"] / 4 and e["baseline"] == e["baseline_k"] / 4
+        assert e["ci95"] == list(wilson_interval(e["k"], 4))
+        assert e["baseline_ci95"] == list(wilson_interval(e["baseline_k"], 4))
     assert ev["alpha"] == st["chosen_alpha"] and ev["split"] == "test"
     for name in ("ablation", "addition"):
         dmg = ev["damage"][name]
@@ -218,7 +241,8 @@ def test_necessity_adds_reverse_direction(necessity_dir):
         "patch_resid_pre_necessity", "patch_heads_necessity"}
     assert "attribution" not in p
     assert {p.name for p in (necessity_dir / "tables").glob("patching_*.csv")} == {
-        f"patching_{g}_{d}.csv" for g in ("resid_pre", "heads") for d in ("sufficiency", "necessity")}
+        f"patching_{g}_{d}.csv" for g in ("resid_pre", "heads") for d in ("sufficiency", "necessity")} | {
+        "patching_summary.csv"}  # mean, SE and interval of every cell
 
 
 def test_force_recomputes_every_step(necessity_dir, tiny_dir, tmp_path):
@@ -233,6 +257,61 @@ def test_force_recomputes_every_step(necessity_dir, tiny_dir, tmp_path):
     assert all(new[k] != mtimes[k] for k in mtimes), "every step is rewritten"
     # Recomputing is deterministic.
     assert without_timings(read_results(copy)) == without_timings(read_results(necessity_dir))
+
+
+def _stop_after_load(argv) -> None:
+    """Run ``argv`` with the load_model spy, which stops the command (exit 2) once it has been called."""
+    assert run_cli(argv) == 2
+
+
+@pytest.fixture()
+def load_spy(monkeypatch):
+    """Replace load_model by a spy recording (spec, kwargs) and stopping the command."""
+    import refusal_lab.models.loading as loading
+
+    calls = []
+
+    from refusal_lab.errors import RefusalLabError
+
+    def spy(spec=None, **kw):
+        calls.append({"model": spec, **kw})
+        raise RefusalLabError("Stopped after load_model (test spy).")
+
+    monkeypatch.setattr(loading, "load_model", spy)
+    return calls
+
+
+def test_config_file_device_dtype_and_model_reach_the_loader(tiny_dir, tmp_path, load_spy):
+    """Regression: `device` in a --config file was ignored for the main model (only model and dtype
+    were written back); flags still override the file."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"model": str(tiny_dir), "device": "cuda:7", "dtype": "float16"}))
+    _stop_after_load(["run", "--config", cfg, "--out", tmp_path / "o", "--quiet"])
+    assert {k: load_spy[-1][k] for k in ("model", "device", "dtype", "progress")} == {
+        "model": str(tiny_dir), "device": "cuda:7", "dtype": "float16", "progress": False}
+    _stop_after_load(["run", "--config", cfg, "--device", "cpu", "--dtype", "bfloat16", "--out", tmp_path / "o"])
+    assert {k: load_spy[-1][k] for k in ("model", "device", "dtype", "progress")} == {
+        "model": str(tiny_dir), "device": "cpu", "dtype": "bfloat16", "progress": True}
+
+
+def test_quiet_turns_off_the_loaders_progress(tiny_dir, load_spy):
+    """--quiet reaches load_model as progress=False (GGUF conversion and weight-loading bars)."""
+    for argv in (["inspect", "--model", tiny_dir], ["run", "--model", tiny_dir, "--quiet"]):
+        _stop_after_load(argv)
+    assert [c["progress"] for c in load_spy] == [True, False]
+
+
+def test_strict_stops_a_model_that_does_not_separate(tiny_dir, tmp_path, capsys):
+    """--strict on a tiny random model (its harmful and harmless objects score alike): exit 2 and one
+    sentence on stderr, no traceback, nothing computed past the baseline."""
+    out = tmp_path / "strict"
+    capsys.readouterr()
+    rc = run_cli(["run", "--model", tiny_dir, "--out", out, "--quiet", "--strict", "--no-steering"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("refusal-lab: error: ") and "does not separate harmful from harmless" in err
+    assert "--strict" in err and not list((out / "steps").glob("patch_*.json"))
 
 
 # ---------------------------------------------------------------------------------- inspect

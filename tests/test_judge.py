@@ -59,3 +59,65 @@ def test_offline_model_as_judge(real_model):
     verdicts = judge([i for i, _ in REPLIES], [c for _, c in REPLIES])
     print("judge scores", judge.last_scores)
     assert verdicts == [True, False, False, True]
+
+
+# ------------------------------------------------------------------ --judge, checked before any load
+
+
+def _fake_hub_cache(root, repo_id):
+    """A Hugging Face cache holding ``repo_id``'s config.json (main -> one snapshot)."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    return root
+
+
+def test_check_judge_accepts(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from refusal_lab.cli import check_judge
+
+    for name in (None, "substring", "self", str(make_tiny_chat_model(tmp_path))):
+        check_judge(name)
+    gguf = tmp_path / "judge.Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF")
+    check_judge(str(gguf))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(_fake_hub_cache(tmp_path / "hub", "owner/judge-7b")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    check_judge("owner/judge-7b")  # offline, but in the local cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    check_judge("owner/not-cached")  # online: the hub answers at load time
+
+
+@pytest.mark.parametrize(("judge", "needle"), [
+    ("./nope", "does not exist"), ("/tmp/refusal-lab-no-such-judge", "does not exist"),
+    ("~/nope/judge.gguf", "does not exist"), ("a/b/c", "does not exist"),
+    ("subtring", "hub id of the form owner/name"), ("owner/na me", "hub id of the form owner/name"),
+    ("owner/--bad", "hub id of the form owner/name"), ("owner/not-cached", "not in the local Hugging Face cache"),
+])
+def test_check_judge_rejects(judge, needle, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from refusal_lab.cli import check_judge
+    from refusal_lab.errors import ConfigError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=needle) as e:
+        check_judge(judge)
+    assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
+
+
+def test_check_judge_rejects_non_model_paths(tmp_path):
+    from refusal_lab.cli import check_judge
+    from refusal_lab.errors import ConfigError
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="is a file but not a .gguf model"):
+        check_judge(str(tmp_path / "notes.txt"))
+    with pytest.raises(ConfigError, match="has no config.json"):
+        check_judge(str(tmp_path))

@@ -1,4 +1,4 @@
-"""The ``refusal-lab`` command: ``run``, ``inspect``, ``compare``.
+"""The ``refusal-lab`` command: ``run``, ``inspect``, ``compare``, ``abliterate``.
 
 Bad input gets one sentence and exit code 2; ``--debug`` shows the traceback instead.
 """
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "itself yes/no), or a chat model's hub id / folder")
     run.add_argument("--force", action="store_true", help="recompute finished steps / overwrite a different run")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--strict", action="store_true",
+                     help="stop with an error (exit 2) when the model does not separate harmful from harmless "
+                          "prompts on the metric")
     run.add_argument("--ray", metavar="ADDRESS", help="shard the patching grids over a Ray cluster: auto, host:6379, "
                                                       "ray://host:10001, or local (starts one here)")
     run.add_argument("--ray-workers", type=int, metavar="N",
@@ -73,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--select", action="store_true",
                      help="choose layer and position with select_direction (slow on CPU)")
     abl.add_argument("--n-train", type=int, default=64, help="harmful and harmless train instructions each (default 64)")
+    abl.add_argument("--n-val", type=int, default=32,
+                     help="harmful and harmless val instructions each for --select (default 32)")
     abl.add_argument("--force", action="store_true", help="write into a non-empty --out (its weight files are replaced)")
     abl.add_argument("--quiet", action="store_true", help="no progress output")
     abl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -90,10 +95,11 @@ def _load(args):
         if not path.is_file():
             raise PromptError(f"Chat template file {path} does not exist; give a path to a Jinja template file.")
         chat_template = path.read_text()
-    with _progress_bars(not getattr(args, "quiet", False)):
+    progress = not getattr(args, "quiet", False)
+    with _progress_bars(progress):
         return load_model(args.model, dtype=args.dtype or "float32", device=args.device, device_map=args.device_map,
                           trust_remote_code=args.trust_remote_code, token=args.token or os.environ.get("HF_TOKEN"),
-                          chat_template=chat_template)
+                          chat_template=chat_template, progress=progress)
 
 
 @contextlib.contextmanager
@@ -127,6 +133,64 @@ def _check_prompt_inputs(objects: str | None, template: str | None) -> None:
         validate_template(lists.template)
 
 
+_JUDGE_CHOICES = "'substring', 'self', a chat model's folder or .gguf file, or a Hugging Face hub id (owner/name)"
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as the hub client reads them (also when set after its import)."""
+    from huggingface_hub import constants
+
+    on = {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE) or any(os.environ.get(k, "").strip().upper() in on
+                                                 for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_judge(judge: str | None) -> None:
+    """Validate ``--judge`` (or the config's ``judge``) before the (slow) model load.
+
+    Accepted: ``substring``, ``self``, an existing model folder (with config.json) or ``.gguf``
+    file, or a hub id ``owner/name``; in offline mode (HF_HUB_OFFLINE=1) the hub id must be in the
+    local Hugging Face cache. Anything else raises :class:`~refusal_lab.errors.ConfigError`.
+    """
+    from refusal_lab.errors import ConfigError
+
+    if judge is None or judge in ("substring", "self"):
+        return
+    text = str(judge).strip()
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ConfigError(f"--judge {text} is a file but not a .gguf model; give {_JUDGE_CHOICES}.")
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--judge folder {text} has no config.json, so it is not a Hugging Face model folder; "
+                              f"give {_JUDGE_CHOICES}.")
+        return
+    if text.startswith(("/", ".", "~")) or "\\" in text or text.lower().endswith(".gguf") or text.count("/") > 1:
+        raise ConfigError(f"--judge {text} does not exist; give {_JUDGE_CHOICES}.")
+    import re
+
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    valid = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", text) is not None
+    if valid:
+        try:
+            validate_repo_id(text)
+        except HFValidationError:
+            valid = False
+    if not valid:
+        raise ConfigError(f"--judge {text!r} is neither a known judge, an existing path nor a hub id of the form "
+                          f"owner/name; give {_JUDGE_CHOICES}.")
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(text, "config.json"), str):
+            raise ConfigError(f"--judge {text} is not in the local Hugging Face cache and the hub is off "
+                              "(HF_HUB_OFFLINE); download it first, or give a local model folder or .gguf file.")
+
+
 def cmd_run(args) -> int:
     from refusal_lab.artifacts import read_json
     from refusal_lab.errors import ConfigError
@@ -155,8 +219,10 @@ def cmd_run(args) -> int:
     if args.no_steering:
         data["steering"] = False
     cfg = RunConfig.from_dict(data, where=str(args.config) if args.config else "the options")
-    args.model, args.dtype = cfg.model, cfg.dtype
+    # the merged settings (file, then flags) are what the model is loaded with
+    args.model, args.dtype, args.device = cfg.model, cfg.dtype, cfg.device
     _check_prompt_inputs(cfg.objects, cfg.template)
+    check_judge(cfg.judge)
     if args.ray_workers is not None and not args.ray:
         raise ConfigError("--ray-workers needs --ray ADDRESS (auto, host:port, ray://host:port or local).")
     executor = None
@@ -171,7 +237,8 @@ def cmd_run(args) -> int:
             from refusal_lab.distributed import load_kwargs
 
             executor.load = load_kwargs(args, cfg)
-        rep = Replication(model, cfg, out, force=args.force, progress=not args.quiet, executor=executor)
+        rep = Replication(model, cfg, out, force=args.force, progress=not args.quiet, executor=executor,
+                          strict=args.strict)
         results = rep.run()
     finally:
         if executor is not None:
@@ -222,6 +289,8 @@ def cmd_abliterate(args) -> int:
         raise ConfigError("--select chooses the layer and position itself; drop --layer/--position or --select.")
     if args.n_train < 1:
         raise ConfigError(f"--n-train must be a positive number of instructions, got {args.n_train}.")
+    if args.n_val < 1:
+        raise ConfigError(f"--n-val must be a positive number of instructions, got {args.n_val}.")
     out = args.out
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the orthogonalised model.")
@@ -254,7 +323,7 @@ def cmd_abliterate(args) -> int:
         say(f"direction: {args.direction} (|v| = {float(vector.norm()):.3f})")
     else:
         choice = instruction_direction(model, args.layer, args.position, select=args.select, n_train=args.n_train,
-                                       log=say)
+                                       n_val=args.n_val, log=say, progress=not args.quiet)
         vector, info = choice.vector, choice.info
     say("orthogonalising the weights...")
     report = orthogonalize_weights(model, vector)
