@@ -40,7 +40,7 @@ refusal-lab run --config .ci/newcomer.json --out "$work/run" --strict
 say "refusal-lab inspect"
 refusal-lab inspect --objects .ci/newcomer-objects.json --json > "$work/inspect.json"
 say "refusal-lab abliterate --select"
-refusal-lab abliterate --select --n-train 8 --n-val 4 --out "$work/abliterated"
+refusal-lab abliterate --select --n-train 8 --n-val 2 --out "$work/abliterated"
 say "checking the outputs"
 python - "$work" <<'PY'
 import json, sys
