@@ -570,7 +570,7 @@ class Replication:
                 objects={"harmful": self.prompts.harmful_objects, "harmless": self.prompts.harmless_objects},
                 metric_fn=lambda logits: self.metric.from_logits(logits, None), harmful_mean=h_mean,
                 harmless_mean=s_mean, object_position=self.prompts.resolve_positions(self.cfg.steering_object_position)[0],
-                heads=sel, heads_position=heads_col[0], save_vector=self.save_vector)
+                heads=sel, heads_position=heads_col[0], save_vector=self.save_vector, progress=self.progress)
 
         return self._step("steering", compute)
 
@@ -579,7 +579,8 @@ class Replication:
 
         alpha = steering["instructions"]["chosen_alpha"]
         return self._step("evaluation", lambda: evaluation_step(self.model, self.steering_settings(), direction,
-                                                                  self.load_vector("direction"), alpha))
+                                                                  self.load_vector("direction"), alpha,
+                                                                  progress=self.progress))
 
     # ---------------------------------------------------------------- the whole run
     def run(self) -> dict:
