@@ -194,7 +194,8 @@ def test_output_folder_with_another_run(models, tmp_path, capsys):
     assert "attn_out" in results["patching"] and "resid_pre" not in results["patching"]
     assert {p.stem for p in (out / "steps").glob("*.json")} == {"baseline", "dla", "patch_attn_out_sufficiency"}
     # Nothing of the overwritten run is left next to the new one.
-    assert {p.name for p in (out / "tables").glob("*.csv")} == {"baseline.csv", "patching_attn_out_sufficiency.csv"}
+    assert {p.name for p in (out / "tables").glob("*.csv")} == {"baseline.csv", "patching_attn_out_sufficiency.csv",
+                                                                 "patching_summary.csv"}  # the new run's summary
     assert not list((out / "tensors").glob("*resid_pre*"))
     assert not list((out / "vectors").glob("*"))
 
