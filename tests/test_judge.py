@@ -80,7 +80,8 @@ def test_check_judge_accepts(tmp_path, monkeypatch):
 
     from refusal_lab.cli import check_judge
 
-    for name in (None, "substring", "self", str(make_tiny_chat_model(tmp_path))):
+    for name in (None, "substring", "self", str(make_tiny_chat_model(tmp_path)), "qwen2.5-coder-1.5b-instruct",
+                 "Qwen2.5-Coder-0.5B-Instruct"):  # offline models by name (case-insensitive)
         check_judge(name)
     gguf = tmp_path / "judge.Q4_K_M.gguf"
     gguf.write_bytes(b"GGUF")

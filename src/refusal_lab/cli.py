@@ -133,7 +133,8 @@ def _check_prompt_inputs(objects: str | None, template: str | None) -> None:
         validate_template(lists.template)
 
 
-_JUDGE_CHOICES = "'substring', 'self', a chat model's folder or .gguf file, or a Hugging Face hub id (owner/name)"
+_JUDGE_CHOICES = ("'substring', 'self', a chat model's folder or .gguf file, an offline model's name "
+                  "(qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct), or a Hugging Face hub id (owner/name)")
 
 
 def _hub_offline() -> bool:
@@ -149,7 +150,7 @@ def check_judge(judge: str | None) -> None:
     """Validate ``--judge`` (or the config's ``judge``) before the (slow) model load.
 
     Accepted: ``substring``, ``self``, an existing model folder (with config.json) or ``.gguf``
-    file, or a hub id ``owner/name``; in offline mode (HF_HUB_OFFLINE=1) the hub id must be in the
+    file, an offline model's name (``qwen2.5-coder-1.5b-instruct``), or a hub id ``owner/name``; in offline mode (HF_HUB_OFFLINE=1) the hub id must be in the
     local Hugging Face cache. Anything else raises :class:`~refusal_lab.errors.ConfigError`.
     """
     from refusal_lab.errors import ConfigError
@@ -166,6 +167,10 @@ def check_judge(judge: str | None) -> None:
         if not (path / "config.json").is_file():
             raise ConfigError(f"--judge folder {text} has no config.json, so it is not a Hugging Face model folder; "
                               f"give {_JUDGE_CHOICES}.")
+        return
+    from refusal_lab.models.offline import get_offline_model
+
+    if get_offline_model(text) is not None:  # an offline model by name (e.g. qwen2.5-coder-1.5b-instruct)
         return
     if text.startswith(("/", ".", "~")) or "\\" in text or text.lower().endswith(".gguf") or text.count("/") > 1:
         raise ConfigError(f"--judge {text} does not exist; give {_JUDGE_CHOICES}.")
