@@ -254,7 +254,6 @@ def sanity_check(harmful: dict, harmless: dict, tokenizer, tokens, seed: int = 0
     dec = lambda i: tokenizer.decode([int(i)])  # noqa: E731
     k, m = sum(int(t) in onset_ids for t in harmful["top_id"]), len(harmful["top_id"])
     lo, hi = wilson_interval(k, m)
-    lo, hi = (0.0 if k == 0 else lo), (1.0 if k == m else hi)  # exact ends (not 1e-17 rounding)
     onset = {"value": k / m if m else None, "k": k, "n": m, "ci95": [lo, hi],
              "onset_tokens": [dec(i) for i in onset_ids]}
     op = torch.as_tensor(harmful["onset_probs"], dtype=torch.float64).reshape(m, len(onset_ids)).mean(0)
