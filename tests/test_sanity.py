@@ -117,12 +117,13 @@ def test_sanity_check_separating_model_and_token_note():
     r = {"sanity": san, "baseline": {"harmful_mean": 3.25, "harmless_mean": -1.0},
          "tokens": {"refusal": {"str": "Sorry"}, "compliance": {"str": "Sure"}}, "patching": {}, "positions": []}
     f = findings(r)
-    assert f[0] == san["token_note"] and f[1].startswith("Harmful prompts score")
-    # the refusal token is the model's own onset: no note, and the findings open as before
+    assert f[0] == san["sentence"] and f[1] == san["token_note"] and f[2].startswith("Harmful prompts score")
+    # the refusal token is the model's own onset: no note; the passed sentence, then the findings as before
     harm2 = dict(harm, refusal_prob=[0.4, 0.45, 0.42, 0.41])
     san2 = sanity_check(harm2, harmless, Tok(), RefusalTokens(1, 9, "I", "Sure"), seed=0)
     assert san2["separates"] is True and san2["token_note"] is None
-    assert findings(dict(r, sanity=san2))[0].startswith("Harmful prompts score")
+    f2 = findings(dict(r, sanity=san2))
+    assert f2[0] == san2["sentence"] and f2[1].startswith("Harmful prompts score")
     # a gap whose interval reaches below 0 does not separate, even with a positive mean
     san3 = sanity_check(dict(harm, metric=[3.0, -2.0, 0.5, -1.0]), {"metric": [0.0, 0.0, 0.0, 0.0]}, Tok(),
                         tokens, seed=0)

@@ -779,10 +779,10 @@ def findings(r: dict) -> list[str]:
     """The replication's headline observations, in words with their numbers."""
     out = []
     san = r.get("sanity") or {}
-    if san and not san.get("separates"):
-        out.append(san["sentence"])  # the warning speaks first
-    elif san.get("token_note"):
-        out.append(san["token_note"])
+    if san:
+        out.append(san["sentence"])  # the sanity gate speaks first: passed, or the warning
+        if san.get("token_note"):
+            out.append(san["token_note"])
     b = r["baseline"]
     out.append(f"Harmful prompts score {b['harmful_mean']:.2f} and harmless prompts {b['harmless_mean']:.2f} on "
                f"logit[{r['tokens']['refusal']['str']}] - logit[{r['tokens']['compliance']['str']}] "
@@ -791,7 +791,11 @@ def findings(r: dict) -> list[str]:
     labels = [f"{x['label']}" for x in r["positions"]]
     if "resid_pre" in p:
         v = torch.as_tensor(p["resid_pre"]["values"])
-        out.append(f"Patching resid_pre at the last position recovers {v[-1, -1]:.2f} at the last layer and "
+        pm = ""
+        if "se" in p["resid_pre"]:
+            se = torch.as_tensor(p["resid_pre"]["se"], dtype=torch.float64)
+            pm = f" (± {float(se[-1, -1]):.2f} SE, n = {p['resid_pre']['n_pairs']} pairs)"
+        out.append(f"Patching resid_pre at the last position recovers {v[-1, -1]:.2f}{pm} at the last layer and "
                    f"{v[:, -1].max():.2f} at most.")
         for lab in ("post_obj", "eoi"):
             idx = [i for i, x in enumerate(labels) if x == lab and i != len(labels) - 1]
