@@ -112,6 +112,16 @@ def fmt_ci(ci: Any, digits: int = 2) -> str | None:
     return None if iv is None else f"[{iv[0]:.{digits}f}, {iv[1]:.{digits}f}]"
 
 
+def error_offsets(points: Any) -> list[tuple[float, float] | None]:
+    """Asymmetric error-bar offsets ``(below, above)`` (each >= 0) of ``(value, interval)`` points;
+    None where a point has no finite value or interval. Both renderers (PNG, plotly) draw these."""
+    out: list[tuple[float, float] | None] = []
+    for v, ci in points:
+        iv, x = interval(ci), finite(v)
+        out.append(None if iv is None or x is None else (max(0.0, x - iv[0]), max(0.0, iv[1] - x)))
+    return out
+
+
 def sanity_of(results: dict[str, Any]) -> dict[str, Any]:
     """The run's ``sanity`` entry (empty for runs recorded before the sanity gate)."""
     s = results.get("sanity")

@@ -21,12 +21,12 @@ from matplotlib.patches import Rectangle
 from refusal_lab.artifacts import atomic_target
 from refusal_lab.report.common import (
     candidate_grid,
+    error_offsets,
     METRIC_TITLE,
     as_array,
     finite,
     fmt_ci,
     grid_title,
-    interval,
     iter_grids,
 )
 
@@ -325,12 +325,10 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray:
 
 def _yerr(points: Sequence[tuple[Any, Any]]) -> np.ndarray | None:
     """``[2, n]`` asymmetric error bars from ``(value, interval)`` points; None when no point has an interval."""
-    err = np.full((2, len(points)), np.nan)
-    for i, (v, ci) in enumerate(points):
-        iv, x = interval(ci), finite(v)
-        if iv is not None and x is not None:
-            err[:, i] = [max(0.0, x - iv[0]), max(0.0, iv[1] - x)]
-    return None if np.isnan(err).all() else np.nan_to_num(err, nan=0.0)
+    offsets = error_offsets(points)
+    if all(o is None for o in offsets):
+        return None
+    return np.array([o if o is not None else (0.0, 0.0) for o in offsets]).T
 
 
 def _se_err(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray | None:

@@ -22,6 +22,7 @@ from matplotlib import colormaps
 from refusal_lab.artifacts import write_text
 from refusal_lab.report.common import (
     candidate_grid,
+    error_offsets,
     METRIC_TITLE,
     as_array,
     finite,
@@ -1057,20 +1058,11 @@ def _rate_ci(ci: Any, k: Any = None, n: Any = None) -> str | None:
 
 def _error_bars(points: Sequence[tuple[Any, Any]]) -> dict[str, Any] | None:
     """A plotly asymmetric ``error_y`` from ``(value, interval)`` points (None when no point has an interval)."""
-    plus, minus, any_ci = [], [], False
-    for v, ci in points:
-        iv, x = interval(ci), finite(v)
-        if iv is None or x is None:
-            plus.append(None)
-            minus.append(None)
-            continue
-        any_ci = True
-        plus.append(max(0.0, iv[1] - x))
-        minus.append(max(0.0, x - iv[0]))
-    if not any_ci:
+    offsets = error_offsets(points)
+    if all(o is None for o in offsets):
         return None
-    return {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "thickness": 1.2, "width": 4,
-            "color": "#333"}
+    return {"type": "data", "symmetric": False, "array": [None if o is None else o[1] for o in offsets],
+            "arrayminus": [None if o is None else o[0] for o in offsets], "thickness": 1.2, "width": 4, "color": "#333"}
 
 
 def _se_bars(values: Sequence[Any], ses: Sequence[Any]) -> dict[str, Any] | None:
