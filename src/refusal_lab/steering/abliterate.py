@@ -273,13 +273,9 @@ def instruction_direction(model, layer: int | None = None, position: str | int |
     scored on ``n_val`` + ``n_val`` val instructions, default filters, and the relaxing fallback when
     every candidate is filtered out; slow on CPU). ``progress`` shows a bar on stderr.
     """
-    import math
-    import sys
-
-    from tqdm.auto import tqdm
-
     from refusal_lab.errors import ConfigError, SiteError
     from refusal_lab.prompts import build_instruction_prompts, eoi_tokens, load_instructions
+    from refusal_lab.steering.sweep import n_batches, progress_bar
     from refusal_lab.steering.vectors import diff_in_means
 
     say = log or (lambda _msg: None)
@@ -330,9 +326,8 @@ def instruction_direction(model, layer: int | None = None, position: str | int |
         say(f"position: {col} = last end-of-instruction token {col_tok!r} (--position to change)")
     say(f"difference in means at blocks.{layer}.hook_resid_pre, column {col}, over {n_train} harmful + "
         f"{n_train} harmless train instructions...")
-    total = sum(math.ceil(x[0].shape[0] / batch_size) for x in (hf, hl))
-    with tqdm(total=total, desc="difference in means", unit="batch", leave=False, disable=not progress,
-              file=sys.stderr) as bar:
+    total = sum(n_batches(x[0].shape[0], batch_size) for x in (hf, hl))
+    with progress_bar(total, "difference in means", progress) as bar:
         v = diff_in_means(model, *hf, *hl, layer=layer, position=col, batch_size=batch_size, bar=bar)
     return DirectionChoice(v, layer, col, {
         "layer": layer, "position": col, "position_token": col_tok, "site": "hook_resid_pre",

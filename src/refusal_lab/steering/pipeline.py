@@ -24,12 +24,10 @@ selection (also ``refusal-lab abliterate --select``).
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from refusal_lab.prompts import build_instruction_prompts, load_instructions
 from refusal_lab.prompts.builder import eoi_tokens
@@ -38,7 +36,9 @@ from refusal_lab.steering.evaluation import (
 )
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
 from refusal_lab.steering.selection import SelectionResult, select_direction
-from refusal_lab.steering.sweep import alpha_sweep, evaluate_hooks, n_batches, rate_ci95, sweep_units
+from refusal_lab.steering.sweep import (
+    alpha_sweep, evaluate_hooks, n_batches, progress_bar, rate_ci95, sweep_units,
+)
 from refusal_lab.steering.vectors import diff_in_means, head_vector
 from refusal_lab.stats import mean_se
 
@@ -72,11 +72,6 @@ def _instructions(split: str, n: int, seed: int) -> dict[str, list[str]]:
 
 
 # ------------------------------------------------------------------------------------ direction
-
-def _bar(total: int, desc: str, progress: bool, unit: str = "batch"):
-    """A tqdm bar on stderr (n of N, ETA); disabled when ``progress`` is False."""
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not progress, file=sys.stderr)
-
 
 @dataclass
 class InstructionSelection:
@@ -221,7 +216,7 @@ def steering_step(model, s: SteeringSettings, direction: dict, direction_vector:
     n_vectors = 2 if heads else 1
     total = (sweep_units(len(alphas), len(val["harmless"]), len(val["harmful"]), s.batch_size, ablate=True)
              + n_vectors * len(object_alphas) * 2)
-    bar = _bar(total, "steering: val alpha sweep", progress)
+    bar = progress_bar(total, "steering: val alpha sweep", progress)
     try:
         sweep = alpha_sweep(model, direction_vector.to(model.dtype), layer, alphas, val["harmless"], val["harmful"],
                             positions="all", ablate=True, judge=s.judge, max_new_tokens=s.max_new_tokens,
@@ -282,7 +277,7 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
                 "harmful_subtracted": ("harmful", sub)}
     damage_edits = (("ablation", abl), ("addition", add))
     total = sum(n_batches(len(test[side]), s.batch_size) for side, _ in settings.values()) + 2 * len(damage_edits)
-    bar = _bar(total, "evaluation", progress)
+    bar = progress_bar(total, "evaluation", progress)
     kw = dict(judge=s.judge, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, bar=bar)
     try:
         runs = {}

@@ -20,13 +20,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import sys
-
 import torch
 
 from refusal_lab.errors import RefusalLabError
 from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
+from refusal_lab.steering.sweep import progress_bar
 from refusal_lab.steering.vectors import diff_in_means_all_layers
 
 __all__ = ["STAGES", "SelectionResult", "applied_filters", "choose_candidate", "select_direction"]
@@ -179,11 +178,8 @@ def select_direction(
     base_hf_bypass = float(refusal_log_odds(_last_logits(model, hf_ids, hf_mask, (), batch_size), refusal_ids).mean())
     layer_limit = max_layer_frac * L
 
-    from tqdm.auto import tqdm
-
     table: list[dict] = []
-    bar = tqdm(total=L * len(positions), desc="direction: scoring candidates", unit="candidate", leave=False,
-               disable=not progress, file=sys.stderr)
+    bar = progress_bar(L * len(positions), "direction: scoring candidates", progress, unit="candidate")
     for l in range(L):
         for j, p in enumerate(positions):
             r = cands[l, j]

@@ -14,6 +14,7 @@ totals, so a caller can run one bar over several sweeps.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +24,14 @@ from refusal_lab.steering.evaluation import Judge, SubstringJudge, _length_batch
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
 from refusal_lab.stats import wilson_interval
 
-__all__ = ["alpha_sweep", "evaluate_hooks", "n_batches", "rate_ci95", "sweep_units"]
+__all__ = ["alpha_sweep", "evaluate_hooks", "n_batches", "progress_bar", "rate_ci95", "sweep_units"]
+
+
+def progress_bar(total: int, desc: str, progress: bool = True, unit: str = "batch"):
+    """The steering steps' tqdm bar on stderr (n of N, ETA); disabled when ``progress`` is False."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not progress, file=sys.stderr)
 
 
 def n_batches(n: int, batch_size: int) -> int:
