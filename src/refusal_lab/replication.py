@@ -754,9 +754,11 @@ def steering_findings(r: dict) -> list[str]:
         a, b, c = (ev["harmless_refusal_rate_added"], ev["harmful_refusal_rate_ablated"],
                    ev["harmful_refusal_rate_subtracted"])
 
+        from refusal_lab.report.common import fmt_ci
+
         def ci(x: dict, key: str = "ci95") -> str:  # " [0.41, 0.63]": the Wilson interval, when recorded
-            iv = x.get(key)
-            return f" [{iv[0]:.2f}, {iv[1]:.2f}]" if isinstance(iv, (list, tuple)) and len(iv) == 2 and None not in iv else ""
+            c = fmt_ci(x.get(key))
+            return f" {c}" if c else ""
 
         wilson = any(ci(x) or ci(x, "baseline_ci95") for x in (a, b, c))
         out.append(f"Held-out test prompts: harmless refusal rate {a['baseline']:.2f}{ci(a, 'baseline_ci95')} -> "
