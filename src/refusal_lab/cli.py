@@ -6,7 +6,6 @@ Bad input gets one sentence and exit code 2; ``--debug`` shows the traceback ins
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -95,28 +94,10 @@ def _load(args):
         if not path.is_file():
             raise PromptError(f"Chat template file {path} does not exist; give a path to a Jinja template file.")
         chat_template = path.read_text()
-    progress = not getattr(args, "quiet", False)
-    with _progress_bars(progress):
-        return load_model(args.model, dtype=args.dtype or "float32", device=args.device, device_map=args.device_map,
-                          trust_remote_code=args.trust_remote_code, token=args.token or os.environ.get("HF_TOKEN"),
-                          chat_template=chat_template, progress=progress)
-
-
-@contextlib.contextmanager
-def _progress_bars(enabled: bool):
-    """``--quiet`` also silences transformers' "Loading weights" bar (restored afterwards)."""
-    if enabled:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+    # progress=False silences the loaders' own bars too (models.offline.progress_bars)
+    return load_model(args.model, dtype=args.dtype or "float32", device=args.device, device_map=args.device_map,
+                      trust_remote_code=args.trust_remote_code, token=args.token or os.environ.get("HF_TOKEN"),
+                      chat_template=chat_template, progress=not getattr(args, "quiet", False))
 
 
 def _check_prompt_inputs(objects: str | None, template: str | None) -> None:
@@ -338,7 +319,9 @@ def cmd_abliterate(args) -> int:
         for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
             stale.unlink()
     say(f"saving to {out}...")
-    with _progress_bars(not args.quiet):
+    from refusal_lab.models.offline import progress_bars
+
+    with progress_bars(not args.quiet):  # transformers' own bars while saving, as while loading
         write_abliteration(out, model, vector, report, info)
     print(f"wrote {out} (exact: {str(report.exact).lower()}; "
           f"layer {info.get('layer')}, position {info.get('position')})")
