@@ -1,0 +1,40 @@
+"""Numbers unchanged by refactoring: a full run on tiny random models equals the committed
+reference (``tests/reference/``, produced by the code before the pipeline redesign) in every
+field of the reference — floats to fp32 rounding (rtol 1e-5, atol 1e-6), everything else exactly.
+Fields the reference lacks (added later) are allowed; fields it has must stay."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.numeric import ATOL, RTOL
+from tests.reference_run import MODEL_TYPES, reference_path, run_reference
+
+
+def assert_reference_holds(new, ref, path: str = "$") -> None:
+    if isinstance(ref, dict):
+        assert isinstance(new, dict), (path, type(new))
+        missing = sorted(set(ref) - set(new))
+        assert not missing, (path, missing)
+        for k in ref:
+            assert_reference_holds(new[k], ref[k], f"{path}.{k}")
+    elif isinstance(ref, list):
+        assert isinstance(new, list) and len(new) == len(ref), (path, len(ref), new if not isinstance(new, list) else len(new))
+        for i, (x, y) in enumerate(zip(new, ref)):
+            assert_reference_holds(x, y, f"{path}[{i}]")
+    elif isinstance(ref, float) and not isinstance(new, bool) and isinstance(new, (int, float)):
+        if math.isnan(ref):
+            assert math.isnan(new), (path, new, ref)
+        else:
+            assert abs(new - ref) <= ATOL + RTOL * abs(ref), (path, new, ref, abs(new - ref))
+    else:
+        assert new == ref, (path, new, ref)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_run_equals_pinned_reference(model_type, tmp_path):
+    ref = json.loads(reference_path(model_type).read_text())
+    assert_reference_holds(run_reference(tmp_path, model_type), ref)
