@@ -337,23 +337,29 @@ def test_atp_star_on_the_real_model(real_model, tmp_path):
     are printed (no claim that AtP* wins)."""
     import time
 
-    from refusal_lab.replication import Replication, RunConfig, _normalise
+    from refusal_lab.metrics import normalise
+    from refusal_lab.run.config import RunConfig
+    from refusal_lab.run.folder import RunFolder
+    from refusal_lab.run.inputs import RunInputs
+    from refusal_lab.run.step import RunContext
+    from refusal_lab.run.steps import attribution, patch
 
     cfg = RunConfig(grids=["heads"], generate_tokens=0)
-    rep = Replication(real_model, cfg, tmp_path / "run", progress=False)
+    rep = RunInputs(real_model, cfg)
     n = 2  # of the 7 pairs: the exact grid (24 x 14 heads) costs ~20 CPU-seconds a pair
     rep.batches = {side: Batch(b.ids[:n], b.mask[:n]) for side, b in rep.batches.items()}
+    ctx = RunContext(rep, RunFolder(tmp_path / "run", cfg), progress=False)
     t0 = time.perf_counter()
-    exact = torch.as_tensor(rep.step_patch("heads", "sufficiency")["per_pair"])
+    exact = torch.as_tensor(patch.compute(ctx, "heads", "sufficiency")["per_pair"])
     t1 = time.perf_counter()
-    attr = rep.step_attribution(["heads"])["heads"]
+    attr = attribution.compute(ctx)["heads"]
     t2 = time.perf_counter()
     star, plain = torch.as_tensor(attr["per_pair"]), torch.as_tensor(attr["per_pair_plain"])
     assert exact.shape == star.shape == plain.shape == (n, 24, 14)
     assert torch.isfinite(star).all() and torch.isfinite(plain).all() and not torch.equal(star, plain)
     s_mean = float(rep.receiver("harmless").baseline.mean())
     h_mean = float(rep.receiver("harmful").baseline.mean())
-    e, s, p = (_normalise(x, s_mean, h_mean) for x in (exact, star, plain))
+    e, s, p = (normalise(x, s_mean, h_mean).mean(0) for x in (exact, star, plain))
     a_star, a_plain = agreement(e, s), agreement(e, p)
     err = lambda x: float((x - exact).abs().mean())  # noqa: E731
     print(f"\nheads grid, {exact.shape[0]} pairs: exact {t1 - t0:.1f}s, AtP + AtP* {t2 - t1:.1f}s\n"

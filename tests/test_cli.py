@@ -192,7 +192,7 @@ def test_second_identical_run_recomputes_nothing(run_dir, tiny_dir, monkeypatch)
     mtimes = step_mtimes(run_dir)
     assert len(mtimes) == len(GRIDS) + 7  # + baseline, dla, attribution, heads, direction, steering, evaluation
 
-    import refusal_lab.replication as replication
+    import refusal_lab.run.steps.patch as patch_step
     import refusal_lab.steering.pipeline as pipeline
 
     def no_patching(*a, **k):
@@ -201,7 +201,7 @@ def test_second_identical_run_recomputes_nothing(run_dir, tiny_dir, monkeypatch)
     def no_steering(*a, **k):
         raise AssertionError("a finished steering step was recomputed")
 
-    monkeypatch.setattr(replication, "patch_grid", no_patching)
+    monkeypatch.setattr(patch_step, "patch_grid", no_patching)
     for name in ("direction_step", "steering_step", "evaluation_step"):
         monkeypatch.setattr(pipeline, name, no_steering)
     assert run_cli(["run", "--model", tiny_dir, "--out", run_dir, "--quiet", "--config", small_config(tiny_dir)]) == 0

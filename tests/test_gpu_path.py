@@ -205,15 +205,16 @@ def test_bfloat16_generation_runs_and_mostly_agrees():
 
 
 def test_bfloat16_whole_run_matches_float32(chat_folder, tmp_path):
-    """A whole tiny ``Replication`` in bf16: same shapes, float32 numbers close to the fp32 run."""
+    """A whole tiny run in bf16: same shapes, float32 numbers close to the fp32 run."""
     from refusal_lab.models.loading import load_model
-    from refusal_lab.replication import Replication, RunConfig
+    from refusal_lab.run.config import RunConfig
+    from refusal_lab.run.pipeline import Pipeline
 
     res = {}
     for dt in ("float32", "bfloat16"):
         m = load_model(str(chat_folder), dtype=dt, device="cpu")
         cfg = RunConfig(dtype=dt, grids=["resid_pre", "attn_out_cumulative", "heads"], generate_tokens=4)
-        res[dt] = Replication(m, cfg, tmp_path / dt, progress=False).run()
+        res[dt] = Pipeline(m, cfg, tmp_path / dt, progress=False).run()
     a, b = res["float32"]["patching"], res["bfloat16"]["patching"]
     for g in ("resid_pre", "attn_out_cumulative", "heads"):
         va, vb = torch.as_tensor(a[g]["values"]), torch.as_tensor(b[g]["values"])

@@ -4,7 +4,8 @@ import pytest
 
 from refusal_lab import memory
 from refusal_lab.errors import RefusalLabError
-from refusal_lab.replication import Replication, RunConfig
+from refusal_lab.run.config import RunConfig
+from refusal_lab.run.pipeline import Pipeline
 from tests.helpers_tiny_chat import make_tiny_chat_model
 
 
@@ -26,10 +27,10 @@ def test_estimate_grows_with_inputs(chat_model):
 def test_too_little_memory_is_a_clear_error(chat_model, tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda device: 1024)
     with pytest.raises(RefusalLabError, match=r"needs about .* GiB .* only 0\.0 GiB are free.*--dtype bfloat16"):
-        Replication(chat_model, RunConfig(), tmp_path / "run", progress=False)
+        Pipeline(chat_model, RunConfig(), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "run_config.json").exists()
 
 
 def test_real_free_memory_passes(chat_model, tmp_path):
     assert memory.available_memory("cpu") > 0
-    Replication(chat_model, RunConfig(), tmp_path / "run", progress=False)
+    Pipeline(chat_model, RunConfig(), tmp_path / "run", progress=False)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from refusal_lab.errors import RefusalLabError
 from refusal_lab.prompts.builder import build_object_prompts
 from refusal_lab.prompts.data import ObjectLists, load_objects, validate_objects, validate_template
-from refusal_lab.replication import RunConfig
+from refusal_lab.run.config import RunConfig
 from tests.helpers_tiny_chat import WORDS, tiny_chat_tokenizer
 
 TOKENIZER = tiny_chat_tokenizer()  # built once for the module

@@ -248,12 +248,13 @@ def test_shard_worker_in_process(tiny_dir, one_thread):
     from refusal_lab.errors import RefusalLabError
     from refusal_lab.models.loading import load_model
     from refusal_lab.patching.engine import patch_grid
-    from refusal_lab.replication import Replication, RunConfig
+    from refusal_lab.run.config import RunConfig
+    from refusal_lab.run.inputs import RunInputs
 
     cfg = RunConfig(model=str(tiny_dir), grids=["heads"])
-    rep = Replication(load_model(str(tiny_dir), device="cpu"), cfg, out=None, progress=False)
+    rep = RunInputs(load_model(str(tiny_dir), device="cpu"), cfg)
     load = {"dtype": "float32", "device": "cpu"}
-    worker = ShardWorker(load, vars(cfg), inputs_fingerprint(rep))
+    worker = ShardWorker(load, cfg.as_dict(), inputs_fingerprint(rep))
     assert worker.info()["pid"] == os.getpid()
     for grid in ("mlp_out", "heads", "attn_out_cumulative"):
         spec = rep.grid_spec(grid)
@@ -262,6 +263,6 @@ def test_shard_worker_in_process(tiny_dir, one_thread):
         full = patch_grid(rep.model, rep.receiver("harmless"), rep.source_cache("harmful"), spec, rep.metric,
                           progress=False)
         assert_tensors_close(merge(spec, shards, parts, full.shape[0]), full, what=grid)
-    stranger = ShardWorker(load, vars(cfg), "0" * 64)
+    stranger = ShardWorker(load, cfg.as_dict(), "0" * 64)
     with pytest.raises(RefusalLabError, match="different prompts or tokens"):
         stranger.info()

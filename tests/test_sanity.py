@@ -18,7 +18,11 @@ from refusal_lab.artifacts import load_tensors, read_json
 from refusal_lab.errors import RefusalLabError
 from refusal_lab.metrics import RefusalTokens, resolve_single_token
 from refusal_lab.models.loading import load_model
-from refusal_lab.replication import Replication, RunConfig, findings, sanity_check
+from refusal_lab.run.config import RunConfig
+from refusal_lab.run.findings import findings
+from refusal_lab.run.inputs import RunInputs
+from refusal_lab.run.pipeline import Pipeline
+from refusal_lab.run.steps.sanity import sanity_check
 from tests.helpers_tiny_chat import make_tiny_chat_model
 
 CFG = dict(grids=["resid_pre", "heads"], directions=["sufficiency", "necessity"], steering=False, generate_tokens=0)
@@ -34,7 +38,7 @@ def tiny_chat(tmp_path_factory):
 def tiny_run(tiny_chat, tmp_path_factory):
     folder, model = tiny_chat
     out = tmp_path_factory.mktemp("run") / "out"
-    Replication(model, RunConfig(model=str(folder), **CFG), out, progress=False).run()
+    Pipeline(model, RunConfig(model=str(folder), **CFG), out, progress=False).run()
     return out, read_json(out / "results.json")  # what a reader gets
 
 
@@ -86,7 +90,7 @@ def test_tiny_run_opens_with_the_sanity_warning(tiny_run):
 def test_strict_stops_before_any_patching(tiny_chat, tmp_path):
     folder, model = tiny_chat
     out = tmp_path / "strict"
-    rep = Replication(model, RunConfig(model=str(folder), **CFG), out, progress=False, strict=True)
+    rep = Pipeline(model, RunConfig(model=str(folder), **CFG), out, progress=False, strict=True)
     with pytest.raises(RefusalLabError, match="does not separate harmful from harmless") as e:
         rep.run()
     assert e.value.exit_code == 2
@@ -175,16 +179,14 @@ def test_patching_entries_carry_se_ci_and_pairs(tiny_run):
 def test_fixed_refusal_with_auto_compliance_keeps_the_fixed_token(tiny_chat):
     folder, model = tiny_chat
     tok = model.tokenizer
-    rep = Replication(model, RunConfig(model=str(folder), refusal="Sorry", compliance="auto", **CFG), None,
-                      progress=False)
+    rep = RunInputs(model, RunConfig(model=str(folder), refusal="Sorry", compliance="auto", **CFG))
     assert rep.tokens.refusal_str == "Sorry" and rep.tokens.refusal_id == resolve_single_token(tok, "Sorry")
     assert rep.tokens.compliance_id != rep.tokens.refusal_id
     assert {row["side"] for row in rep.token_candidates} == {"harmless"}
     assert [row["token_id"] for row in rep.token_candidates if row["chosen"]] == [rep.tokens.compliance_id]
     assert rep.tokens.refusal_id not in [row["token_id"] for row in rep.token_candidates]
 
-    rep = Replication(model, RunConfig(model=str(folder), refusal="auto", compliance="Sure", **CFG), None,
-                      progress=False)
+    rep = RunInputs(model, RunConfig(model=str(folder), refusal="auto", compliance="Sure", **CFG))
     assert rep.tokens.compliance_str == "Sure" and rep.tokens.compliance_id == resolve_single_token(tok, "Sure")
     assert rep.tokens.refusal_id != rep.tokens.compliance_id
     assert {row["side"] for row in rep.token_candidates} == {"harmful"}

@@ -180,7 +180,8 @@ def check_judge(judge: str | None) -> None:
 def cmd_run(args) -> int:
     from refusal_lab.artifacts import read_json
     from refusal_lab.errors import ConfigError
-    from refusal_lab.replication import Replication, RunConfig, model_slug
+    from refusal_lab.run.config import RunConfig, model_slug
+    from refusal_lab.run.pipeline import Pipeline
 
     data = {}
     if args.config:
@@ -223,9 +224,8 @@ def cmd_run(args) -> int:
             from refusal_lab.distributed import load_kwargs
 
             executor.load = load_kwargs(args, cfg)
-        rep = Replication(model, cfg, out, force=args.force, progress=not args.quiet, executor=executor,
-                          strict=args.strict)
-        results = rep.run()
+        results = Pipeline(model, cfg, out, force=args.force, progress=not args.quiet, executor=executor,
+                           strict=args.strict).run()
     finally:
         if executor is not None:
             executor.close()

@@ -180,6 +180,14 @@ def refusal_log_odds(logits: torch.Tensor, refusal_ids: Sequence[int]) -> torch.
     return torch.logsumexp(x[:, in_r], dim=-1) - torch.logsumexp(x[:, ~in_r], dim=-1)
 
 
+def normalise(values, harmless: float, harmful: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``(values - harmless) / (harmful - harmless)``: 0 = harmless baseline, 1 = harmful baseline.
+
+    In float64 unless ``dtype`` says otherwise (a grid's mean values stay in their own float32, so
+    that cells tied in float32 — which rank statistics such as Spearman see — stay tied)."""
+    return (torch.as_tensor(values, dtype=dtype) - harmless) / (harmful - harmless)
+
+
 def normalized_patching_metric(value, harmless_baseline, harmful_baseline):
     """``(value - harmless) / (harmful - harmless)``: 0 = harmless baseline, 1 = harmful baseline.
 

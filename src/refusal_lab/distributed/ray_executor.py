@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -196,7 +195,7 @@ class RayExecutor:
             return str(device).startswith("cuda")
         return resources.get("GPU", 0) >= 1
 
-    def _start(self, rep) -> None:
+    def _start(self, inputs) -> None:
         ray = self.ray
         resources = ray.cluster_resources()
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -216,8 +215,8 @@ class RayExecutor:
             load["device"] = "cuda"  # the actor sees only its own GPU(s)
         elif not gpus:
             load["device"] = "cpu"
-        config = portable_config(asdict(rep.cfg))
-        fingerprint = inputs_fingerprint(rep)
+        config = portable_config(inputs.cfg.as_dict())
+        fingerprint = inputs_fingerprint(inputs)
         Actor = ray.remote(ShardWorker)
         self.actors = [Actor.options(scheduling_strategy="SPREAD", **per).remote(load, config, fingerprint)
                        for _ in range(n)]
@@ -237,20 +236,20 @@ class RayExecutor:
         self.resources = per
 
     # ------------------------------------------------------------------ grids
-    def patch_grid(self, rep, grid: str, direction: str, spec) -> tuple[torch.Tensor, dict]:
+    def patch_grid(self, inputs, grid: str, direction: str, spec, progress: bool = True) -> tuple[torch.Tensor, dict]:
         """Per-pair values ``[n_pairs, *spec.shape]`` of ``spec`` computed by the actors, and a
         record of which worker computed which shard (stored in the step and ``results.json``)."""
-        from refusal_lab.replication import DIRECTIONS
+        from refusal_lab.run.config import DIRECTIONS
 
         ray = self.ray
         if not self.actors:
-            self._start(rep)
+            self._start(inputs)
         src, rec = DIRECTIONS[direction]
-        shards = split_spec(spec, len(self.actors), rep.model.cfg.n_layers, rep.prompts.seq_len)
+        shards = split_spec(spec, len(self.actors), inputs.model.cfg.n_layers, inputs.prompts.seq_len)
         t0 = time.perf_counter()
         refs = [actor.patch.remote(src, rec, shard) for actor, shard in zip(self.actors, shards)]
         bar = tqdm(total=len(refs), desc=f"patch {grid} ({len(refs)} Ray workers)", unit="shard",
-                   disable=not rep.progress, leave=False)
+                   disable=not progress, leave=False)
         try:
             waiting = list(refs)
             while waiting:
@@ -262,7 +261,7 @@ class RayExecutor:
             raise _unwrap(ray, e) from None
         finally:
             bar.close()
-        vals = merge(spec, shards, [r[0] for r in results], rep.batches[rec].n)
+        vals = merge(spec, shards, [r[0] for r in results], inputs.batches[rec].n)
         axis = shard_axis(spec)
         return vals, {
             "backend": "ray", "address": self.address, "workers": len(shards), "shard_by": axis,

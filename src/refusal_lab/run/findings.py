@@ -1,0 +1,104 @@
+"""The findings: the run's headline observations in words, each with its numbers, n and interval,
+written from results.json alone (so a report can be rebuilt from it). The sanity gate speaks
+first: a model that does not separate harmful from harmless prompts is told so before anything."""
+
+from __future__ import annotations
+
+import torch
+
+from refusal_lab.report.common import fmt_ci
+
+
+def findings(r: dict) -> list[str]:
+    """Every finding of a run: the replication's, then the steering's."""
+    return replication_findings(r) + steering_findings(r)
+
+
+def replication_findings(r: dict) -> list[str]:
+    """The replication's headline observations (sanity first), in words with their numbers."""
+    out = []
+    san = r.get("sanity") or {}
+    if san:
+        out.append(san["sentence"])  # the sanity gate speaks first: passed, or the warning
+        if san.get("token_note"):
+            out.append(san["token_note"])
+    b = r["baseline"]
+    out.append(f"Harmful prompts score {b['harmful_mean']:.2f} and harmless prompts {b['harmless_mean']:.2f} on "
+               f"logit[{r['tokens']['refusal']['str']}] - logit[{r['tokens']['compliance']['str']}] "
+               f"(gap {b['harmful_mean'] - b['harmless_mean']:.2f}).")
+    p = r["patching"]
+    labels = [f"{x['label']}" for x in r["positions"]]
+    if "resid_pre" in p:
+        v = torch.as_tensor(p["resid_pre"]["values"])
+        pm = ""
+        if "se" in p["resid_pre"]:
+            se = torch.as_tensor(p["resid_pre"]["se"], dtype=torch.float64)
+            pm = f" (± {float(se[-1, -1]):.2f} SE, n = {p['resid_pre']['n_pairs']} pairs)"
+        out.append(f"Patching resid_pre at the last position recovers {v[-1, -1]:.2f}{pm} at the last layer and "
+                   f"{v[:, -1].max():.2f} at most.")
+        for lab in ("post_obj", "eoi"):
+            idx = [i for i, x in enumerate(labels) if x == lab and i != len(labels) - 1]
+            if idx:
+                best = v[:, idx].max(1).values
+                if best.max() > 0.05:
+                    band = [l for l in range(len(best)) if best[l] >= 0.5 * best.max()]
+                    out.append(f"At the {lab} position(s) resid_pre patching carries the signal in layers "
+                               f"{band[0]}-{band[-1]} (at least half its maximum {best.max():.2f}, reached at layer {int(best.argmax())}).")
+    for g in ("attn_out_cumulative", "mlp_out_cumulative", "attn_out", "mlp_out"):
+        if g in p:
+            v = torch.as_tensor(p[g]["values"])
+            i = int(v.argmax())
+            l, c = divmod(i, v.shape[1])
+            out.append(f"{g} reaches {v.max():.3f} at layer {l}, position {p[g]['cols'][c]}.")
+    if "heads" in r:
+        h = r["heads"]
+        suff = "n/a" if h["sufficiency"] is None else f"{h['sufficiency']:.3f}"
+        ci = h.get("sufficiency_ci95")
+        if h["sufficiency"] is not None and ci:
+            se = h.get("sufficiency_se")
+            suff += (f" (± {se:.3f} SE, " if se is not None and se == se else " (") + \
+                f"95% CI [{ci[0]:.3f}, {ci[1]:.3f}], n = {h.get('n_pairs')} pairs)"
+        out.append(f"{len(h['selected'])} heads pass the {h['threshold']} threshold at {h['position']}; patched together "
+                   f"they recover {suff} of the refusal metric.")
+    for g, a in p.get("agreement", {}).items():
+        line = (f"Attribution patching ({a.get('variant', 'AtP')}) vs exact on {g}: Spearman {a['spearman']:.2f}, "
+                f"top-{a['top_k']} overlap {a['top_k_overlap']:.2f}")
+        if "plain" in a:
+            line += f" (plain AtP: Spearman {a['plain']['spearman']:.2f}, top-{a['plain']['top_k']} overlap {a['plain']['top_k_overlap']:.2f})"
+        out.append(line + ".")
+    return out
+
+
+def steering_findings(r: dict) -> list[str]:
+    """Headline steering numbers in words (direction, sweeps, held-out refusal rates)."""
+    out = []
+    d, st, ev = r.get("direction"), r.get("steering"), r.get("evaluation")
+    if d:
+        tok = f" ({d['position_token']!r})" if d.get("position_token") else ""
+        out.append(f"Selected refusal direction: layer {d['layer']}, eoi column {d['position']}{tok}; on val, ablating it "
+                   f"moves harmful refusal log-odds {d['baseline']['harmful_val_log_odds']:.2f} -> {d['bypass']:.2f}, adding it "
+                   f"moves harmless {d['baseline']['harmless_val_log_odds']:.2f} -> {d['induce']:.2f} (KL {d['kl']:.3f})"
+                   + (" [fallback: every candidate was filtered out]" if d.get("fallback") else "") + ".")
+    if ev:
+        a, b, c = (ev["harmless_refusal_rate_added"], ev["harmful_refusal_rate_ablated"],
+                   ev["harmful_refusal_rate_subtracted"])
+
+        def ci(x: dict, key: str = "ci95") -> str:  # " [0.41, 0.63]": the Wilson interval, when recorded
+            c = fmt_ci(x.get(key))
+            return f" {c}" if c else ""
+
+        wilson = any(ci(x) or ci(x, "baseline_ci95") for x in (a, b, c))
+        out.append(f"Held-out test prompts: harmless refusal rate {a['baseline']:.2f}{ci(a, 'baseline_ci95')} -> "
+                   f"{a['value']:.2f}{ci(a)} with the direction added (alpha {ev['alpha']:g}, n={a['n']}); harmful "
+                   f"refusal rate {b['baseline']:.2f}{ci(b, 'baseline_ci95')} -> {b['value']:.2f}{ci(b)} with it ablated "
+                   f"(n={b['n']}) and {c['value']:.2f}{ci(c)} with it subtracted (n={c['n']})"
+                   + (" [Wilson 95% intervals]" if wilson else "") + ".")
+    for name, o in ((st or {}).get("objects") or {}).items():
+        rows = o.get("rows") or []
+        if rows:
+            top = max(rows, key=lambda x: x["harmless_normalised"])
+            low = min(rows, key=lambda x: x["harmful_normalised"])
+            out.append(f"Object prompts, {name} vector: adding it to harmless objects reaches normalised metric "
+                       f"{top['harmless_normalised']:.2f} at alpha {top['alpha']:g}; subtracting it from harmful objects "
+                       f"goes down to {low['harmful_normalised']:.2f} (1 = harmful baseline, 0 = harmless).")
+    return out

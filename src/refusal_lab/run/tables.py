@@ -1,0 +1,64 @@
+"""Tidy tables of a run (``tables/*.csv``), one row per observation: the baseline per object, every
+patching grid per pair and cell, the refusal heads, and the per-cell summary of every published
+grid (mean, SE, bootstrap interval, n pairs)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from refusal_lab.artifacts import write_csv
+from refusal_lab.run.inputs import SIDES
+from refusal_lab.run.step import RunContext
+
+
+def patching_summary(patching: dict) -> pd.DataFrame:
+    """``tables/patching_summary.csv``: one row per grid cell with mean, SE, bootstrap interval and pair count."""
+    entries = [(g, "sufficiency", e) for g, e in patching.items() if isinstance(e, dict) and "values" in e]
+    entries += [(g, "necessity", e) for g, e in (patching.get("necessity") or {}).items()]
+    entries += [(g, "sufficiency", e) for g, e in (patching.get("attribution") or {}).items()]
+    recs = []
+    for g, direction, e in entries:
+        vals = torch.as_tensor(e["values"], dtype=torch.float64)
+        se = torch.as_tensor(e["se"], dtype=torch.float64)
+        lo = torch.as_tensor(e["ci95"]["low"], dtype=torch.float64)
+        hi = torch.as_tensor(e["ci95"]["high"], dtype=torch.float64)
+        for a, layer in enumerate(e["rows"]):
+            for b, col in enumerate(e["cols"]):
+                recs.append({"grid": g, "direction": direction, "method": e["method"], "layer": layer, "col": col,
+                             "mean": float(vals[a, b]), "se": float(se[a, b]), "ci_low": float(lo[a, b]),
+                             "ci_high": float(hi[a, b]), "n_pairs": e["n_pairs"]})
+    return pd.DataFrame(recs, columns=["grid", "direction", "method", "layer", "col", "mean", "se", "ci_low",
+                                       "ci_high", "n_pairs"])
+
+
+
+
+def write_tables(ctx: RunContext, patching: dict) -> None:
+    """Every table of the run into ``<folder>/tables``."""
+    t = ctx.folder.root / "tables"
+    base, prompts = ctx.records["baseline"], ctx.inputs.prompts
+    rows = [{"side": side, "object": o, "logit_diff": s, "log_odds": base[side]["log_odds"][o], "top_token": tt}
+            for side in SIDES
+            for (o, s), tt in zip(base[side]["scores"].items(), base[side]["top_token"])]
+    write_csv(t / "baseline.csv", pd.DataFrame(rows))
+    labels = ctx.inputs.col_labels()
+    for name, data in ctx.records.items():
+        if not name.startswith("patch_"):
+            continue
+        grid, direction = name[len("patch_"):].rsplit("_", 1)
+        per = torch.as_tensor(data["per_pair"])
+        recs = []
+        for i in range(per.shape[0]):
+            for a in range(per.shape[1]):
+                for b in range(per.shape[2]):
+                    col = data["heads"][b] if grid == "heads" else labels[b]
+                    recs.append({"grid": grid, "direction": direction, "method": "exact", "pair": i,
+                                 "harmful_object": prompts.harmful_objects[i],
+                                 "harmless_object": prompts.harmless_objects[i],
+                                 "layer": data["layers"][a], "col": col, "metric": float(per[i, a, b])})
+        write_csv(t / f"patching_{grid}_{direction}.csv", pd.DataFrame(recs))
+    heads = ctx.records.get("heads")
+    if heads and heads.get("ranked"):
+        write_csv(t / "heads.csv", pd.DataFrame(heads["selected"] or heads["ranked"]))
+    write_csv(t / "patching_summary.csv", patching_summary(patching))
