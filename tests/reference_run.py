@@ -38,7 +38,7 @@ def comparable(results: dict) -> dict:
     """``results`` without machine-dependent fields and with the model folder's path replaced."""
     results = {k: v for k, v in results.items() if k not in VOLATILE}
     text = json.dumps(results)
-    for path in {results["model"]["name"], results["config"]["model"]}:
+    for path in {results["model"]["name"], results["config"]["model"]} - {None}:
         text = text.replace(json.dumps(path)[1:-1], "<model>")
     return json.loads(text)
 
