@@ -107,7 +107,7 @@ def make_tiny_chat_model(tmp_path: Path, model_type: str = "qwen2", *, chat_temp
 
     ``chat_template=None`` saves a tokenizer without a chat template (a "base model").
     """
-    from refusal_lab.models.tiny import tiny_model
+    from tests.tiny_models import tiny_model
 
     folder = Path(tmp_path) / (name or f"tiny-{model_type}-chat")
     tok = save_tokenizer(folder, chat_template)
