@@ -67,11 +67,6 @@ def _vocab_and_merges() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     return tuple(vocab), tuple(merges)
 
 
-def vocabulary() -> list[str]:
-    """All tokens in id order: byte symbols, word pieces, then the chat specials."""
-    return list(_vocab_and_merges()[0]) + SPECIALS
-
-
 def tiny_chat_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """The tokenizer (pad ``<|endoftext|>``, eos ``<|im_end|>``, no BOS), checked word by word."""
     vocab, merges = _vocab_and_merges()

@@ -23,7 +23,7 @@ from refusal_lab.models.offline.cache import (
     offline_cache_path,
     read_source_info,
 )
-from refusal_lab.models.offline.gguf_conversion import cached_gguf_dir, gguf_cache_key, gguf_to_hf_dir
+from refusal_lab.models.offline.gguf_conversion import cached_gguf_dir, gguf_to_hf_dir
 from refusal_lab.models.offline.registry import (
     DEFAULT_OFFLINE_MODEL,
     OFFLINE_MODELS,
@@ -32,7 +32,6 @@ from refusal_lab.models.offline.registry import (
     SHOWCASE_MODEL,
     OfflineModel,
     get_offline_model,
-    require_offline_model,
 )
 from refusal_lab.models.progress import progress_bars  # noqa: F401  (for cli.py until it imports models.progress)
 
@@ -48,12 +47,10 @@ __all__ = [
     "cached_gguf_dir",
     "default_cache_dir",
     "get_offline_model",
-    "gguf_cache_key",
     "gguf_to_hf_dir",
     "is_complete_model_dir",
     "offline_cache_path",
     "offline_model_dir",
     "offline_part_paths",
     "read_source_info",
-    "require_offline_model",
 ]
