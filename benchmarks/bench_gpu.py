@@ -48,6 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.tiny_models, tests.helpers_tiny_chat: the test suite's builders
 try:
     import refusal_lab  # noqa: F401
 except ImportError:
@@ -86,7 +87,7 @@ def gemma2_config(name: str):
     import transformers
 
     if name == "tiny":
-        from refusal_lab.models.tiny import tiny_config
+        from tests.tiny_models import tiny_config
 
         return tiny_config("gemma2")
     cfg = transformers.Gemma2Config(**GEMMA2[name], **COMMON)
@@ -99,7 +100,7 @@ def build_model(cfg, dtype: torch.dtype, device: torch.device) -> HookedChatMode
     import transformers
 
     if getattr(cfg, "num_hidden_layers", 0) <= 4:  # tiny: the test suite's builder (random norm gains too)
-        from refusal_lab.models.tiny import tiny_model
+        from tests.tiny_models import tiny_model
 
         return HookedChatModel(tiny_model("gemma2", dtype=dtype).to(device), name="tiny gemma2")
     with torch.device(device):
@@ -109,7 +110,6 @@ def build_model(cfg, dtype: torch.dtype, device: torch.device) -> HookedChatMode
 
 def save_for_loading(model: HookedChatModel) -> str:
     """Save ``model`` (safetensors) with a small chat tokenizer, so load_model can read it back."""
-    sys.path.insert(0, str(ROOT))
     from tests.helpers_tiny_chat import save_tokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="bench_gpu_"))

@@ -37,7 +37,7 @@ timed just before the method), which stays comparable when the load on a shared 
 full-grid time from the per-cell time (marked ``*``). Exit status 1 if any method differs from ours
 by more than ``--tol`` (1e-4). ``--profile`` only profiles ours (torch op table + cProfile).
 
-``--model tiny``: a 3-layer random qwen2 (``refusal_lab.models.tiny``) with random ids, for a CI
+``--model tiny``: a 3-layer random qwen2 (``tests/tiny_models.py``) with random ids, for a CI
 smoke test in seconds (no downloads).
 """
 
@@ -61,10 +61,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.tiny_models: the test suite's tiny-model builder
 try:
     import refusal_lab  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.insert(0, str(ROOT / "src"))
 
 from refusal_lab.models.hooked import HookedChatModel  # noqa: E402
 from refusal_lab.patching.engine import GRID_SITES, GRIDS, Batch, GridSpec, LogitDiff, Receiver, patch_grid  # noqa: E402
@@ -107,7 +109,7 @@ def _tiny_tokenizer_dir(vocab_size: int) -> str:
 def setup_tiny(device: str) -> Setup:
     import transformers
 
-    from refusal_lab.models.tiny import tiny_model
+    from tests.tiny_models import tiny_model
 
     model = HookedChatModel(tiny_model("qwen2").to(device), name="tiny-qwen2")
     n, T, obj = 3, 12, 6

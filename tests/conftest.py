@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from refusal_lab.models.hooked import HookedChatModel
-from refusal_lab.models.tiny import SUPPORTED_TINY, tiny_model
+from tests.tiny_models import SUPPORTED_TINY, tiny_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

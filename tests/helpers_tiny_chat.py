@@ -67,11 +67,6 @@ def _vocab_and_merges() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     return tuple(vocab), tuple(merges)
 
 
-def vocabulary() -> list[str]:
-    """All tokens in id order: byte symbols, word pieces, then the chat specials."""
-    return list(_vocab_and_merges()[0]) + SPECIALS
-
-
 def tiny_chat_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """The tokenizer (pad ``<|endoftext|>``, eos ``<|im_end|>``, no BOS), checked word by word."""
     vocab, merges = _vocab_and_merges()
@@ -107,7 +102,7 @@ def make_tiny_chat_model(tmp_path: Path, model_type: str = "qwen2", *, chat_temp
 
     ``chat_template=None`` saves a tokenizer without a chat template (a "base model").
     """
-    from refusal_lab.models.tiny import tiny_model
+    from tests.tiny_models import tiny_model
 
     folder = Path(tmp_path) / (name or f"tiny-{model_type}-chat")
     tok = save_tokenizer(folder, chat_template)

@@ -11,7 +11,7 @@ import transformers
 
 from refusal_lab.errors import RefusalLabError
 from refusal_lab.models.hooked import HookedChatModel
-from refusal_lab.models.tiny import tiny_model
+from tests.tiny_models import tiny_model
 from refusal_lab.steering.abliterate import orthogonalize_weights, save_abliterated
 from refusal_lab.steering.interventions import ablation_hooks
 from tests.conftest import random_batch

@@ -6,7 +6,7 @@ import torch
 
 from refusal_lab.models.hooked import ActivationCache
 from refusal_lab.models.hooked import HookedChatModel
-from refusal_lab.models.tiny import SUPPORTED_TINY, tiny_model
+from tests.tiny_models import SUPPORTED_TINY, tiny_model
 from refusal_lab.patching.attribution import (
     agreement, attribution_grid, receiver_gradients, receiver_gradients_qk,
 )

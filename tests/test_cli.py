@@ -18,7 +18,7 @@ from tests.helpers_tiny_chat import make_tiny_chat_model, small_steering_config
 from refusal_lab.cli import main
 
 GRIDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_out_cumulative", "mlp_out_cumulative", "heads")
-N_LAYERS, N_HEADS, D_MODEL = 3, 4, 64  # refusal_lab.models.tiny.TINY
+N_LAYERS, N_HEADS, D_MODEL = 3, 4, 64  # tests/tiny_models.py: TINY
 
 
 def run_cli(argv: list[str]) -> int:

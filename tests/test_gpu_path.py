@@ -20,7 +20,7 @@ import torch
 from refusal_lab import memory
 from refusal_lab.dla import direct_logit_attribution
 from refusal_lab.models.hooked import HookedChatModel
-from refusal_lab.models.tiny import tiny_model
+from tests.tiny_models import tiny_model
 from refusal_lab.patching import engine
 from refusal_lab.patching.attribution import attribution_grid, receiver_gradients
 from refusal_lab.patching.engine import GRIDS, GridSpec, LogitDiff, LogOdds, Receiver, patch_grid, source_sites

@@ -25,9 +25,19 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import Gemma2Config, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from refusal_lab.errors import ConfigError, ModelLoadError, PromptError, UnsupportedArchitectureError
-from refusal_lab.models import hf_loading, offline
+from refusal_lab.models import hf_loading, load_errors
 from refusal_lab.models.hf_loading import load_hf, resolve_dtype
-from refusal_lab.models.offline import MARKER_FILE, cached_gguf_dir, gguf_to_hf_dir, offline_model_dir
+from refusal_lab.models.offline import (
+    DEFAULT_OFFLINE_MODEL,
+    MARKER_FILE,
+    assembly,
+    cached_gguf_dir,
+    default_cache_dir,
+    gguf_conversion,
+    gguf_to_hf_dir,
+    is_complete_model_dir,
+    offline_model_dir,
+)
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -127,7 +137,7 @@ def test_local_folder_loads_eval_frozen_left_padded(qwen_dir):
 def test_tokenizer_without_pad_gets_eos():
     tok = tiny_tokenizer()
     assert tok.pad_token is None
-    hf_loading._prepare_tokenizer(tok, "m", None)
+    hf_loading.prepare_tokenizer(tok, "m", None)
     assert (tok.pad_token, tok.padding_side) == ("<|im_end|>", "left")
 
 
@@ -246,7 +256,7 @@ def test_hub_id_not_cached_while_offline(hub_offline):
         load_hf("google/gemma-2-2b-it")
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    assert any(isinstance(c, LocalEntryNotFoundError) for c in hf_loading._exception_chain(e.value))
+    assert any(isinstance(c, LocalEntryNotFoundError) for c in load_errors.exception_chain(e.value))
 
 
 def _fake_response(status: int) -> types.SimpleNamespace:
@@ -286,12 +296,12 @@ def test_connection_errors_are_mapped():
         except socket.gaierror as inner:
             raise OSError("We couldn't connect to 'https://huggingface.co'") from inner
     except OSError as outer:
-        err = hf_loading._map_error(outer, "org/model", "configuration", None)
+        err = load_errors.map_load_error(outer, "org/model", "configuration", None)
     assert "hub is unreachable" in str(err)
 
 
 def test_unmapped_errors_keep_their_first_line():
-    err = hf_loading._map_error(ValueError("boom happened\nlong details"), "m", "weights", None)
+    err = load_errors.map_load_error(ValueError("boom happened\nlong details"), "m", "weights", None)
     assert str(err) == "Could not load the weights of 'm': boom happened."
 
 
@@ -365,7 +375,7 @@ def test_gguf_file_is_converted_once_and_cached(tiny_gguf, tmp_path, monkeypatch
     def no_conversion(*a, **k):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(offline, "_build_hf_dir", no_conversion)
+    monkeypatch.setattr(gguf_conversion, "build_hf_dir", no_conversion)
     assert cached_gguf_dir(gguf_path, cache) == folder
     load_hf(str(gguf_path), cache_dir=cache)
     assert (folder / MARKER_FILE).stat().st_mtime_ns == before
@@ -402,13 +412,13 @@ def test_failed_conversion_leaves_nothing_that_looks_complete(tiny_gguf, tmp_pat
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(offline, "_save_weights", killed)
+    monkeypatch.setattr(gguf_conversion, "save_weights", killed)
     with pytest.raises(KeyboardInterrupt):
         gguf_to_hf_dir(gguf_path, out, progress=False)
     assert not out.exists()
     assert not list(out.parent.glob(".*.tmp-*"))  # the stale one was cleared, ours removed
     monkeypatch.undo()
-    assert offline.is_complete_model_dir(gguf_to_hf_dir(gguf_path, out, progress=False))
+    assert is_complete_model_dir(gguf_to_hf_dir(gguf_path, out, progress=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,8 +443,8 @@ def test_offline_hash_mismatch_is_reported_and_cleaned_up(tmp_path, monkeypatch)
         p = tmp_path / f"part{i:02d}.bin"
         p.write_bytes(bytes([i]) * 1000)
         parts.append(p)
-    monkeypatch.setattr(offline, "offline_part_paths", lambda model=None: parts)
-    small = dataclasses.replace(offline.DEFAULT_OFFLINE_MODEL, gguf_size=6000)
+    monkeypatch.setattr(assembly, "offline_part_paths", lambda model=None: parts)
+    small = dataclasses.replace(DEFAULT_OFFLINE_MODEL, gguf_size=6000)
     cache = tmp_path / "cache"
     with pytest.raises(ModelLoadError, match="sha256 .* instead of 1d9614.*refusal-lab\\[offline-model\\]"):
         offline_model_dir(cache, progress=False, model=small)
@@ -447,6 +457,6 @@ def test_offline_hash_mismatch_is_reported_and_cleaned_up(tmp_path, monkeypatch)
 
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("REFUSAL_LAB_CACHE", str(tmp_path))
-    assert offline.default_cache_dir() == tmp_path
+    assert default_cache_dir() == tmp_path
     monkeypatch.delenv("REFUSAL_LAB_CACHE")
-    assert offline.default_cache_dir() == Path.home() / ".cache" / "refusal_lab"
+    assert default_cache_dir() == Path.home() / ".cache" / "refusal_lab"

@@ -16,13 +16,13 @@ import json
 import pytest
 import torch
 
-from refusal_lab.models import offline
 from refusal_lab.models.hf_loading import load_hf
 from refusal_lab.models.offline import (
-    DEFAULT_MODEL_NAME,
+    DEFAULT_OFFLINE_MODEL,
     MARKER_FILE,
-    OFFLINE_GGUF_SHA256,
-    OFFLINE_GGUF_SIZE,
+    assembly,
+    gguf_conversion,
+    is_complete_model_dir,
     offline_model_dir,
     offline_part_paths,
 )
@@ -47,16 +47,16 @@ def test_parts_concatenate_to_the_published_file():
             while chunk := f.read(8 << 20):
                 sha.update(chunk)
                 size += len(chunk)
-    assert size == OFFLINE_GGUF_SIZE
-    assert sha.hexdigest() == OFFLINE_GGUF_SHA256
+    assert size == DEFAULT_OFFLINE_MODEL.gguf_size
+    assert sha.hexdigest() == DEFAULT_OFFLINE_MODEL.gguf_sha256
 
 
 def test_folder_is_complete_verified_and_plain(model_dir):
-    assert offline.is_complete_model_dir(model_dir)
+    assert is_complete_model_dir(model_dir)
     marker = json.loads((model_dir / MARKER_FILE).read_text())
-    assert marker["gguf_sha256"] == OFFLINE_GGUF_SHA256
-    assert marker["gguf_size"] == OFFLINE_GGUF_SIZE
-    assert marker["display_name"] == DEFAULT_MODEL_NAME
+    assert marker["gguf_sha256"] == DEFAULT_OFFLINE_MODEL.gguf_sha256
+    assert marker["gguf_size"] == DEFAULT_OFFLINE_MODEL.gguf_size
+    assert marker["display_name"] == DEFAULT_OFFLINE_MODEL.display_name
     config = json.loads((model_dir / "config.json").read_text())
     assert "quantization_config" not in config
     assert config["architectures"] == ["Qwen2ForCausalLM"]
@@ -71,15 +71,15 @@ def test_second_call_reuses_the_folder(model_dir, monkeypatch):
     def must_not_run(*a, **k):
         raise AssertionError("the cached folder was rebuilt")
 
-    monkeypatch.setattr(offline, "_assemble", must_not_run)
-    monkeypatch.setattr(offline, "_build_hf_dir", must_not_run)
+    monkeypatch.setattr(assembly, "assemble_parts", must_not_run)
+    monkeypatch.setattr(gguf_conversion, "build_hf_dir", must_not_run)
     assert offline_model_dir() == model_dir
     assert {f: (model_dir / f).stat().st_mtime_ns for f in stamps} == stamps
 
 
 def test_loaded_config_and_state(loaded):
     model, tok, name = loaded
-    assert name == DEFAULT_MODEL_NAME
+    assert name == DEFAULT_OFFLINE_MODEL.display_name
     c = model.config
     assert c.model_type == "qwen2"
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (24, 896, 14, 2)

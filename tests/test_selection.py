@@ -119,7 +119,7 @@ def test_filters_record_the_stage_that_chose():
     """SelectionResult.filters are the filters applied: the configured ones, induce > the unsteered
     harmless log-odds after the first relaxation, the layer limit alone after the second."""
     from refusal_lab.models.hooked import HookedChatModel
-    from refusal_lab.models.tiny import tiny_model
+    from tests.tiny_models import tiny_model
     from refusal_lab.steering.selection import STAGES, applied_filters
 
     tiny = HookedChatModel(tiny_model("qwen2"), name="tiny-qwen2")

@@ -14,7 +14,7 @@ from transformers import GenerationConfig
 from refusal_lab.errors import SiteError
 from refusal_lab.models.edits import Add, ProjectOut, Replace
 from refusal_lab.models.hooked import BLOCK_SITES, HookedChatModel
-from refusal_lab.models.tiny import tiny_model
+from tests.tiny_models import tiny_model
 
 try:  # tests/ as a package or as rootdir-inserted folder
     from tests.conftest import random_batch

@@ -200,7 +200,7 @@ class _CharTokenizer:
 
 def test_generate_completions_and_sweep_on_tiny():
     from refusal_lab.models.hooked import HookedChatModel
-    from refusal_lab.models.tiny import tiny_model
+    from tests.tiny_models import tiny_model
     from refusal_lab.steering.evaluation import generate_completions, refusal_rate
     from refusal_lab.steering.sweep import alpha_sweep
 
@@ -235,7 +235,7 @@ def _alternate(instructions, completions):
 
 def test_sweep_rates_carry_wilson_intervals_n_and_progress_units():
     from refusal_lab.models.hooked import HookedChatModel
-    from refusal_lab.models.tiny import tiny_model
+    from tests.tiny_models import tiny_model
     from refusal_lab.stats import wilson_interval
     from refusal_lab.steering.sweep import alpha_sweep, evaluate_hooks, n_batches, sweep_units
 
@@ -265,7 +265,7 @@ def test_object_sweep_standard_errors_and_intervals():
     """Object sweeps: SE of the metric over the objects, the normalised SE = SE / |gap|, Wilson
     interval and n of the refusal fraction; one progress unit per (alpha, side)."""
     from refusal_lab.models.hooked import HookedChatModel
-    from refusal_lab.models.tiny import tiny_model
+    from tests.tiny_models import tiny_model
     from refusal_lab.stats import mean_se, wilson_interval
     from refusal_lab.steering.pipeline import SteeringSettings, _object_sweep
     from refusal_lab.steering.interventions import addition_hooks

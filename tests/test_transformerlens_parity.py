@@ -30,7 +30,7 @@ pytest.importorskip("transformer_lens")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 from refusal_lab.models.hooked import HookedChatModel  # noqa: E402
-from refusal_lab.models.tiny import SUPPORTED_TINY, tiny_model  # noqa: E402
+from tests.tiny_models import SUPPORTED_TINY, tiny_model  # noqa: E402
 
 try:  # tests/ as a package or as rootdir-inserted folder
     from tests.conftest import random_batch  # noqa: E402

@@ -3,32 +3,32 @@
 ``load_hf`` accepts ``None`` (the offline default, built from registry packages by
 :mod:`refusal_lab.models.offline`), the short name of an offline model
 (``qwen2.5-coder-1.5b-instruct``; see :data:`~refusal_lab.models.offline.OFFLINE_MODELS`), a
-local model folder, a ``.gguf`` file (dequantized once and cached) or a hub id. Weights are read from safetensors only (never pickled ``.bin`` files) and
-remote code runs only when asked. Hub and ``transformers`` exceptions are mapped to
-:class:`~refusal_lab.errors.ModelLoadError` (or a subclass) chained to the original, so the CLI can
-print one sentence and still show the traceback with ``--debug``.
+local model folder, a ``.gguf`` file (dequantized once and cached) or a hub id
+(:func:`resolve_spec` decides which). Weights are read from safetensors only (never pickled
+``.bin`` files) and remote code runs only when asked. Hub and ``transformers`` exceptions are
+mapped to :class:`~refusal_lab.errors.ModelLoadError` (or a subclass) chained to the original by
+:mod:`refusal_lab.models.load_errors`, so the CLI can print one sentence and still show the
+traceback with ``--debug``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from refusal_lab.errors import ConfigError, ModelLoadError, PromptError, UnsupportedArchitectureError
+from refusal_lab.models.load_errors import mapped_errors
 from refusal_lab.models.offline import (
-    DEFAULT_MODEL_NAME,
-    OFFLINE_MODELS,
+    DEFAULT_OFFLINE_MODEL,
     cached_gguf_dir,
     get_offline_model,
     offline_model_dir,
-    progress_bars,
     read_source_info,
 )
+from refusal_lab.models.progress import progress_bars
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,8 +45,6 @@ DTYPES: dict[str, torch.dtype] = {
 
 EAGER_ATTENTION_MODEL_TYPES = frozenset({"gemma2"})
 """Model types needing eager attention: Gemma 2's attention logit soft-capping is not in SDPA."""
-
-_LOGIN_HINT = "run `huggingface-cli login`, pass --token or set HF_TOKEN"
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,14 +103,14 @@ def _load(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source, name, local = _resolve_spec(spec, cache_dir=cache_dir, progress=progress)
+    source, name, local = resolve_spec(spec, cache_dir=cache_dir, progress=progress)
     hub_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "token": token}
     if not local and revision is not None:
         hub_kwargs["revision"] = revision
 
     if local:
         _check_local_folder(Path(source), name)
-    with _mapped_errors(name, "configuration", revision):
+    with mapped_errors(name, "configuration", revision):
         config = AutoConfig.from_pretrained(source, **hub_kwargs)
     model_type = getattr(config, "model_type", None) or "unknown"
     if supported_model_types is not None and model_type not in supported_model_types:
@@ -121,12 +119,12 @@ def _load(
             f"supported model types: {', '.join(sorted(supported_model_types))}."
         )
 
-    with _mapped_errors(name, "tokenizer", revision):
+    with mapped_errors(name, "tokenizer", revision):
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", **hub_kwargs)
-    _prepare_tokenizer(tokenizer, name, chat_template)
+    prepare_tokenizer(tokenizer, name, chat_template)
 
     attn = "eager" if model_type in EAGER_ATTENTION_MODEL_TYPES else "sdpa"
-    with _mapped_errors(name, "weights", revision):
+    with mapped_errors(name, "weights", revision):
         model = AutoModelForCausalLM.from_pretrained(
             source,
             config=config,
@@ -157,7 +155,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 # resolving what to load
 
 
-def _resolve_spec(
+def resolve_spec(
     spec: str | os.PathLike[str] | None, *, cache_dir: Path | None, progress: bool
 ) -> tuple[str, str, bool]:
     """``spec`` -> (path or hub id for transformers, display name, is_local).
@@ -166,7 +164,7 @@ def _resolve_spec(
     name; a path-like string that does not exist (error); else a hub id.
     """
     if spec is None:
-        return str(offline_model_dir(cache_dir, progress=progress)), DEFAULT_MODEL_NAME, True
+        return str(offline_model_dir(cache_dir, progress=progress)), DEFAULT_OFFLINE_MODEL.display_name, True
     text = os.fspath(spec)
     path = Path(text).expanduser()
     offline_model = None if path.exists() else get_offline_model(text)
@@ -236,7 +234,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _prepare_tokenizer(tokenizer: Any, name: str, chat_template: str | None) -> None:
+def prepare_tokenizer(tokenizer: Any, name: str, chat_template: str | None) -> None:
     """Left padding, a pad token (eos if none), and a chat template (given or the model's own)."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -248,112 +246,3 @@ def _prepare_tokenizer(tokenizer: Any, name: str, chat_template: str | None) -> 
             f"'{name}' has no chat template (it is probably a base model, not a chat model); "
             "use its -it/-Instruct variant or pass a Jinja chat template with --chat-template."
         )
-
-
-# --------------------------------------------------------------------------------------------
-# error mapping
-
-
-@contextlib.contextmanager
-def _mapped_errors(name: str, what: str, revision: str | None) -> Iterator[None]:
-    """Re-raise hub / transformers failures as one-sentence ModelLoadErrors (chained)."""
-    try:
-        yield
-    except ModelLoadError:
-        raise
-    except Exception as e:  # noqa: BLE001 - every failure here is mapped to one sentence
-        raise _map_error(e, name, what, revision) from e
-
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and its causes/contexts, outermost first (transformers wraps hub errors in OSError)."""
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and all(current is not c for c in chain):
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
-
-
-def _is_connection_error(e: BaseException) -> bool:
-    """Network failures from socket, httpx/httpx2 (checked by name: the hub's HTTP client varies)."""
-    if isinstance(e, (ConnectionError, TimeoutError)):
-        return True
-    names = {cls.__name__ for cls in type(e).__mro__}
-    return bool(names & {"ConnectError", "NetworkError", "TimeoutException", "gaierror", "ProxyError"})
-
-
-def _map_error(exc: Exception, name: str, what: str, revision: str | None) -> ModelLoadError:
-    """One ModelLoadError sentence for ``exc`` (looked up along its whole exception chain)."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    chain = _exception_chain(exc)
-
-    def find(cls: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
-        return next((c for c in chain if isinstance(c, cls)), None)
-
-    if find(GatedRepoError):
-        return ModelLoadError(
-            f"'{name}' is a gated model on the Hugging Face hub: accept its licence at "
-            f"https://huggingface.co/{name}, then {_LOGIN_HINT}."
-        )
-    if find(RepositoryNotFoundError):
-        return ModelLoadError(
-            f"'{name}' is neither a local path nor a model on the Hugging Face hub (if it is private, "
-            f"{_LOGIN_HINT})."
-        )
-    if find(RevisionNotFoundError):
-        return ModelLoadError(
-            f"Revision '{revision}' does not exist for '{name}' on the Hugging Face hub; "
-            "check the branch, tag or commit."
-        )
-    if find((LocalEntryNotFoundError, OfflineModeIsEnabled)) or any(_is_connection_error(c) for c in chain):
-        same = next((m for m in OFFLINE_MODELS.values() if m.display_name.lower() == name.lower()), None)
-        if same is not None:
-            return ModelLoadError(
-                f"'{name}' is not in the local Hugging Face cache and the hub is unreachable; its "
-                f"offline copy loads with the model name '{same.name}' (install: {same.install_hint})."
-            )
-        return ModelLoadError(
-            f"'{name}' is not in the local Hugging Face cache and the hub is unreachable; pass a local "
-            f"model folder or .gguf file, an offline model ({', '.join(OFFLINE_MODELS)}), or omit "
-            f"the model to use the offline default ({DEFAULT_MODEL_NAME})."
-        )
-    if find(HFValidationError):
-        return ModelLoadError(
-            f"Model '{name}' is neither an existing local path nor a valid Hugging Face hub id; "
-            "check the spelling."
-        )
-    text = " ".join(str(c) for c in chain)
-    if "trust_remote_code" in text:
-        return ModelLoadError(
-            f"'{name}' needs custom code from its repository; pass trust_remote_code=True "
-            "(--trust-remote-code) only if you trust that code."
-        )
-    if "cannot be loaded with `safetensors`" in text or "no file named model.safetensors" in text:
-        return ModelLoadError(
-            f"'{name}' has no safetensors weights (only pickled .bin files, which refusal_lab never "
-            "loads); use a revision or copy of the model that has safetensors weights."
-        )
-    if "does not recognize this architecture" in text:
-        import transformers
-
-        return UnsupportedArchitectureError(
-            f"'{name}' uses an architecture this transformers version ({transformers.__version__}) "
-            "does not know; upgrade transformers or pick another model."
-        )
-    if isinstance(exc, torch.OutOfMemoryError):
-        return ModelLoadError(
-            f"Not enough accelerator memory to load '{name}'; try --dtype bfloat16, a smaller model "
-            "or device_map='auto' over several GPUs."
-        )
-    first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    return ModelLoadError(f"Could not load the {what} of '{name}': {first_line.strip().rstrip('.')}.")
-

@@ -49,8 +49,5 @@ def load_model(
     )
     wanted = adapter_class(hf_model.config.model_type).attn_implementation
     if getattr(hf_model.config, "_attn_implementation", None) != wanted:
-        if hasattr(hf_model, "set_attn_implementation"):
-            hf_model.set_attn_implementation(wanted)
-        else:
-            hf_model.config._attn_implementation = wanted
+        hf_model.set_attn_implementation(wanted)  # transformers >= 5 (pyproject) always has it
     return HookedChatModel(hf_model, tokenizer, name=name)

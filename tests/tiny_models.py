@@ -1,6 +1,7 @@
 """Tiny random-weight models of every supported architecture, built from ``transformers`` config
-classes (no downloads). Tests use them to pin down hook semantics; benchmarks use the same
-builders with full-size configs for honest timings."""
+classes (no downloads). Tests use them to pin down hook semantics; the benchmarks import the same
+builders (``from tests.tiny_models import ...``, run from the repository root) for their CPU smoke
+modes. A test fixture, so it lives here and not in the package: nothing in ``src/`` imports it."""
 
 from __future__ import annotations
 
