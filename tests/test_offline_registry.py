@@ -392,7 +392,7 @@ def test_progress_bars_restores_every_switch():
 
 
 def test_inspect_source_names_the_offline_model_and_its_cache(site, tmp_path, monkeypatch, tiny_gguf_bytes):
-    from refusal_lab.inspect import _format_source, model_source
+    from refusal_lab.inspect import format_source, model_source
     from refusal_lab.models.hooked import HookedChatModel
 
     blob, _ = tiny_gguf_bytes
@@ -404,7 +404,7 @@ def test_inspect_source_names_the_offline_model_and_its_cache(site, tmp_path, mo
     folder = cache / "models" / fake.cache_subdir
     assert src["offline_model"] == fake.name and src["path"] == str(folder) and src["local"]
     assert src["gguf_sha256"] == fake.gguf_sha256
-    assert _format_source(src) == f"offline model {fake.name} (registry packages), cached in {folder}"
+    assert format_source(src) == f"offline model {fake.name} (registry packages), cached in {folder}"
 
     # a folder cached before the marker named its offline model is recognised by its sha256
     marker = read_source_info(folder)
@@ -414,14 +414,14 @@ def test_inspect_source_names_the_offline_model_and_its_cache(site, tmp_path, mo
 
 
 def test_inspect_source_of_a_user_gguf_and_a_plain_folder(gguf_file, tmp_path):
-    from refusal_lab.inspect import _format_source, model_source
+    from refusal_lab.inspect import format_source, model_source
     from refusal_lab.models.hooked import HookedChatModel
 
     hf, tok, name = load_hf(str(gguf_file), cache_dir=tmp_path / "cache", progress=False)
     src = model_source(HookedChatModel(hf, tok, name=name))
     assert src["offline_model"] is None and src["gguf_file"] == "tiny.gguf"
-    assert _format_source(src).startswith(f"converted from {gguf_file.resolve()}, cached in {tmp_path / 'cache'}")
+    assert format_source(src).startswith(f"converted from {gguf_file.resolve()}, cached in {tmp_path / 'cache'}")
     plain = save_tiny(tmp_path / "plain", tiny_qwen2())
     hf, tok, name = load_hf(str(plain), progress=False)
     src = model_source(HookedChatModel(hf, tok, name=name))
-    assert src["offline_model"] is None and src["gguf_file"] is None and _format_source(src) == str(plain)
+    assert src["offline_model"] is None and src["gguf_file"] is None and format_source(src) == str(plain)

@@ -94,7 +94,7 @@ def _load(args):
         if not path.is_file():
             raise PromptError(f"Chat template file {path} does not exist; give a path to a Jinja template file.")
         chat_template = path.read_text()
-    # progress=False silences the loaders' own bars too (models.offline.progress_bars)
+    # progress=False silences the loaders' own bars too (models.progress.progress_bars)
     return load_model(args.model, dtype=args.dtype or "float32", device=args.device, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code, token=args.token or os.environ.get("HF_TOKEN"),
                       chat_template=chat_template, progress=not getattr(args, "quiet", False))
@@ -319,7 +319,7 @@ def cmd_abliterate(args) -> int:
         for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
             stale.unlink()
     say(f"saving to {out}...")
-    from refusal_lab.models.offline import progress_bars
+    from refusal_lab.models.progress import progress_bars
 
     with progress_bars(not args.quiet):  # transformers' own bars while saving, as while loading
         write_abliteration(out, model, vector, report, info)

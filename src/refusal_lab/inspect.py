@@ -60,7 +60,7 @@ def model_source(model: HookedChatModel) -> dict:
             "origin": marker.get("source")}
 
 
-def _format_source(src: dict) -> str:
+def format_source(src: dict) -> str:
     if src.get("offline_model"):
         return f"offline model {src['offline_model']} (registry packages), cached in {src['path']}"
     if src.get("gguf_file"):
@@ -72,7 +72,7 @@ def format_inspect(info: dict) -> str:
     m = info["model"]
     lines = [f"model      {m['model_name']} ({m['model_type']}): {m['n_layers']} layers, d_model {m['d_model']}, "
              f"{m['n_heads']} heads ({m['n_key_value_heads']} kv) of {m['d_head']}, vocab {m['d_vocab']}, {m['dtype']} on {m['device']}",
-             *([f"weights    {_format_source(info['source'])}"] if info.get("source", {}).get("path") else []),
+             *([f"weights    {format_source(info['source'])}"] if info.get("source", {}).get("path") else []),
              f"sites      {', '.join(info['sites']['global'])}, " + ", ".join(info["sites"]["per_block"]),
              f"metric     logit[{info['tokens']['refusal']['str']!r}] - logit[{info['tokens']['compliance']['str']!r}]"
              f" (ids {info['tokens']['refusal']['id']}, {info['tokens']['compliance']['id']})",

@@ -33,7 +33,6 @@ from refusal_lab.models.offline.registry import (
     OfflineModel,
     get_offline_model,
 )
-from refusal_lab.models.progress import progress_bars  # noqa: F401  (for cli.py until it imports models.progress)
 
 __all__ = [
     "CACHE_ENV",
