@@ -107,26 +107,6 @@ def mean_activations(
     return torch.stack(total) / ids.shape[0]
 
 
-def diff_in_means(
-    model,
-    harmful_ids: torch.Tensor,
-    harmful_mask: torch.Tensor | None,
-    harmless_ids: torch.Tensor,
-    harmless_mask: torch.Tensor | None,
-    layer: int,
-    position: int = -1,
-    site: str = "hook_resid_pre",
-    batch_size: int = 16,
-    bar=None,
-) -> torch.Tensor:
-    """mean(harmful) - mean(harmless) of ``blocks.{layer}.{site}`` at column ``position``: float64 [d].
-    ``bar`` advances by one per batch (``ceil(n_harmful / batch_size) + ceil(n_harmless / batch_size)``)."""
-    name = _site_name(layer, site)
-    a = mean_activations(model, harmful_ids, harmful_mask, [name], [position], batch_size, bar=bar)
-    b = mean_activations(model, harmless_ids, harmless_mask, [name], [position], batch_size, bar=bar)
-    return (a - b)[0, 0]
-
-
 def diff_in_means_all_layers(
     model,
     harmful_ids: torch.Tensor,
@@ -137,15 +117,26 @@ def diff_in_means_all_layers(
     site: str = "hook_resid_pre",
     batch_size: int = 16,
     layers: Sequence[int] | None = None,
+    bar=None,
 ) -> torch.Tensor:
     """Difference in means at every layer and candidate column, one forward per batch: float64
     [L, n_pos, d] (``L`` = len(layers), default every layer). Use the eoi columns as candidates:
-    ``positions=range(-len(eoi_tokens(tok)), 0)``."""
+    ``positions=range(-len(eoi_tokens(tok)), 0)``. ``bar`` advances by one per batch
+    (``ceil(n_harmful / batch_size) + ceil(n_harmless / batch_size)``)."""
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     names = [_site_name(l, site) for l in layers]
-    a = mean_activations(model, harmful_ids, harmful_mask, names, list(positions), batch_size)
-    b = mean_activations(model, harmless_ids, harmless_mask, names, list(positions), batch_size)
+    a = mean_activations(model, harmful_ids, harmful_mask, names, list(positions), batch_size, bar=bar)
+    b = mean_activations(model, harmless_ids, harmless_mask, names, list(positions), batch_size, bar=bar)
     return a - b
+
+
+def diff_in_means(model, harmful_ids: torch.Tensor, harmful_mask: torch.Tensor | None, harmless_ids: torch.Tensor,
+                  harmless_mask: torch.Tensor | None, layer: int, position: int = -1, site: str = "hook_resid_pre",
+                  batch_size: int = 16, bar=None) -> torch.Tensor:
+    """mean(harmful) - mean(harmless) of ``blocks.{layer}.{site}`` at column ``position``: float64 [d]
+    (:func:`diff_in_means_all_layers` at one layer and column)."""
+    return diff_in_means_all_layers(model, harmful_ids, harmful_mask, harmless_ids, harmless_mask, [position], site,
+                                    batch_size, [layer], bar)[0, 0]
 
 
 @torch.no_grad()
