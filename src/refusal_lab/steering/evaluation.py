@@ -119,6 +119,10 @@ class ChatModelJudge:
         return [bool(x > 0) for x in scores]
 
 
+Batch = tuple[Sequence[int], torch.Tensor, torch.Tensor]
+"""``(indices, ids, mask)``: which prompts a batch holds, and their tokens."""
+
+
 @dataclass
 class HookEvaluation:
     """Prompts run under one hook setting (:func:`evaluate_hooks`): a score per prompt and, when
@@ -178,8 +182,7 @@ def refusal_log_odds_score(model, refusal_ids: Sequence[int] | None = None) -> C
 @torch.no_grad()
 def evaluate_hooks(model, prompts: Sequence[str], fwd_hooks, *, judge: Judge | None = None,
                    score: Callable[[torch.Tensor], torch.Tensor] | None = None, max_new_tokens: int = 24,
-                   batch_size: int = 16, batches: Iterable[tuple[Sequence[int], torch.Tensor, torch.Tensor]] | None = None,
-                   bar=None) -> HookEvaluation:
+                   batch_size: int = 16, batches: Iterable[Batch] | None = None, bar=None) -> HookEvaluation:
     """Run ``prompts`` under ``fwd_hooks``: ``score(last-column logits)`` per prompt and, with
     ``max_new_tokens > 0``, greedy completions (special tokens dropped) judged by ``judge``
     (:class:`SubstringJudge` by default) against ``prompts``.

@@ -107,19 +107,23 @@ def object_alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence
     (alpha, side)."""
     rows, samples = [], []
     gap = harmful_mean - harmless_mean
+
+    def metric_of_logits(logits):
+        return metric_fn(logits.float())
+
     for alpha in alphas:
         row = {"alpha": float(alpha)}
         for side, sign in (("harmless", 1.0), ("harmful", -1.0)):
             ids, mask = object_batches[side]
             hooks = addition_hooks(vector, layer, sign * alpha) if alpha else []
-            ev = evaluate_hooks(model, objects[side], hooks, judge=judge, score=lambda logits: metric_fn(logits.float()),
+            ev = evaluate_hooks(model, objects[side], hooks, judge=judge, score=metric_of_logits,
                                 max_new_tokens=max_new_tokens, batches=[(list(range(ids.shape[0])), ids, mask)],
                                 bar=bar)
             mean, se = mean_se(ev.scores)
-            score, se = float(mean), float(se)
-            row[f"{side}_metric"] = score
+            mean, se = float(mean), float(se)
+            row[f"{side}_metric"] = mean
             row[f"{side}_metric_se"] = _finite_or_none(se)
-            row[f"{side}_normalised"] = float(normalise(score, harmless_mean, harmful_mean))
+            row[f"{side}_normalised"] = float(normalise(mean, harmless_mean, harmful_mean))
             row[f"{side}_normalised_se"] = _finite_or_none(se / abs(gap))
             row[f"{side}_n"] = ev.n
             if ev.refused is not None:

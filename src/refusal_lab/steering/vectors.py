@@ -20,6 +20,7 @@ import torch
 
 from refusal_lab.artifacts import load_tensors, save_tensors
 from refusal_lab.errors import PromptError, SiteError
+from refusal_lab.steering.batching import tensor_batches
 
 __all__ = [
     "diff_in_means",
@@ -83,8 +84,7 @@ def mean_activations(
     order = model.hook_names()
     last_site = max(sites, key=order.index)
     total: list[torch.Tensor | None] = [None] * len(sites)
-    dev = model.device
-    for start in range(0, ids.shape[0], batch_size):
+    for batch_ids, batch_mask in tensor_batches(ids, mask, batch_size, model.device):
         got: dict[str, torch.Tensor] = {}
 
         def make(name):
@@ -96,8 +96,7 @@ def mean_activations(
 
         hooks = [(s, make(s)) for s in sites]
         try:
-            model(ids[start : start + batch_size].to(dev), mask[start : start + batch_size].to(dev),
-                  fwd_hooks=[*fwd_hooks, *hooks], logits="last")
+            model(batch_ids, batch_mask, fwd_hooks=[*fwd_hooks, *hooks], logits="last")
         except _Stop:
             pass
         for i, s in enumerate(sites):
@@ -146,10 +145,8 @@ def _mean_head_sum(model, ids, mask, heads, col_pos, batch_size) -> torch.Tensor
     layers = sorted({l for l, _ in heads})
     names = [f"blocks.{l}.attn.hook_result" for l in layers]
     total = None
-    for start in range(0, ids.shape[0], batch_size):
-        _, cache = model.run_with_cache(ids[start : start + batch_size].to(model.device),
-                                        mask[start : start + batch_size].to(model.device),
-                                        names=names, logits="none")
+    for batch_ids, batch_mask in tensor_batches(ids, mask, batch_size, model.device):
+        _, cache = model.run_with_cache(batch_ids, batch_mask, names=names, logits="none")
         s = 0
         for l in layers:
             hs = [h for ll, h in heads if ll == l]
