@@ -51,7 +51,7 @@ from torch import nn
 
 from refusal_lab.errors import RefusalLabError
 from refusal_lab.steering.interventions import unit
-from refusal_lab.steering.selection import DirectionPolicy
+from refusal_lab.steering.selection import DirectionPolicy, select_refusal_direction
 
 __all__ = [
     "DirectionChoice",
@@ -277,7 +277,6 @@ def instruction_direction(model, layer: int | None = None, position: str | int |
     from refusal_lab.errors import ConfigError, PromptError, SiteError
     from refusal_lab.prompts import build_instruction_prompts, eoi_tokens
     from refusal_lab.steering.batching import instruction_sample, n_batches, progress_bar
-    from refusal_lab.steering.selection import select_refusal_direction
     from refusal_lab.steering.vectors import diff_in_means
 
     say = log or (lambda _msg: None)

@@ -2,8 +2,8 @@
 
 The one direction-choice policy of the package: ``refusal-lab run``'s ``direction`` step and
 ``refusal-lab abliterate --select`` both call :func:`select_refusal_direction` with a
-:class:`DirectionPolicy`, whose defaults are the only ones (the run's config and the CLI take theirs
-from it).
+:class:`DirectionPolicy`, whose defaults are the only ones (the steering settings and abliterate's
+CLI take theirs from it; the run config's defaults are held equal to them by a test).
 
 Candidates ``r[l, p]`` are the diff-in-means of ``blocks.{l}.hook_resid_pre`` at every layer ``l``
 and every end-of-instruction column ``p`` (train instructions). Each candidate is scored on held-out
@@ -55,7 +55,7 @@ class DirectionPolicy:
     """How the refusal direction is chosen: the instruction samples, the filters and the fallback.
 
     The defaults are the package's one set (``refusal-lab run`` and ``refusal-lab abliterate``
-    read theirs from here): 32 train and 16 val instructions per side, seed 0, ``kl < 0.1``,
+    choose with them): 32 train and 16 val instructions per side, seed 0, ``kl < 0.1``,
     ``layer < 0.8 * n_layers``, ``induce`` scored with the raw vector (alpha 1), and the relaxing
     fallback (``on_empty="best"``)."""
 
