@@ -170,7 +170,7 @@ def test_select_runs_the_real_selection_with_the_run_fallback(folders, tmp_path,
     """--select on a tiny random model, where every candidate fails induce > 0: the run's direction
     step policy (relax the filters, say so) applies instead of an error (regression), with --n-val
     val instructions, and abliteration.json holds the selection's layer/position."""
-    from refusal_lab.steering.pipeline import SteeringSettings, select_refusal_direction
+    from refusal_lab.steering.selection import DirectionPolicy, select_refusal_direction
 
     out = tmp_path / "abl"
     rc = main(["abliterate", "--model", str(folders["qwen2"]), "--select", "--n-train", "4", "--n-val", "3",
@@ -186,7 +186,7 @@ def test_select_runs_the_real_selection_with_the_run_fallback(folders, tmp_path,
     assert sel["filters"]["stage"] in ("induce_relaxed", "layer_only")
 
     model = load_model(str(folders["qwen2"]), dtype="float32", device="cpu", progress=False)
-    want = select_refusal_direction(model, SteeringSettings(n_train=4, n_val=3), progress=False).result
+    want = select_refusal_direction(model, DirectionPolicy(n_train=4, n_val=3), progress=False).result
     assert (info["layer"], info["position"]) == (want.layer, want.position)
     assert sel["filters"] == want.filters and sel["fallback"] == want.fallback
     assert f"selected layer {want.layer}, position {want.position}" in cap.err

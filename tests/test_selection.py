@@ -1,4 +1,5 @@
-"""select_direction: candidate table, filters, choice and the all-filtered error (tiny models)."""
+"""The direction policy: select_direction's candidate table, filters, choice, the fallback and the
+all-filtered error (tiny models); the run and abliterate share DirectionPolicy's defaults."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from refusal_lab.errors import RefusalLabError
-from refusal_lab.steering.selection import select_direction
+from refusal_lab.steering.selection import DirectionPolicy, select_direction
 from tests.conftest import random_batch
 
 POS = (-3, -2, -1)
@@ -29,7 +30,7 @@ def test_table_filters_and_choice(tiny):
     L = tiny.cfg.n_layers
     kl_max, frac = 5.0, 0.7
     res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=refusal_ids,
-                           kl_max=kl_max, max_layer_frac=frac)
+                           policy=DirectionPolicy(kl_max=kl_max, max_layer_frac=frac))
     assert len(res.table) == L * len(POS)
     assert {(r["layer"], r["position"]) for r in res.table} == {(l, p) for l in range(L) for p in POS}
     for r in res.table:
@@ -47,14 +48,15 @@ def test_table_filters_and_choice(tiny):
 def test_mostly_positive_refusal_set_keeps_something(tiny):
     # P(R) ~ 100/128 for a near-uniform random model: induce > 0 holds, so candidates survive.
     res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)),
-                           kl_max=float("inf"), max_layer_frac=1.0)
+                           policy=DirectionPolicy(kl_max=float("inf"), max_layer_frac=1.0))
     _check_filters(res, tiny.cfg.n_layers, float("inf"), 1.0)
     assert any(r["kept"] for r in res.table)
 
 
 def test_all_filtered_raises_clear_error(tiny):
     with pytest.raises(RefusalLabError, match=r"kl_max") as e:
-        select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)), kl_max=0.0)
+        select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)),
+                         policy=DirectionPolicy(kl_max=0.0, on_empty="raise"))
     msg = str(e.value)
     n = tiny.cfg.n_layers * len(POS)
     assert f"All {n} candidate directions" in msg and "max_layer_frac" in msg
@@ -62,19 +64,44 @@ def test_all_filtered_raises_clear_error(tiny):
 
 
 def test_all_filtered_fallback_best(tiny):
-    """on_empty="best" (what `refusal-lab run` uses): the lowest bypass below the layer limit, with the reason."""
+    """The policy's default fallback, on_empty="best" (the run's and abliterate's): the lowest bypass
+    below the layer limit, with the reason."""
     L = tiny.cfg.n_layers
-    res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)), kl_max=1e-12,
-                           max_layer_frac=0.7, on_empty="best")
+    res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)),
+                           policy=DirectionPolicy(kl_max=1e-12, max_layer_frac=0.7))
     assert not any(r["kept"] for r in res.table)
     assert res.fallback and f"All {L * len(POS)} candidate directions" in res.fallback
     usable = [r for r in res.table if r["layer"] < 0.7 * L]
     assert res.bypass == min(r["bypass"] for r in usable) and res.layer < 0.7 * L
 
 
-def test_on_empty_must_be_known(tiny):
+def test_policy_values_must_be_known():
     with pytest.raises(RefusalLabError, match="on_empty"):
-        select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=[0], on_empty="maybe")
+        DirectionPolicy(on_empty="maybe")
+    with pytest.raises(RefusalLabError, match="n_train and n_val must be positive"):
+        DirectionPolicy(n_val=0)
+
+
+def test_one_set_of_defaults(capsys):
+    """The run (its config and steering settings) and abliterate (its CLI) choose the direction with
+    the policy's defaults, and abliterate's help states them."""
+    from refusal_lab.cli import build_parser
+    from refusal_lab.run.config import RunConfig
+    from refusal_lab.steering.pipeline import SteeringSettings
+
+    p = DirectionPolicy()
+    assert (p.n_train, p.n_val, p.seed, p.kl_max, p.max_layer_frac, p.induce_alpha, p.on_empty) == \
+        (32, 16, 0, 0.1, 0.8, 1.0, "best")
+    assert SteeringSettings().direction_policy() == p
+    c = RunConfig()
+    assert (c.steering_n_train, c.steering_n_val, c.seed, c.kl_max, c.max_layer_frac) == \
+        (p.n_train, p.n_val, p.seed, p.kl_max, p.max_layer_frac)
+    args = build_parser().parse_args(["abliterate", "--out", "x"])
+    assert args.n_train is None and args.n_val is None  # None = the policy's
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["abliterate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"each (default {p.n_train}," in text and f"--select (default {p.n_val}," in text
 
 
 def test_choose_alpha():
@@ -101,15 +128,16 @@ def test_choose_candidate_relaxes_induce_first():
 
     table = [row(3, -1, -2.0, -0.7, 0.08), row(5, -1, -3.5, -0.5, 0.50), row(4, -2, -1.0, -2.9, 0.05),
              row(9, -1, -9.0, 1.0, 0.01)]
-    best, why = choose_candidate(table, kl_max=0.1, layer_limit=8, harmless_baseline=-2.6, on_empty="best")
-    assert (best["layer"], best["position"]) == (3, -1) and "relaxed induce" in why
+    best, why, stage = choose_candidate(table, kl_max=0.1, layer_limit=8, harmless_baseline=-2.6)
+    assert (best["layer"], best["position"]) == (3, -1) and "relaxed induce" in why and stage == "induce_relaxed"
     # nothing passes KL: only the layer filter remains -> lowest bypass below the limit
-    best, why = choose_candidate(table, kl_max=0.01, layer_limit=8, harmless_baseline=-2.6, on_empty="best")
+    best, why, stage = choose_candidate(table, kl_max=0.01, layer_limit=8, harmless_baseline=-2.6)
     assert (best["layer"], best["position"]) == (5, -1) and "lowest bypass below the layer limit" in why
+    assert stage == "layer_only"
     with pytest.raises(RefusalLabError, match="All 4 candidate directions"):
-        choose_candidate(table, kl_max=0.1, layer_limit=8, harmless_baseline=-2.6)
+        choose_candidate(table, kl_max=0.1, layer_limit=8, harmless_baseline=-2.6, on_empty="raise")
     kept = [dict(table[0], kept=True, reason="kept")] + table[1:]
-    assert choose_candidate(kept, 0.1, 8, -2.6) == (kept[0], None)
+    assert choose_candidate(kept, 0.1, 8, -2.6) == (kept[0], None, "configured")
 
 
 # ------------------------------------------------------------------ the filters actually applied
@@ -124,21 +152,21 @@ def test_filters_record_the_stage_that_chose():
 
     tiny = HookedChatModel(tiny_model("qwen2"), name="tiny-qwen2")
     L = tiny.cfg.n_layers
-    res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)), kl_max=5.0,
-                           max_layer_frac=0.7)
+    res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)),
+                           policy=DirectionPolicy(kl_max=5.0, max_layer_frac=0.7))
     assert res.fallback is None and res.stage == "configured"
     assert res.filters == {"kl_max": 5.0, "max_layer_frac": 0.7, "induce_min": 0.0, "stage": "configured"}
 
     # one refusal token of 128: log-odds ~ -5 < 0 everywhere, so induce > 0 fails for every candidate
-    res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=[0], kl_max=1e9, max_layer_frac=1.0,
-                           on_empty="best")
+    res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=[0],
+                           policy=DirectionPolicy(kl_max=1e9, max_layer_frac=1.0))
     assert res.stage == "induce_relaxed" and "relaxed induce" in res.fallback
     assert res.filters == {"kl_max": 1e9, "max_layer_frac": 1.0, "induce_min": res.baseline["harmless"],
                            "stage": "induce_relaxed"}
     assert res.induce > res.filters["induce_min"]
 
-    res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)), kl_max=1e-12,
-                           max_layer_frac=0.7, on_empty="best")
+    res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)),
+                           policy=DirectionPolicy(kl_max=1e-12, max_layer_frac=0.7))
     assert res.stage == "layer_only" and res.layer < 0.7 * L
     assert res.filters == {"kl_max": None, "max_layer_frac": 0.7, "induce_min": None, "stage": "layer_only"}
     assert [applied_filters(s, 0.1, 0.8, -3.0)["induce_min"] for s in STAGES] == [0.0, -3.0, None]
@@ -176,8 +204,8 @@ def test_selection_progress_counts_candidates(tiny_chat, capsys):
           for split in ("train", "val") for kind in ("harmful", "harmless")]
     n = tiny_chat.cfg.n_layers * len(POS)
     capsys.readouterr()
-    select_direction(tiny_chat, *sp, positions=POS, on_empty="best", progress=True)
+    select_direction(tiny_chat, *sp, positions=POS, progress=True)
     err = capsys.readouterr().err
     assert "direction: scoring candidates" in err and f"/{n} [" in err and "<" in err  # n of N [elapsed<ETA]
-    select_direction(tiny_chat, *sp, positions=POS, on_empty="best", progress=False)
+    select_direction(tiny_chat, *sp, positions=POS, progress=False)
     assert capsys.readouterr().err == ""

@@ -3,15 +3,9 @@
 import pytest
 import torch
 
-from refusal_lab.steering.evaluation import (
-    REFUSAL_SUBSTRINGS,
-    Judge,
-    SubstringJudge,
-    completion_cross_entropy,
-    is_refusal,
-    kl_on_harmless,
-)
-from refusal_lab.steering.interventions import ablation_hooks, addition_hooks, combined, unit
+from refusal_lab.steering.damage import completion_cross_entropy, edit_kl, next_token_kl
+from refusal_lab.steering.evaluation import REFUSAL_SUBSTRINGS, Judge, SubstringJudge, is_refusal
+from refusal_lab.steering.interventions import ablation_hooks, addition_hooks, unit
 from refusal_lab.steering.vectors import (
     diff_in_means,
     diff_in_means_all_layers,
@@ -156,10 +150,14 @@ def test_save_load_vector_round_trip(tmp_path):
 
 def test_kl_and_cross_entropy(tiny):
     ids, mask = random_batch(tiny)
-    assert kl_on_harmless(tiny, ids, mask, []) == pytest.approx(0.0, abs=1e-9)
+    assert edit_kl(tiny, ids, mask, []) == pytest.approx(0.0, abs=1e-9)
     d = torch.randn(tiny.cfg.d_model)
-    kl = kl_on_harmless(tiny, ids, mask, combined(ablation_hooks(tiny, d), addition_hooks(d, 1, 5.0)))
+    hooks = ablation_hooks(tiny, d) + addition_hooks(d, 1, 5.0)
+    kl = edit_kl(tiny, ids, mask, hooks, batch_size=2)
     assert kl > 0
+    with torch.no_grad():  # the mean of the one per-prompt KL, batching aside
+        per_prompt = next_token_kl(tiny(ids, mask, logits="last"), tiny(ids, mask, fwd_hooks=hooks, logits="last"))
+    assert per_prompt.dtype == torch.float64 and kl == pytest.approx(float(per_prompt.mean()), rel=1e-6)
     ce = completion_cross_entropy(tiny, ids, mask, addition_hooks(d, 1, 0.0), max_new_tokens=4)
     assert ce["n_tokens"] > 0 and ce["ce_edited"] == pytest.approx(ce["ce_baseline"])
 
@@ -198,19 +196,23 @@ class _CharTokenizer:
         return self.batch_decode([ids], **kw)[0]
 
 
-def test_generate_completions_and_sweep_on_tiny():
+def test_evaluate_hooks_and_sweep_on_tiny():
     from refusal_lab.models.hooked import HookedChatModel
+    from refusal_lab.steering.evaluation import evaluate_hooks
     from tests.tiny_models import tiny_model
-    from refusal_lab.steering.evaluation import generate_completions, refusal_rate
     from refusal_lab.steering.sweep import alpha_sweep
 
     m = HookedChatModel(tiny_model("qwen2"), tokenizer=_CharTokenizer())
     ins = ["Tell me a joke", "Hi", "How do I bake bread?"]
-    comps = generate_completions(m, ins, max_new_tokens=5, batch_size=2)
+    kw = dict(score=lambda logits: logits[:, ord("I")], max_new_tokens=5)
+    r = evaluate_hooks(m, ins, [], batch_size=2, judge=lambda i, c: [True, False, False], **kw)
     # batching by length must not change what each prompt gets
-    assert comps == [generate_completions(m, [s], max_new_tokens=5)[0] for s in ins]
-    r = refusal_rate(m, ins, max_new_tokens=5, judge=lambda i, c: [True, False, False])
-    assert r["n"] == 3 and r["refusal_rate"] == pytest.approx(1 / 3) and r["completions"] == comps
+    alone = [evaluate_hooks(m, [s], [], **kw) for s in ins]
+    assert r.completions == [a.completions[0] for a in alone]
+    torch.testing.assert_close(r.scores, torch.cat([a.scores for a in alone]))
+    assert r.n == 3 and r.k == 1 and r.rate == pytest.approx(1 / 3)
+    assert r.samples(2, {"setting": "x"}) == [{"setting": "x", "instruction": s, "completion": c, "refused": k}
+                                              for s, c, k in zip(ins[:2], r.completions, [True, False])]
     v = torch.randn(m.cfg.d_model)
     out = alpha_sweep(m, v, 1, [0.0, 2.0], ins[:2], ins[1:], max_new_tokens=4, batch_size=2,
                       refusal_ids=[ord("I")], n_samples=1)
@@ -237,16 +239,20 @@ def test_sweep_rates_carry_wilson_intervals_n_and_progress_units():
     from refusal_lab.models.hooked import HookedChatModel
     from tests.tiny_models import tiny_model
     from refusal_lab.stats import wilson_interval
-    from refusal_lab.steering.sweep import alpha_sweep, evaluate_hooks, n_batches, sweep_units
+    from refusal_lab.steering.batching import n_batches
+    from refusal_lab.steering.evaluation import evaluate_hooks, refusal_log_odds_score
+    from refusal_lab.steering.sweep import alpha_sweep, sweep_units
 
     m = HookedChatModel(tiny_model("qwen2"), tokenizer=_CharTokenizer())
     ins = ["Tell me a joke", "Hi", "How do I bake bread?"]
     bar = _Count()
-    r = evaluate_hooks(m, ins, [], judge=_alternate, refusal_ids=[ord("I")], max_new_tokens=2, batch_size=2, bar=bar)
-    assert (r["k"], r["n"], r["refusal_rate"]) == (2, 3, pytest.approx(2 / 3))
-    assert r["ci95"] == list(wilson_interval(2, 3)) and bar.n == n_batches(3, 2) == 2
-    r = evaluate_hooks(m, ins, [], refusal_ids=[ord("I")], batch_size=2, generate=False)
-    assert r["k"] is None and r["ci95"] is None and r["refusal_rate"] is None
+    score = refusal_log_odds_score(m, [ord("I")])
+    r = evaluate_hooks(m, ins, [], judge=_alternate, score=score, max_new_tokens=2, batch_size=2, bar=bar)
+    assert (r.k, r.n, r.rate) == (2, 3, pytest.approx(2 / 3))
+    assert r.ci95 == list(wilson_interval(2, 3)) and bar.n == n_batches(3, 2) == 2
+    r = evaluate_hooks(m, ins, [], score=score, batch_size=2, max_new_tokens=0)  # scores only
+    assert r.k is None and r.ci95 is None and r.rate is None and r.samples(3, {}) == []
+    assert r.scores.shape == (3,) and r.score == pytest.approx(float(r.scores.mean()))
 
     bar = _Count()
     out = alpha_sweep(m, torch.randn(m.cfg.d_model), 1, [0.0, 2.0], ins[:2], ins, judge=_alternate,
@@ -267,18 +273,21 @@ def test_object_sweep_standard_errors_and_intervals():
     from refusal_lab.models.hooked import HookedChatModel
     from tests.tiny_models import tiny_model
     from refusal_lab.stats import mean_se, wilson_interval
-    from refusal_lab.steering.pipeline import SteeringSettings, _object_sweep
     from refusal_lab.steering.interventions import addition_hooks
+    from refusal_lab.steering.sweep import object_alpha_sweep
 
     m = HookedChatModel(tiny_model("llama"), tokenizer=_CharTokenizer())
     batches = {"harmful": random_batch(m, b=3, T=7, seed=5), "harmless": random_batch(m, b=4, T=7, seed=6)}
     objects = {"harmful": ["a", "b", "c"], "harmless": ["d", "e", "f", "g"]}
     metric = lambda logits: logits[:, 5] - logits[:, 9]  # noqa: E731
     v = torch.randn(m.cfg.d_model)
-    s = SteeringSettings(max_new_tokens=2, judge=_alternate)
+    kw = dict(metric_fn=metric, harmful_mean=1.5, harmless_mean=-0.5, judge=_alternate)
     bar = _Count()
-    out = _object_sweep(m, batches, metric, 1.5, -0.5, v, 1, [0.0, 4.0], s, objects, bar=bar)
+    out = object_alpha_sweep(m, v, 1, [0.0, 4.0], batches, objects, max_new_tokens=2, n_samples=1, bar=bar, **kw)
     assert bar.n == 2 * 2
+    assert [(x["side"], x["alpha"], x["object"], x["refused"]) for x in out["samples"]] == [
+        ("harmless", 0.0, "d", True), ("harmful", 0.0, "a", True), ("harmless", 4.0, "d", True),
+        ("harmful", -4.0, "a", True)]
     for row in out["rows"]:
         for side, sign, n in (("harmless", 1.0, 4), ("harmful", -1.0, 3)):
             hooks = addition_hooks(v, 1, sign * row["alpha"]) if row["alpha"] else []
@@ -287,13 +296,13 @@ def test_object_sweep_standard_errors_and_intervals():
             mean, se = mean_se(vals)
             assert row[f"{side}_metric"] == pytest.approx(float(mean), abs=1e-5)
             assert row[f"{side}_metric_se"] == pytest.approx(float(se), abs=1e-5)
+            assert row[f"{side}_normalised"] == pytest.approx((float(mean) + 0.5) / 2.0, abs=1e-5)
             assert row[f"{side}_normalised_se"] == pytest.approx(float(se) / 2.0, abs=1e-5)
             assert row[f"{side}_n"] == n
             k = (n + 1) // 2
             assert row[f"{side}_refusal_fraction"] == k / n
             assert row[f"{side}_refusal_fraction_ci95"] == list(wilson_interval(k, n))
-    s0 = SteeringSettings(max_new_tokens=0, judge=_alternate)  # no generation: no refusal fraction
-    row = _object_sweep(m, batches, metric, 1.5, -0.5, v, 1, [0.0], s0, objects)["rows"][0]
+    row = object_alpha_sweep(m, v, 1, [0.0], batches, objects, max_new_tokens=0, **kw)["rows"][0]  # no generation
     assert "harmful_refusal_fraction" not in row and row["harmful_n"] == 3 and row["harmful_metric_se"] > 0
 
 

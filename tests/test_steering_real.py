@@ -24,7 +24,7 @@ import torch
 
 from refusal_lab.prompts import build_instruction_prompts, load_instructions
 from refusal_lab.steering.evaluation import is_refusal
-from refusal_lab.steering.interventions import ablation_hooks, addition_hooks, combined
+from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
 from refusal_lab.steering.vectors import diff_in_means
 
 pytestmark = pytest.mark.real_model
@@ -65,8 +65,8 @@ def test_direction_induces_and_bypasses_refusal(real_model):
     prompts, n = harmless + harmful, N_HARMLESS  # rows 0..n-1 harmless, n.. harmful
     ids, mask = build_instruction_prompts(tok, prompts)
     base, base_texts = _refused(m, ids, mask)
-    steer = combined(addition_hooks(v, LAYER, ALPHA, ADD_POSITIONS, batch=slice(0, n)),
-                     ablation_hooks(m, v, batch=slice(n, len(prompts))))
+    steer = (addition_hooks(v, LAYER, ALPHA, ADD_POSITIONS, batch=slice(0, n))
+             + ablation_hooks(m, v, batch=slice(n, len(prompts))))
     edited, texts = _refused(m, ids, mask, steer)
     base_hl, induced = sum(base[:n]), sum(edited[:n])
     base_hf, ablated = sum(base[n:]), sum(edited[n:])

@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--position", help="end-of-instruction column: 'last' (default), -n..-1 or an eoi token's text")
     abl.add_argument("--select", action="store_true",
                      help="choose layer and position with select_direction (slow on CPU)")
-    abl.add_argument("--n-train", type=int, default=64, help="harmful and harmless train instructions each (default 64)")
-    abl.add_argument("--n-val", type=int, default=32,
-                     help="harmful and harmless val instructions each for --select (default 32)")
+    abl.add_argument("--n-train", type=int,
+                     help="harmful and harmless train instructions each (default 32, the run's direction policy)")
+    abl.add_argument("--n-val", type=int,
+                     help="harmful and harmless val instructions each for --select (default 16, as in run)")
     abl.add_argument("--force", action="store_true", help="write into a non-empty --out (its weight files are replaced)")
     abl.add_argument("--quiet", action="store_true", help="no progress output")
     abl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -273,10 +274,9 @@ def cmd_abliterate(args) -> int:
         raise ConfigError("--direction gives the direction itself; drop --layer/--position/--select or --direction.")
     if args.select and (args.layer is not None or args.position is not None):
         raise ConfigError("--select chooses the layer and position itself; drop --layer/--position or --select.")
-    if args.n_train < 1:
-        raise ConfigError(f"--n-train must be a positive number of instructions, got {args.n_train}.")
-    if args.n_val < 1:
-        raise ConfigError(f"--n-val must be a positive number of instructions, got {args.n_val}.")
+    for flag, value in (("--n-train", args.n_train), ("--n-val", args.n_val)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be a positive number of instructions, got {value}.")
     out = args.out
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the orthogonalised model.")
@@ -297,6 +297,7 @@ def cmd_abliterate(args) -> int:
     say("loading the model...")
     model = _load(args)
     from refusal_lab.steering.abliterate import instruction_direction, orthogonalize_weights, write_abliteration
+    from refusal_lab.steering.selection import DirectionPolicy
 
     if vector is not None:
         if vector.numel() != model.cfg.d_model:
@@ -308,8 +309,9 @@ def cmd_abliterate(args) -> int:
                 "method": meta.get("method", "given direction"), "direction_source": str(args.direction)}
         say(f"direction: {args.direction} (|v| = {float(vector.norm()):.3f})")
     else:
-        choice = instruction_direction(model, args.layer, args.position, select=args.select, n_train=args.n_train,
-                                       n_val=args.n_val, log=say, progress=not args.quiet)
+        sizes = {k: v for k, v in (("n_train", args.n_train), ("n_val", args.n_val)) if v is not None}
+        choice = instruction_direction(model, args.layer, args.position, select=args.select,
+                                       policy=DirectionPolicy(**sizes), log=say, progress=not args.quiet)
         vector, info = choice.vector, choice.info
     say("orthogonalising the weights...")
     report = orthogonalize_weights(model, vector)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from refusal_lab.errors import ConfigError
 from refusal_lab.patching.engine import GRIDS
+from refusal_lab.steering.selection import DirectionPolicy
 
 DIRECTIONS = {
     "sufficiency": ("harmful", "harmless"),  # (source, receiver): harmful activations into harmless prompts
@@ -40,6 +41,8 @@ HINTS = {
 }
 """What a bad value of each key should have been (the error sentence's end)."""
 NOT_DIGESTED = ("device", "max_rows")
+POLICY = DirectionPolicy()
+"""The one direction-choice policy's defaults (shared with ``refusal-lab abliterate --select``)."""
 
 
 class RunConfig(BaseModel):
@@ -63,17 +66,17 @@ class RunConfig(BaseModel):
     attribution: bool = True
     generate_tokens: NonNegative = 24
     max_rows: Positive = 256
-    seed: int = 0
+    seed: int = POLICY.seed
     steering: bool = True
-    steering_n_train: Positive = 32
-    steering_n_val: Positive = 16
+    steering_n_train: Positive = POLICY.n_train
+    steering_n_val: Positive = POLICY.n_val
     steering_n_test: Positive = 50
     steering_alphas: Alphas = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0])
     steering_object_alphas: Alphas = Field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
     steering_object_position: Position = "last"
     steering_tokens: NonNegative = 16
-    kl_max: Annotated[float, Field(gt=0)] = 0.1
-    max_layer_frac: Annotated[float, Field(gt=0, le=1)] = 0.8
+    kl_max: Annotated[float, Field(gt=0)] = POLICY.kl_max
+    max_layer_frac: Annotated[float, Field(gt=0, le=1)] = POLICY.max_layer_frac
     judge: str = "substring"
 
     @field_validator("judge")

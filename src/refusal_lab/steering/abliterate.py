@@ -51,6 +51,7 @@ from torch import nn
 
 from refusal_lab.errors import RefusalLabError
 from refusal_lab.steering.interventions import unit
+from refusal_lab.steering.selection import DirectionPolicy, select_refusal_direction
 
 __all__ = [
     "DirectionChoice",
@@ -261,21 +262,21 @@ class DirectionChoice:
 
 
 def instruction_direction(model, layer: int | None = None, position: str | int | None = None, *,
-                          select: bool = False, n_train: int = 64, n_val: int = 32, seed: int = 0,
-                          batch_size: int = 16, log: Callable[[str], None] | None = None,
-                          progress: bool = True) -> DirectionChoice:
-    """Difference in means of ``blocks.{layer}.hook_resid_pre`` at an eoi column between the packaged
-    harmful and harmless *train* instructions (``n_train`` of each, sampled with ``seed``).
+                          select: bool = False, policy: DirectionPolicy = DirectionPolicy(), batch_size: int = 16,
+                          log: Callable[[str], None] | None = None, progress: bool = True) -> DirectionChoice:
+    """The refusal direction ``refusal-lab abliterate`` bakes in, from the packaged instructions.
 
-    ``layer`` defaults to :func:`default_layer`, ``position`` to the last eoi token. ``select=True``
-    instead runs the same selection as ``refusal-lab run``'s direction step
-    (:func:`refusal_lab.steering.pipeline.select_refusal_direction`: every layer and eoi column,
-    scored on ``n_val`` + ``n_val`` val instructions, default filters, and the relaxing fallback when
-    every candidate is filtered out; slow on CPU). ``progress`` shows a bar on stderr.
+    By default the difference in means of ``blocks.{layer}.hook_resid_pre`` at an eoi column between
+    ``policy.n_train`` harmful and harmless *train* instructions (seed ``policy.seed``); ``layer``
+    defaults to :func:`default_layer`, ``position`` to the last eoi token. ``select=True`` instead
+    chooses layer and column by the package's one direction policy, exactly as ``refusal-lab run``'s
+    direction step (:func:`~refusal_lab.steering.selection.select_refusal_direction`: every layer and
+    eoi column, scored on ``policy.n_val`` val instructions per side, the policy's filters and
+    fallback; slow on CPU). ``progress`` shows a bar on stderr.
     """
-    from refusal_lab.errors import ConfigError, SiteError
-    from refusal_lab.prompts import build_instruction_prompts, eoi_tokens, load_instructions
-    from refusal_lab.steering.sweep import n_batches, progress_bar
+    from refusal_lab.errors import ConfigError, PromptError, SiteError
+    from refusal_lab.prompts import build_instruction_prompts, eoi_tokens
+    from refusal_lab.steering.batching import instruction_sample, n_batches, progress_bar
     from refusal_lab.steering.vectors import diff_in_means
 
     say = log or (lambda _msg: None)
@@ -283,24 +284,16 @@ def instruction_direction(model, layer: int | None = None, position: str | int |
     L = model.cfg.n_layers
     if select and (layer is not None or position is not None):
         raise ConfigError("--select chooses the layer and position itself; drop --layer/--position or --select.")
-    if n_train < 1 or (select and n_val < 1):
-        raise ConfigError(f"n_train and n_val must be positive numbers of instructions, got {n_train} and {n_val}.")
     if layer is not None and not -L <= int(layer) < L:
         raise SiteError(f"Layer {layer} does not exist; this model has layers 0..{L - 1}.")
     if select:
-        from refusal_lab.steering.pipeline import SteeringSettings, select_refusal_direction
-
         if tok is None:
-            from refusal_lab.errors import PromptError
-
             raise PromptError("The model has no tokenizer, so instruction prompts cannot be built; give --direction.")
-        settings = SteeringSettings(n_train=n_train, n_val=n_val, seed=seed, batch_size=batch_size)
+        nt, nv = policy.n_train, policy.n_val
         say(f"selecting the direction over {L} layers x {len(eoi_tokens(tok))} eoi positions "
-            f"({n_train}+{n_train} train, {n_val}+{n_val} val prompts)...")
-        sel = select_refusal_direction(model, settings, progress=progress)
+            f"({nt}+{nt} train, {nv}+{nv} val prompts)...")
+        sel = select_refusal_direction(model, policy, batch_size=batch_size, progress=progress)
         res = sel.result
-        nt, nv = (f"{len(sel.train['harmful'])} harmful + {len(sel.train['harmless'])} harmless",
-                  f"{len(sel.val['harmful'])} + {len(sel.val['harmless'])}")
         if res.fallback:
             say(f"note: {res.fallback}")
         say(f"selected layer {res.layer}, position {res.position} ({sel.position_token!r}): "
@@ -308,24 +301,27 @@ def instruction_direction(model, layer: int | None = None, position: str | int |
         return DirectionChoice(res.direction, res.layer, res.position, {
             "layer": res.layer, "position": res.position, "position_token": sel.position_token,
             "site": "hook_resid_pre",
-            "dataset": f"refusal_lab packaged instructions, train split: {nt} (seed {seed}); selection on val: {nv}",
+            "dataset": f"refusal_lab packaged instructions, train split: {len(sel.train['harmful'])} harmful + "
+                       f"{len(sel.train['harmless'])} harmless (seed {policy.seed}); selection on val: "
+                       f"{len(sel.val['harmful'])} + {len(sel.val['harmless'])}",
             "method": "difference in means, select_direction (Arditi et al. 2024)",
             "selection": {"bypass": res.bypass, "induce": res.induce, "kl": res.kl,
                           "baseline": {"harmful_val_log_odds": res.baseline.get("harmful"),
                                        "harmless_val_log_odds": res.baseline.get("harmless")},
                           "filters": dict(res.filters), "fallback": res.fallback}})
     col, col_tok = resolve_eoi_position(tok, position)
-    hf = build_instruction_prompts(tok, load_instructions("train", "harmful", n=n_train, seed=seed))
-    hl = build_instruction_prompts(tok, load_instructions("train", "harmless", n=n_train, seed=seed))
-    dataset = f"refusal_lab packaged instructions, train split: {n_train} harmful + {n_train} harmless (seed {seed})"
+    train = instruction_sample("train", policy.n_train, policy.seed)
+    hf, hl = (build_instruction_prompts(tok, train[k]) for k in ("harmful", "harmless"))
+    n_hf, n_hl = len(train["harmful"]), len(train["harmless"])
+    dataset = f"refusal_lab packaged instructions, train split: {n_hf} harmful + {n_hl} harmless (seed {policy.seed})"
     if layer is None:
         layer = default_layer(L)
         say(f"layer: {layer} of {L} (default round(0.6 * n_layers); --layer or --select to change)")
     layer = int(layer) % L
     if position is None:
         say(f"position: {col} = last end-of-instruction token {col_tok!r} (--position to change)")
-    say(f"difference in means at blocks.{layer}.hook_resid_pre, column {col}, over {n_train} harmful + "
-        f"{n_train} harmless train instructions...")
+    say(f"difference in means at blocks.{layer}.hook_resid_pre, column {col}, over {n_hf} harmful + "
+        f"{n_hl} harmless train instructions...")
     total = sum(n_batches(x[0].shape[0], batch_size) for x in (hf, hl))
     with progress_bar(total, "difference in means", progress) as bar:
         v = diff_in_means(model, *hf, *hl, layer=layer, position=col, batch_size=batch_size, bar=bar)

@@ -5,7 +5,8 @@
 * :func:`ablation_hooks`: directional ablation — the unit direction is projected out of every
   write to the residual stream (``hook_embed``, every ``hook_attn_out`` and ``hook_mlp_out``, which
   come after Gemma's post-norms), so no residual site of any layer ever contains it.
-* :func:`combined`: concatenate hook lists.
+
+Hook lists combine by concatenation (``add + ablate``): edits at a shared site apply in order.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from refusal_lab.errors import SiteError
 from refusal_lab.models.edits import Add, ProjectOut
 from refusal_lab.models.hooked import HookPoint
 
-__all__ = ["SteerAdd", "ablation_hooks", "addition_hooks", "combined", "unit"]
+__all__ = ["SteerAdd", "ablation_hooks", "addition_hooks", "unit"]
 
 Positions = Sequence[int] | torch.Tensor | str | None
 
@@ -33,35 +34,39 @@ def unit(direction: torch.Tensor) -> torch.Tensor:
     return d / n
 
 
-@dataclass(kw_only=True)
-class SteerAdd(Add):
-    """:class:`Add` whose columns may be given relative to the prompt.
+@dataclass
+class SteerAdd:
+    """Add ``alpha * vector`` (a :class:`~refusal_lab.models.edits.Add`) at columns that may be
+    given relative to the prompt.
 
-    ``start`` (an int): add at every column ``>= start``; a negative ``start`` counts from the end
-    of the prompt. ``generated=True``: only at columns ``>= prompt length`` (the tokens
-    :meth:`HookedChatModel.generate` produces). The prompt length is learnt from the prompt pass
-    (the call whose columns start at 0), so one instance follows one ``generate`` at a time; a plain
-    forward over a prompt is left unchanged by ``generated=True``.
+    ``positions``: absolute columns (None = all). ``start`` (an int): every column ``>= start``; a
+    negative ``start`` counts from the end of the prompt. ``generated=True``: only columns ``>=
+    prompt length`` (the tokens :meth:`HookedChatModel.generate` produces). The prompt length is
+    learnt from the prompt pass (the call whose columns start at 0), so one instance follows one
+    ``generate`` at a time; a plain forward over a prompt is left unchanged by ``generated=True``.
+    ``batch``: the rows to edit (None = all).
     """
 
+    vector: torch.Tensor
+    alpha: float = 1.0
+    positions: Sequence[int] | torch.Tensor | None = None
     start: int | None = None
     generated: bool = False
-    _prompt_len: int | None = field(default=None, init=False, repr=False)
+    batch: object = None
+    prompt_len: int | None = field(default=None, init=False, repr=False)  # learnt from the prompt pass
 
-    def _select(self, act: torch.Tensor, hook: HookPoint):
-        cols = hook.cols.to(act.device)
+    def __call__(self, act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        cols = hook.cols
         if cols.numel() and int(cols[0]) == 0:
-            self._prompt_len = int(cols.numel())
+            self.prompt_len = int(cols.numel())
+        positions = self.positions
         if self.generated or (self.start is not None and self.start < 0):
-            if self._prompt_len is None:
+            if self.prompt_len is None:
                 raise SiteError("SteerAdd saw no prompt pass (columns from 0); it cannot locate the prompt's end.")
-            first = self._prompt_len + (0 if self.generated else self.start)
+            positions = cols[cols >= self.prompt_len + (0 if self.generated else self.start)]
         elif self.start is not None:
-            first = self.start
-        else:
-            return super()._select(act, hook)
-        rows, _ = super()._select(act, hook)
-        return rows, (cols >= first).nonzero().flatten()
+            positions = cols[cols >= self.start]
+        return Add(vector=self.vector, alpha=self.alpha, positions=positions, batch=self.batch)(act, hook)
 
 
 def _resolve(positions: Positions):
@@ -108,11 +113,3 @@ def ablation_hooks(model, direction: torch.Tensor, *, batch=None) -> list[tuple[
         names += [f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mlp_out"]
     edit = ProjectOut(direction=r, batch=batch)
     return [(n, edit) for n in names]
-
-
-def combined(*hook_lists) -> list:
-    """One hook list from several (applied in the given order at a shared site)."""
-    out = []
-    for hl in hook_lists:
-        out.extend(hl)
-    return out

@@ -17,95 +17,57 @@
 
 Every choice (layer, column, alpha) is made on train/val splits, so the test rates are honest.
 Vectors are saved as safetensors under ``vectors/``. Each step shows one progress bar on stderr
-(``progress=False`` silences it). :func:`select_refusal_direction` is the one call path of the
-selection (also ``refusal-lab abliterate --select``).
+(``progress=False`` silences it). The direction is chosen by the package's one policy
+(:func:`refusal_lab.steering.selection.select_refusal_direction`, also behind
+``refusal-lab abliterate --select``); the sweeps and the evaluation judge completions with the one
+generate-and-judge loop (:func:`refusal_lab.steering.evaluation.evaluate_hooks`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from refusal_lab.prompts import build_instruction_prompts, load_instructions
-from refusal_lab.prompts.builder import eoi_tokens
-from refusal_lab.steering.evaluation import (
-    REFUSAL_SUBSTRINGS, Judge, SubstringJudge, completion_cross_entropy, kl_on_harmless,
-)
+from refusal_lab.prompts import build_instruction_prompts
+from refusal_lab.steering.batching import instruction_sample, n_batches, progress_bar
+from refusal_lab.steering.damage import completion_cross_entropy, edit_kl
+from refusal_lab.steering.evaluation import REFUSAL_SUBSTRINGS, Judge, SubstringJudge, evaluate_hooks
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
-from refusal_lab.steering.selection import SelectionResult, select_direction
-from refusal_lab.steering.sweep import (
-    alpha_sweep, evaluate_hooks, n_batches, progress_bar, rate_ci95, sweep_units,
-)
+from refusal_lab.steering.selection import DirectionPolicy, select_refusal_direction
+from refusal_lab.steering.sweep import alpha_sweep, object_alpha_sweep, sweep_units
 from refusal_lab.steering.vectors import diff_in_means, head_vector
-from refusal_lab.stats import mean_se
 
-__all__ = ["InstructionSelection", "SteeringSettings", "choose_alpha", "direction_step", "evaluation_step",
-           "select_refusal_direction", "steering_step"]
+__all__ = ["SteeringSettings", "choose_alpha", "direction_step", "evaluation_step", "steering_step"]
 
 
 @dataclass
 class SteeringSettings:
-    """Sizes and grids of the steering steps (the run's config fields ``steering_*``)."""
+    """Sizes and grids of the steering steps (the run's config fields ``steering_*``); the direction
+    fields default to :class:`~refusal_lab.steering.selection.DirectionPolicy`'s."""
 
-    n_train: int = 32
-    n_val: int = 16
+    n_train: int = DirectionPolicy.n_train
+    n_val: int = DirectionPolicy.n_val
     n_test: int = 50
     alphas: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 3.0)
     object_alphas: Sequence[float] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     max_new_tokens: int = 16
-    kl_max: float = 0.1
-    max_layer_frac: float = 0.8
+    kl_max: float = DirectionPolicy.kl_max
+    max_layer_frac: float = DirectionPolicy.max_layer_frac
     batch_size: int = 16
-    seed: int = 0
+    seed: int = DirectionPolicy.seed
     n_samples: int = 3
     judge: Judge = field(default_factory=SubstringJudge)
     judge_name: str | None = None  # how results name the judge (e.g. the run config's ``judge``)
 
-
-def _instructions(split: str, n: int, seed: int) -> dict[str, list[str]]:
-    """``n`` seeded harmful and harmless instructions of ``split`` (fewer if the split is smaller)."""
-    return {k: load_instructions(split, k, n=min(n, len(load_instructions(split, k))), seed=seed)
-            for k in ("harmful", "harmless")}
+    def direction_policy(self) -> DirectionPolicy:
+        """The direction policy these settings select with (the policy's fallback included)."""
+        return DirectionPolicy(n_train=self.n_train, n_val=self.n_val, seed=self.seed, kl_max=self.kl_max,
+                               max_layer_frac=self.max_layer_frac)
 
 
 # ------------------------------------------------------------------------------------ direction
-
-@dataclass
-class InstructionSelection:
-    """:func:`select_refusal_direction`'s result: the selection and the instructions it used."""
-
-    result: SelectionResult
-    train: dict[str, list[str]]
-    val: dict[str, list[str]]
-    eoi: list[str]
-
-    @property
-    def position_token(self) -> str | None:
-        p, eoi = self.result.position, self.eoi
-        return eoi[p] if eoi and -len(eoi) <= p < 0 else None
-
-
-def select_refusal_direction(model, s: SteeringSettings, progress: bool = True) -> InstructionSelection:
-    """The run's direction selection: :func:`select_direction` over every layer and end-of-instruction
-    column, ``s.n_train`` train and ``s.n_val`` val instructions per side (seed ``s.seed``), the
-    filters ``s.kl_max`` / ``s.max_layer_frac`` and the relaxing fallback (``on_empty="best"``) when
-    every candidate is filtered out. ``refusal-lab run`` (:func:`direction_step`) and
-    ``refusal-lab abliterate --select`` both call this."""
-    tok = model.tokenizer
-    train, val = _instructions("train", s.n_train, s.seed), _instructions("val", s.n_val, s.seed)
-    enc = {(split, k): build_instruction_prompts(tok, v[k]) for split, v in (("train", train), ("val", val))
-           for k in ("harmful", "harmless")}
-    eoi = eoi_tokens(tok)
-    positions = list(range(-max(len(eoi), 1), 0))  # the end-of-instruction columns
-    res = select_direction(model, enc["train", "harmful"], enc["train", "harmless"], enc["val", "harmful"],
-                           enc["val", "harmless"], positions=positions,
-                           kl_max=s.kl_max, max_layer_frac=s.max_layer_frac, batch_size=s.batch_size,
-                           on_empty="best", progress=progress)
-    return InstructionSelection(res, train, val, eoi)
-
 
 def direction_step(model, s: SteeringSettings, save_vector: Callable[[str, torch.Tensor, dict], None],
                    progress: bool = True) -> dict:
@@ -115,7 +77,7 @@ def direction_step(model, s: SteeringSettings, save_vector: Callable[[str, torch
     after a fallback ``induce_min`` is the unsteered harmless val log-odds, or None and ``kl_max``
     None when only the layer filter was kept; ``filters["stage"]`` names the stage, one of
     :data:`~refusal_lab.steering.selection.STAGES`)."""
-    sel = select_refusal_direction(model, s, progress=progress)
+    sel = select_refusal_direction(model, s.direction_policy(), batch_size=s.batch_size, progress=progress)
     res, train, val, eoi = sel.result, sel.train, sel.val, sel.eoi
     meta = {"model": model.cfg.model_name, "layer": res.layer, "position": res.position,
             "site": "hook_resid_pre", "dataset": f"instructions train ({len(train['harmful'])} harmful, "
@@ -156,51 +118,6 @@ def choose_alpha(rows: Sequence[dict], target: float = 0.5) -> tuple[float, str]
 
 # ------------------------------------------------------------------------------------- steering
 
-def _finite_or_none(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
-@torch.no_grad()
-def _object_sweep(model, batches, metric_fn, harmful_mean, harmless_mean, vector, layer, alphas, s: SteeringSettings,
-                  objects, bar=None) -> dict:
-    """+alpha on harmless objects, -alpha on harmful objects: normalised metric and refusal rate.
-
-    Per side and alpha: ``{side}_metric`` (mean over the objects) and ``{side}_metric_se`` (its
-    standard error over the objects), ``{side}_normalised`` and ``{side}_normalised_se`` (= metric SE
-    / |harmful - harmless|, the baselines held fixed), ``{side}_n`` (objects), and with generation
-    ``{side}_refusal_fraction`` with its Wilson interval ``{side}_refusal_fraction_ci95``.
-    ``bar.update(1)`` per (alpha, side)."""
-    rows, samples = [], []
-    gap = harmful_mean - harmless_mean
-    for alpha in alphas:
-        row = {"alpha": float(alpha)}
-        for side, sign in (("harmless", 1.0), ("harmful", -1.0)):
-            ids, mask = batches[side]
-            hooks = addition_hooks(vector, layer, sign * alpha) if alpha else []
-            logits = model(ids, mask, fwd_hooks=hooks, logits="last").float()
-            values = metric_fn(logits).reshape(-1).to(torch.float64)
-            mean, se = mean_se(values)
-            score, se = float(mean), float(se)
-            row[f"{side}_metric"] = score
-            row[f"{side}_metric_se"] = _finite_or_none(se)
-            row[f"{side}_normalised"] = (score - harmless_mean) / gap
-            row[f"{side}_normalised_se"] = _finite_or_none(se / abs(gap))
-            row[f"{side}_n"] = int(values.numel())
-            if s.max_new_tokens:
-                new = model.generate(ids, mask, max_new_tokens=s.max_new_tokens, fwd_hooks=hooks)
-                texts = model.tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)
-                refused = [bool(r) for r in s.judge(objects[side], texts)]
-                k = sum(refused)
-                row[f"{side}_refusal_fraction"] = k / len(refused)
-                row[f"{side}_refusal_fraction_ci95"] = rate_ci95(k, len(refused))
-                for o, t, r in list(zip(objects[side], texts, refused))[: s.n_samples]:
-                    samples.append({"side": side, "alpha": float(alpha) * sign, "object": o, "completion": t, "refused": r})
-            if bar is not None:
-                bar.update(1)
-        rows.append(row)
-    return {"rows": rows, "samples": samples}
-
-
 def steering_step(model, s: SteeringSettings, direction: dict, direction_vector: torch.Tensor, *,
                   object_batches: dict, objects: dict, metric_fn, harmful_mean: float, harmless_mean: float,
                   object_position: int, heads: Sequence[tuple[int, int]] = (), heads_position: int | None = None,
@@ -211,7 +128,7 @@ def steering_step(model, s: SteeringSettings, direction: dict, direction_vector:
     prompts of the alpha sweep (forward + generation) and each (vector, alpha, side) of the object
     sweeps."""
     layer = direction["layer"]
-    val = _instructions("val", s.n_val, s.seed)
+    val = instruction_sample("val", s.n_val, s.seed)
     alphas, object_alphas = list(s.alphas), list(s.object_alphas)
     n_vectors = 2 if heads else 1
     total = (sweep_units(len(alphas), len(val["harmless"]), len(val["harmful"]), s.batch_size, ablate=True)
@@ -248,8 +165,9 @@ def steering_step(model, s: SteeringSettings, direction: dict, direction_vector:
             bar.set_description(f"steering: {name} vector on objects")
             save_vector(f"objects_{name}", vec, {"model": model.cfg.model_name, "layer": at, "kind": name,
                                                  "description": desc})
-            res = _object_sweep(model, object_batches, metric_fn, harmful_mean, harmless_mean, vec.to(model.dtype), at,
-                                object_alphas, s, objects, bar=bar)
+            res = object_alpha_sweep(model, vec.to(model.dtype), at, object_alphas, object_batches, objects,
+                                     metric_fn=metric_fn, harmful_mean=harmful_mean, harmless_mean=harmless_mean,
+                                     judge=s.judge, max_new_tokens=s.max_new_tokens, n_samples=s.n_samples, bar=bar)
             out["objects"][name] = {"description": desc, "layer": at, "norm": float(vec.norm()), **res}
     finally:
         bar.close()
@@ -267,7 +185,7 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
     progress bar (stderr, ``progress=False`` silences it) over the batches of the five
     generate-and-judge runs and the four damage computations."""
     layer = direction["layer"]
-    test = _instructions("test", s.n_test, s.seed)
+    test = instruction_sample("test", s.n_test, s.seed)
     v = direction_vector.to(model.dtype)
     add = addition_hooks(v, layer, alpha, "all")
     sub = addition_hooks(v, layer, -alpha, "all")
@@ -292,7 +210,7 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
             ce = completion_cross_entropy(model, ids, mask, hooks, max_new_tokens=s.max_new_tokens,
                                           batch_size=s.batch_size)
             bar.update(1)
-            kl = kl_on_harmless(model, ids, mask, hooks, batch_size=s.batch_size)
+            kl = edit_kl(model, ids, mask, hooks, batch_size=s.batch_size)
             bar.update(1)
             damage[name] = {"kl_harmless": kl, **ce, "n": n_dmg}
     finally:
@@ -300,15 +218,12 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
 
     def rate(key, base_key, what):
         r, b = runs[key], runs[base_key]
-        return {"value": r["refusal_rate"], "k": r["k"], "ci95": r["ci95"], "n": r["n"],
-                "baseline": b["refusal_rate"], "baseline_k": b["k"], "baseline_ci95": b["ci95"],
-                "refusal_score": r["refusal_score"], "baseline_refusal_score": b["refusal_score"], "intervention": what}
+        return {"value": r.rate, "k": r.k, "ci95": r.ci95, "n": r.n,
+                "baseline": b.rate, "baseline_k": b.k, "baseline_ci95": b.ci95,
+                "refusal_score": r.score, "baseline_refusal_score": b.score, "intervention": what}
 
-    samples = []
-    for key, instr in (("harmless_added", test["harmless"]), ("harmful_ablated", test["harmful"]),
-                       ("harmful_baseline", test["harmful"]), ("harmless_baseline", test["harmless"])):
-        for ins, c, r in list(zip(instr, runs[key]["completions"], runs[key]["refused"]))[: max(s.n_samples, 5)]:
-            samples.append({"setting": key, "instruction": ins, "completion": c, "refused": r})
+    samples = [sample for key in ("harmless_added", "harmful_ablated", "harmful_baseline", "harmless_baseline")
+               for sample in runs[key].samples(max(s.n_samples, 5), {"setting": key})]
     return {
         "split": "test", "judge": s.judge_name or type(s.judge).__name__, "max_new_tokens": s.max_new_tokens,
         "layer": layer, "alpha": alpha, "substrings": list(REFUSAL_SUBSTRINGS) if isinstance(s.judge, SubstringJudge) else None,

@@ -1,18 +1,25 @@
-"""Selecting the refusal direction among difference-in-means candidates (Arditi et al. 2024, §C).
+"""Choosing the refusal direction among difference-in-means candidates (Arditi et al. 2024, §C).
+
+The one direction-choice policy of the package: ``refusal-lab run``'s ``direction`` step and
+``refusal-lab abliterate --select`` both call :func:`select_refusal_direction` with a
+:class:`DirectionPolicy`, whose defaults are the only ones (the steering settings and abliterate's
+CLI take theirs from it; the run config's defaults are held equal to them by a test).
 
 Candidates ``r[l, p]`` are the diff-in-means of ``blocks.{l}.hook_resid_pre`` at every layer ``l``
-and every end-of-instruction column ``p``. Each candidate is scored on held-out prompts:
+and every end-of-instruction column ``p`` (train instructions). Each candidate is scored on held-out
+(val) prompts:
 
 * ``bypass``: mean refusal log-odds (last column) of the harmful val prompts under directional
   ablation of ``r̂`` (:func:`ablation_hooks`) — lower is better;
 * ``induce``: mean refusal log-odds of the harmless val prompts with ``alpha * r`` added at
   ``blocks.{l}.hook_resid_pre`` at every column;
-* ``kl``: mean KL(baseline || ablated) of the harmless val prompts' last-column distribution.
+* ``kl``: mean KL(baseline || ablated) of the harmless val prompts' last-column distribution
+  (:func:`refusal_lab.steering.damage.next_token_kl`).
 
 A candidate is kept when ``kl < kl_max``, ``induce > 0`` and ``l < max_layer_frac * n_layers``; the
-kept candidate with the lowest ``bypass`` is chosen. :attr:`SelectionResult.filters` records the
-filters actually applied (they differ from the configured ones after a fallback, see
-:func:`choose_candidate`).
+kept candidate with the lowest ``bypass`` is chosen. When none is kept the policy's fallback relaxes
+the filters in stages (:data:`STAGES`, :func:`choose_candidate`) and says so;
+:attr:`SelectionResult.filters` records the filters actually applied.
 """
 
 from __future__ import annotations
@@ -22,18 +29,50 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refusal_lab.errors import RefusalLabError
+from refusal_lab.errors import ConfigError, RefusalLabError
 from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
+from refusal_lab.prompts import build_instruction_prompts, eoi_tokens
+from refusal_lab.steering.batching import instruction_sample, progress_bar, tensor_batches
+from refusal_lab.steering.damage import next_token_kl
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
-from refusal_lab.steering.sweep import progress_bar
 from refusal_lab.steering.vectors import diff_in_means_all_layers
 
-__all__ = ["STAGES", "SelectionResult", "applied_filters", "choose_candidate", "select_direction"]
+__all__ = ["STAGES", "DirectionPolicy", "InstructionSelection", "SelectionResult", "applied_filters",
+           "choose_candidate", "select_direction", "select_refusal_direction"]
 
 STAGES = ("configured", "induce_relaxed", "layer_only")
 """Which filters chose the candidate: the configured ones (``kl < kl_max``, ``induce > 0``, layer
 limit); ``induce > 0`` relaxed to ``induce >`` the unsteered harmless log-odds (KL and layer kept);
 the layer limit alone."""
+
+ON_EMPTY = ("best", "raise")
+"""What :class:`DirectionPolicy` does when every candidate is filtered out: relax the filters
+(:data:`STAGES`) and say so, or raise."""
+
+
+@dataclass(frozen=True)
+class DirectionPolicy:
+    """How the refusal direction is chosen: the instruction samples, the filters and the fallback.
+
+    The defaults are the package's one set (``refusal-lab run`` and ``refusal-lab abliterate``
+    choose with them): 32 train and 16 val instructions per side, seed 0, ``kl < 0.1``,
+    ``layer < 0.8 * n_layers``, ``induce`` scored with the raw vector (alpha 1), and the relaxing
+    fallback (``on_empty="best"``)."""
+
+    n_train: int = 32  # harmful and harmless train instructions each (the candidates' means)
+    n_val: int = 16  # harmful and harmless val instructions each (the candidates' scores)
+    seed: int = 0
+    kl_max: float = 0.1
+    max_layer_frac: float = 0.8
+    induce_alpha: float = 1.0
+    on_empty: str = "best"
+
+    def __post_init__(self):
+        if self.on_empty not in ON_EMPTY:
+            raise ConfigError(f"on_empty must be 'raise' or 'best', got {self.on_empty!r}.")
+        if self.n_train < 1 or self.n_val < 1:
+            raise ConfigError(f"n_train and n_val must be positive numbers of instructions, got {self.n_train} "
+                              f"and {self.n_val}.")
 
 
 @dataclass
@@ -49,7 +88,7 @@ class SelectionResult:
     table: list[dict] = field(default_factory=list)  # one row per (layer, position)
     candidates: torch.Tensor | None = None  # float64 [L, P, d]
     positions: tuple[int, ...] = ()
-    fallback: str | None = None  # set when every candidate was filtered out and on_empty="best"
+    fallback: str | None = None  # set when every candidate was filtered out and the policy relaxed the filters
     baseline: dict = field(default_factory=dict)  # unsteered mean refusal log-odds: {"harmful", "harmless"} val
     stage: str = "configured"  # one of STAGES: which filters the chosen candidate passed
     filters: dict = field(default_factory=dict)  # the filters actually applied (applied_filters)
@@ -59,23 +98,11 @@ class SelectionResult:
         return next(r for r in self.table if r["layer"] == self.layer and r["position"] == self.position)
 
 
-def _batches(ids, mask, batch_size, device):
-    if mask is None:
-        mask = torch.ones_like(ids)
-    for s in range(0, ids.shape[0], batch_size):
-        yield ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)
-
-
 @torch.no_grad()
 def _last_logits(model, ids, mask, hooks, batch_size) -> torch.Tensor:
     out = [model(i, m, fwd_hooks=list(hooks), logits="last").to(torch.float64)
-           for i, m in _batches(ids, mask, batch_size, model.device)]
+           for i, m in tensor_batches(ids, mask, batch_size, model.device)]
     return torch.cat(out)
-
-
-def _kl(base_logp: torch.Tensor, edit_logits: torch.Tensor) -> float:
-    edit = torch.log_softmax(edit_logits, -1)
-    return float((base_logp.exp() * (base_logp - edit)).sum(-1).mean())
 
 
 def applied_filters(stage: str, kl_max: float, max_layer_frac: float, harmless_baseline: float) -> dict:
@@ -91,9 +118,18 @@ def applied_filters(stage: str, kl_max: float, max_layer_frac: float, harmless_b
             "stage": stage}
 
 
-def _choose(table: list[dict], kl_max: float, layer_limit: float, harmless_baseline: float,
-            on_empty: str) -> tuple[dict, str | None, str]:
-    """:func:`choose_candidate` plus the stage (:data:`STAGES`) that chose."""
+def choose_candidate(table: list[dict], kl_max: float, layer_limit: float, harmless_baseline: float,
+                     on_empty: str = DirectionPolicy.on_empty) -> tuple[dict, str | None, str]:
+    """``(row, fallback, stage)``: the kept candidate of ``table`` with the lowest bypass, None and
+    ``"configured"``; or, when every candidate is filtered out and ``on_empty="best"``, a relaxed
+    choice, the sentence saying so and the stage (:data:`STAGES`) that chose.
+
+    Relaxations, in order: (1) ``induce > 0`` becomes ``induce > harmless_baseline`` (adding the
+    direction raises the harmless prompts' refusal log-odds at all — ``> 0`` presumes log-odds on
+    which harmful prompts score above 0, which small models may not reach), KL and layer filters
+    kept; (2) the layer filter alone. ``on_empty="raise"`` (or nothing usable below the layer
+    limit) raises :class:`RefusalLabError` with the counts per filter.
+    """
     kept = [r for r in table if r["kept"]]
     if kept:
         return min(kept, key=lambda r: r["bypass"]), None, "configured"
@@ -105,8 +141,9 @@ def _choose(table: list[dict], kl_max: float, layer_limit: float, harmless_basel
     zero = f", {n_zero} were zero vectors" if n_zero else ""
     msg = (f"All {n} candidate directions were filtered out ({n_kl} failed KL < kl_max={kl_max:g}, "
            f"{n_ind} failed induce > 0, {n_lay} failed layer < max_layer_frac*L={layer_limit:g}{zero})")
+    loosen = "; loosen kl_max or raise max_layer_frac (or use more/other validation prompts)."
     if on_empty == "raise":
-        raise RefusalLabError(msg + "; loosen kl_max or raise max_layer_frac (or use more/other validation prompts).")
+        raise RefusalLabError(msg + loosen)
     usable = [r for r in table if r["reason"] != "zero direction" and r["layer"] < layer_limit]
     relaxed = [r for r in usable if r["kl"] < kl_max and r["induce"] > harmless_baseline]
     if relaxed:
@@ -117,21 +154,7 @@ def _choose(table: list[dict], kl_max: float, layer_limit: float, harmless_basel
         return min(usable, key=lambda r: r["bypass"]), (
             msg + "; no candidate passed even with induce relaxed, so the lowest bypass below the layer limit "
                   "was taken."), "layer_only"
-    raise RefusalLabError(msg + "; loosen kl_max or raise max_layer_frac (or use more/other validation prompts).")
-
-
-def choose_candidate(table: list[dict], kl_max: float, layer_limit: float, harmless_baseline: float,
-                     on_empty: str = "raise") -> tuple[dict, str | None]:
-    """The kept candidate with the lowest bypass, and None; or, when every candidate is filtered
-    out and ``on_empty="best"``, a relaxed choice and the sentence saying so.
-
-    Relaxations, in order: (1) ``induce > 0`` becomes ``induce > harmless_baseline`` (adding the
-    direction raises the harmless prompts' refusal log-odds at all — ``> 0`` presumes log-odds on
-    which harmful prompts score above 0, which small models may not reach), KL and layer filters
-    kept; (2) the layer filter alone. :attr:`SelectionResult.stage` / ``filters`` say which applied.
-    """
-    best, fallback, _stage = _choose(table, kl_max, layer_limit, harmless_baseline, on_empty)
-    return best, fallback
+    raise RefusalLabError(msg + loosen)
 
 
 @torch.no_grad()
@@ -141,25 +164,24 @@ def select_direction(
     harmless_train: tuple[torch.Tensor, torch.Tensor | None],
     harmful_val: tuple[torch.Tensor, torch.Tensor | None],
     harmless_val: tuple[torch.Tensor, torch.Tensor | None],
-    positions: Sequence[int] = (-5, -4, -3, -2, -1),
+    *,
+    positions: Sequence[int],
+    policy: DirectionPolicy = DirectionPolicy(),
     refusal_ids: Sequence[int] | None = None,
-    kl_max: float = 0.1,
-    max_layer_frac: float = 0.8,
-    alpha: float = 1.0,
     batch_size: int = 16,
-    on_empty: str = "raise",
     progress: bool = False,
 ) -> SelectionResult:
-    """Score every (layer, eoi position) diff-in-means candidate and pick the best (see module doc).
+    """Score every (layer, position) diff-in-means candidate and choose by ``policy`` (see the module
+    doc); ``policy``'s sample sizes and seed are not used (the splits are given).
 
-    Each split is an ``(ids, mask)`` pair of left-padded prompts (``mask`` may be None).
-    When the filters reject every candidate, ``on_empty="raise"`` raises :class:`RefusalLabError`
-    with the counts per filter; ``on_empty="best"`` relaxes the filters (see :func:`choose_candidate`)
-    and says so in ``fallback``; ``stage`` and ``filters`` record what was applied. ``progress``
-    shows a bar over the ``n_layers x len(positions)`` candidates on stderr.
+    Each split is an ``(ids, mask)`` pair of left-padded prompts (``mask`` may be None);
+    ``positions`` are the candidate columns (the end-of-instruction ones). When the filters reject
+    every candidate, ``policy.on_empty`` decides (:func:`choose_candidate`): ``"best"`` relaxes the
+    filters and says so in ``fallback``, ``"raise"`` raises :class:`RefusalLabError` with the counts
+    per filter; ``stage`` and ``filters`` record what was applied. ``progress`` shows a bar over the
+    ``n_layers x len(positions)`` candidates on stderr.
     """
-    if on_empty not in ("raise", "best"):
-        raise RefusalLabError(f"on_empty must be 'raise' or 'best', got {on_empty!r}.")
+    kl_max, max_layer_frac = policy.kl_max, policy.max_layer_frac
     positions = tuple(int(p) for p in positions)
     if refusal_ids is None:
         if model.tokenizer is None:
@@ -173,10 +195,12 @@ def select_direction(
     hf_ids, hf_mask = harmful_val
     hl_ids, hl_mask = harmless_val
     base_hl_logits = _last_logits(model, hl_ids, hl_mask, (), batch_size)
-    base_hl_logp = torch.log_softmax(base_hl_logits, -1)
     base_hl_induce = float(refusal_log_odds(base_hl_logits, refusal_ids).mean())  # harmless val, unsteered
     base_hf_bypass = float(refusal_log_odds(_last_logits(model, hf_ids, hf_mask, (), batch_size), refusal_ids).mean())
     layer_limit = max_layer_frac * L
+
+    def mean_log_odds(ids, mask, hooks) -> float:
+        return float(refusal_log_odds(_last_logits(model, ids, mask, hooks, batch_size), refusal_ids).mean())
 
     table: list[dict] = []
     bar = progress_bar(L * len(positions), "direction: scoring candidates", progress, unit="candidate")
@@ -190,10 +214,9 @@ def select_direction(
                 bar.update(1)
                 continue
             abl = ablation_hooks(model, r)
-            bypass = float(refusal_log_odds(_last_logits(model, hf_ids, hf_mask, abl, batch_size), refusal_ids).mean())
-            kl = _kl(base_hl_logp, _last_logits(model, hl_ids, hl_mask, abl, batch_size))
-            add = addition_hooks(r.to(model.dtype), l, alpha, positions=None)
-            induce = float(refusal_log_odds(_last_logits(model, hl_ids, hl_mask, add, batch_size), refusal_ids).mean())
+            bypass = mean_log_odds(hf_ids, hf_mask, abl)
+            kl = float(next_token_kl(base_hl_logits, _last_logits(model, hl_ids, hl_mask, abl, batch_size)).mean())
+            induce = mean_log_odds(hl_ids, hl_mask, addition_hooks(r.to(model.dtype), l, policy.induce_alpha))
             reasons = []
             if not kl < kl_max:
                 reasons.append(f"kl {kl:.4g} >= kl_max {kl_max:g}")
@@ -206,10 +229,47 @@ def select_direction(
             bar.update(1)
     bar.close()
 
-    best, fallback, stage = _choose(table, kl_max, layer_limit, base_hl_induce, on_empty)
+    best, fallback, stage = choose_candidate(table, kl_max, layer_limit, base_hl_induce, policy.on_empty)
     j = positions.index(best["position"])
     return SelectionResult(direction=cands[best["layer"], j].clone(), layer=best["layer"], position=best["position"],
                            bypass=best["bypass"], induce=best["induce"], kl=best["kl"], table=table,
                            candidates=cands, positions=positions, fallback=fallback,
                            baseline={"harmful": base_hf_bypass, "harmless": base_hl_induce}, stage=stage,
                            filters=applied_filters(stage, kl_max, max_layer_frac, base_hl_induce))
+
+
+# ------------------------------------------------------------------ on the packaged instructions
+
+
+@dataclass
+class InstructionSelection:
+    """:func:`select_refusal_direction`'s result: the selection and the instructions it used."""
+
+    result: SelectionResult
+    train: dict[str, list[str]]
+    val: dict[str, list[str]]
+    eoi: list[str]
+
+    @property
+    def position_token(self) -> str | None:
+        p, eoi = self.result.position, self.eoi
+        return eoi[p] if eoi and -len(eoi) <= p < 0 else None
+
+
+def select_refusal_direction(model, policy: DirectionPolicy = DirectionPolicy(), *, batch_size: int = 16,
+                             progress: bool = True) -> InstructionSelection:
+    """The direction choice of ``refusal-lab run`` (its ``direction`` step) and of
+    ``refusal-lab abliterate --select``: :func:`select_direction` over every layer and
+    end-of-instruction column, on ``policy.n_train`` train and ``policy.n_val`` val packaged
+    instructions per side (seed ``policy.seed``)."""
+    tok = model.tokenizer
+    train = instruction_sample("train", policy.n_train, policy.seed)
+    val = instruction_sample("val", policy.n_val, policy.seed)
+    enc = {(split, k): build_instruction_prompts(tok, v[k]) for split, v in (("train", train), ("val", val))
+           for k in ("harmful", "harmless")}
+    eoi = eoi_tokens(tok)
+    positions = list(range(-max(len(eoi), 1), 0))  # the end-of-instruction columns
+    res = select_direction(model, enc["train", "harmful"], enc["train", "harmless"], enc["val", "harmful"],
+                           enc["val", "harmless"], positions=positions, policy=policy, batch_size=batch_size,
+                           progress=progress)
+    return InstructionSelection(res, train, val, eoi)

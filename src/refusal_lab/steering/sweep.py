@@ -1,89 +1,40 @@
-"""Alpha sweeps: how refusal changes as the steering vector is added (harmless prompts, +alpha)
-or subtracted (harmful prompts, -alpha), plus directional ablation on the harmful prompts.
+"""Alpha sweeps: how refusal changes as a steering vector is added to harmless prompts (+alpha) or
+subtracted from harmful ones (-alpha), so that the steering step can show a dose-response curve and
+choose alpha on validation prompts.
 
-Each row reports the refusal rate of greedy completions (substring judge by default) and the mean
-refusal log-odds at the last prompt column (:func:`refusal_lab.metrics.refusal_log_odds`), the
-cheap score that tracks it, with the Wilson 95 % interval and the number of prompts beside every
-rate (:func:`refusal_lab.stats.wilson_interval`). Prompts are tokenized once and batched by length.
+* :func:`alpha_sweep`: instructions (the selected direction, the val split), plus directional
+  ablation on the harmful ones; each row has the refusal rate of greedy completions (substring judge
+  by default) with its Wilson 95 % interval and ``n``, and the mean refusal log-odds at the last
+  prompt column (:func:`refusal_lab.metrics.refusal_log_odds`), the cheap score that tracks it.
+* :func:`object_alpha_sweep`: the replication's object prompts, scored with the run's refusal
+  metric, normalised so that 0 = the harmless baseline and 1 = the harmful one (:func:`refusal_lab.metrics.normalise`),
+  with standard errors, and the refusal fraction of their completions.
 
-Both functions take ``bar``: anything with ``update(n)`` (a ``tqdm`` bar), advanced by one per
-batch of prompts (one forward plus generation); :func:`sweep_units` / :func:`n_batches` give the
-totals, so a caller can run one bar over several sweeps.
+Both run each setting through :func:`refusal_lab.steering.evaluation.evaluate_hooks` and take
+``bar``: anything with ``update(n)`` (a ``tqdm`` bar), advanced by one per batch of prompts;
+:func:`sweep_units` gives :func:`alpha_sweep`'s total, so a caller can run one bar over several sweeps.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
-from refusal_lab.steering.evaluation import Judge, SubstringJudge, _length_batches
+from refusal_lab.metrics import normalise
+from refusal_lab.steering.batching import n_batches
+from refusal_lab.steering.evaluation import Judge, evaluate_hooks, refusal_log_odds_score
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
-from refusal_lab.stats import wilson_interval
+from refusal_lab.stats import mean_se
 
-__all__ = ["alpha_sweep", "evaluate_hooks", "n_batches", "progress_bar", "rate_ci95", "sweep_units"]
-
-
-def progress_bar(total: int, desc: str, progress: bool = True, unit: str = "batch"):
-    """The steering steps' tqdm bar on stderr (n of N, ETA); disabled when ``progress`` is False."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not progress, file=sys.stderr)
-
-
-def n_batches(n: int, batch_size: int) -> int:
-    """Batches :func:`evaluate_hooks` runs for ``n`` prompts (its progress units)."""
-    return math.ceil(n / max(int(batch_size), 1)) if n > 0 else 0
+__all__ = ["alpha_sweep", "object_alpha_sweep", "sweep_units"]
 
 
 def sweep_units(n_alphas: int, n_harmless: int, n_harmful: int, batch_size: int, ablate: bool = True) -> int:
     """Progress units of :func:`alpha_sweep` (batches over every setting)."""
     return (n_alphas * (n_batches(n_harmless, batch_size) + n_batches(n_harmful, batch_size))
             + (n_batches(n_harmful, batch_size) if ablate else 0))
-
-
-def rate_ci95(k: int | None, n: int) -> list[float] | None:
-    """The Wilson 95 % interval ``[lo, hi]`` of ``k / n``; None without a count or prompts."""
-    if k is None or n <= 0:
-        return None
-    lo, hi = wilson_interval(int(k), int(n))
-    return [lo, hi]
-
-
-@torch.no_grad()
-def evaluate_hooks(model, instructions: Sequence[str], fwd_hooks, *, judge: Judge | None = None,
-                   refusal_ids: Sequence[int] | None = None, max_new_tokens: int = 24,
-                   batch_size: int = 16, generate: bool = True, bar=None) -> dict:
-    """Refusal rate and mean refusal log-odds of ``instructions`` under ``fwd_hooks``:
-    ``{"refusal_rate", "k", "ci95", "refusal_score", "n", "completions", "refused"}`` (``k`` = refusals
-    counted, ``ci95`` = Wilson interval of the rate; rate/k/ci95/completions are None when
-    ``generate=False``). The log-odds come from the same prompt pass as generation would need,
-    computed with one extra forward per batch. ``bar.update(1)`` after each batch."""
-    refusal_ids = list(refusal_ids) if refusal_ids is not None else default_refusal_token_ids(model.tokenizer)
-    n = len(instructions)
-    scores = torch.zeros(n, dtype=torch.float64)
-    comps: list[str | None] = [None] * n
-    for idx, ids, mask in _length_batches(model, list(instructions), batch_size):
-        hooks = list(fwd_hooks)
-        logits = model(ids, mask, fwd_hooks=hooks, logits="last")
-        scores[idx] = refusal_log_odds(logits, refusal_ids).cpu()
-        if generate:
-            new = model.generate(ids, mask, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
-            for i, t in zip(idx, model.tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)):
-                comps[i] = t
-        if bar is not None:
-            bar.update(1)
-    out = {"n": n, "refusal_score": float(scores.mean()) if n else float("nan"),
-           "refusal_rate": None, "k": None, "ci95": None, "completions": None, "refused": None}
-    if generate:
-        refused = [bool(r) for r in (judge or SubstringJudge())(list(instructions), comps)]
-        k = sum(refused)
-        out |= {"refusal_rate": k / n if n else float("nan"), "k": k, "ci95": rate_ci95(k, n),
-                "completions": comps, "refused": refused}
-    return out
 
 
 def alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence[float],
@@ -105,13 +56,9 @@ def alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence[float]
     rate beside it and samples hold the first ``n_samples`` completions of each setting. ``bar``
     advances by one per batch (:func:`sweep_units` in all).
     """
-    kw = dict(judge=judge, refusal_ids=refusal_ids, max_new_tokens=max_new_tokens, batch_size=batch_size, bar=bar)
+    kw = dict(judge=judge, score=refusal_log_odds_score(model, refusal_ids), max_new_tokens=max_new_tokens,
+              batch_size=batch_size, bar=bar)
     rows, samples = [], []
-
-    def sample(setting, alpha, instructions, res):
-        for ins, comp, ref in list(zip(instructions, res["completions"], res["refused"]))[:n_samples]:
-            samples.append({"setting": setting, "alpha": alpha, "instruction": ins, "completion": comp, "refused": ref})
-
     for alpha in alphas:
         alpha = float(alpha)
         ind = evaluate_hooks(model, harmless_instructions,
@@ -119,18 +66,64 @@ def alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence[float]
         sup = evaluate_hooks(model, harmful_instructions,
                              addition_hooks(vector, layer, -alpha, positions) if alpha else [], **kw)
         rows.append({"alpha": alpha,
-                     "induce_refusal_rate": ind["refusal_rate"], "induce_refusal_rate_ci95": ind["ci95"],
-                     "induce_n": ind["n"],
-                     "suppress_refusal_rate": sup["refusal_rate"], "suppress_refusal_rate_ci95": sup["ci95"],
-                     "suppress_n": sup["n"],
-                     "induce_refusal_score": ind["refusal_score"], "suppress_refusal_score": sup["refusal_score"],
-                     "n_harmless": ind["n"], "n_harmful": sup["n"]})
-        sample("induce", alpha, harmless_instructions, ind)
-        sample("suppress", alpha, harmful_instructions, sup)
+                     "induce_refusal_rate": ind.rate, "induce_refusal_rate_ci95": ind.ci95, "induce_n": ind.n,
+                     "suppress_refusal_rate": sup.rate, "suppress_refusal_rate_ci95": sup.ci95, "suppress_n": sup.n,
+                     "induce_refusal_score": ind.score, "suppress_refusal_score": sup.score,
+                     "n_harmless": ind.n, "n_harmful": sup.n})
+        samples += ind.samples(n_samples, {"setting": "induce", "alpha": alpha})
+        samples += sup.samples(n_samples, {"setting": "suppress", "alpha": alpha})
     ablation = None
     if ablate:
-        res = evaluate_hooks(model, harmful_instructions, ablation_hooks(model, vector), **kw)
-        ablation = {"refusal_rate": res["refusal_rate"], "refusal_rate_ci95": res["ci95"], "n": res["n"],
-                    "refusal_score": res["refusal_score"]}
-        sample("ablate", None, harmful_instructions, res)
+        abl = evaluate_hooks(model, harmful_instructions, ablation_hooks(model, vector), **kw)
+        ablation = {"refusal_rate": abl.rate, "refusal_rate_ci95": abl.ci95, "n": abl.n, "refusal_score": abl.score}
+        samples += abl.samples(n_samples, {"setting": "ablate", "alpha": None})
     return {"rows": rows, "ablation": ablation, "samples": samples}
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+@torch.no_grad()
+def object_alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence[float],
+                       object_batches: dict[str, tuple[torch.Tensor, torch.Tensor]], objects: dict[str, list[str]], *,
+                       metric_fn: Callable[[torch.Tensor], torch.Tensor], harmful_mean: float, harmless_mean: float,
+                       judge: Judge | None = None, max_new_tokens: int = 16, n_samples: int = 3, bar=None) -> dict:
+    """+alpha * ``vector`` at ``blocks.{layer}.hook_resid_pre`` on the harmless object prompts,
+    -alpha on the harmful ones (``object_batches[side]`` = ``(ids, mask)``, one row per object of
+    ``objects[side]``, run as one batch): the refusal metric and the refusal rate per alpha.
+
+    Per side and alpha: ``{side}_metric`` (``metric_fn`` of the last-column logits, mean over the
+    objects) and ``{side}_metric_se`` (its standard error), ``{side}_normalised`` (:func:`refusal_lab.metrics.normalise`
+    with the baselines ``harmless_mean`` / ``harmful_mean``) and ``{side}_normalised_se`` (= metric
+    SE / |harmful - harmless|, the baselines held fixed), ``{side}_n`` (objects), and with generation
+    (``max_new_tokens > 0``) ``{side}_refusal_fraction`` with its Wilson interval
+    ``{side}_refusal_fraction_ci95``. Returns ``{"rows", "samples"}``; ``bar.update(1)`` per
+    (alpha, side)."""
+    rows, samples = [], []
+    gap = harmful_mean - harmless_mean
+
+    def metric_of_logits(logits):
+        return metric_fn(logits.float())
+
+    for alpha in alphas:
+        row = {"alpha": float(alpha)}
+        for side, sign in (("harmless", 1.0), ("harmful", -1.0)):
+            ids, mask = object_batches[side]
+            hooks = addition_hooks(vector, layer, sign * alpha) if alpha else []
+            ev = evaluate_hooks(model, objects[side], hooks, judge=judge, score=metric_of_logits,
+                                max_new_tokens=max_new_tokens, batches=[(list(range(ids.shape[0])), ids, mask)],
+                                bar=bar)
+            mean, se = mean_se(ev.scores)
+            mean, se = float(mean), float(se)
+            row[f"{side}_metric"] = mean
+            row[f"{side}_metric_se"] = _finite_or_none(se)
+            row[f"{side}_normalised"] = float(normalise(mean, harmless_mean, harmful_mean))
+            row[f"{side}_normalised_se"] = _finite_or_none(se / abs(gap))
+            row[f"{side}_n"] = ev.n
+            if ev.refused is not None:
+                row[f"{side}_refusal_fraction"] = ev.rate
+                row[f"{side}_refusal_fraction_ci95"] = ev.ci95
+                samples += ev.samples(n_samples, {"side": side, "alpha": float(alpha) * sign}, prompt_key="object")
+        rows.append(row)
+    return {"rows": rows, "samples": samples}

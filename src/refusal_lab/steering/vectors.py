@@ -20,6 +20,7 @@ import torch
 
 from refusal_lab.artifacts import load_tensors, save_tensors
 from refusal_lab.errors import PromptError, SiteError
+from refusal_lab.steering.batching import tensor_batches
 
 __all__ = [
     "diff_in_means",
@@ -83,8 +84,7 @@ def mean_activations(
     order = model.hook_names()
     last_site = max(sites, key=order.index)
     total: list[torch.Tensor | None] = [None] * len(sites)
-    dev = model.device
-    for start in range(0, ids.shape[0], batch_size):
+    for batch_ids, batch_mask in tensor_batches(ids, mask, batch_size, model.device):
         got: dict[str, torch.Tensor] = {}
 
         def make(name):
@@ -96,8 +96,7 @@ def mean_activations(
 
         hooks = [(s, make(s)) for s in sites]
         try:
-            model(ids[start : start + batch_size].to(dev), mask[start : start + batch_size].to(dev),
-                  fwd_hooks=[*fwd_hooks, *hooks], logits="last")
+            model(batch_ids, batch_mask, fwd_hooks=[*fwd_hooks, *hooks], logits="last")
         except _Stop:
             pass
         for i, s in enumerate(sites):
@@ -105,26 +104,6 @@ def mean_activations(
         if bar is not None:
             bar.update(1)
     return torch.stack(total) / ids.shape[0]
-
-
-def diff_in_means(
-    model,
-    harmful_ids: torch.Tensor,
-    harmful_mask: torch.Tensor | None,
-    harmless_ids: torch.Tensor,
-    harmless_mask: torch.Tensor | None,
-    layer: int,
-    position: int = -1,
-    site: str = "hook_resid_pre",
-    batch_size: int = 16,
-    bar=None,
-) -> torch.Tensor:
-    """mean(harmful) - mean(harmless) of ``blocks.{layer}.{site}`` at column ``position``: float64 [d].
-    ``bar`` advances by one per batch (``ceil(n_harmful / batch_size) + ceil(n_harmless / batch_size)``)."""
-    name = _site_name(layer, site)
-    a = mean_activations(model, harmful_ids, harmful_mask, [name], [position], batch_size, bar=bar)
-    b = mean_activations(model, harmless_ids, harmless_mask, [name], [position], batch_size, bar=bar)
-    return (a - b)[0, 0]
 
 
 def diff_in_means_all_layers(
@@ -137,15 +116,26 @@ def diff_in_means_all_layers(
     site: str = "hook_resid_pre",
     batch_size: int = 16,
     layers: Sequence[int] | None = None,
+    bar=None,
 ) -> torch.Tensor:
     """Difference in means at every layer and candidate column, one forward per batch: float64
     [L, n_pos, d] (``L`` = len(layers), default every layer). Use the eoi columns as candidates:
-    ``positions=range(-len(eoi_tokens(tok)), 0)``."""
+    ``positions=range(-len(eoi_tokens(tok)), 0)``. ``bar`` advances by one per batch
+    (``ceil(n_harmful / batch_size) + ceil(n_harmless / batch_size)``)."""
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     names = [_site_name(l, site) for l in layers]
-    a = mean_activations(model, harmful_ids, harmful_mask, names, list(positions), batch_size)
-    b = mean_activations(model, harmless_ids, harmless_mask, names, list(positions), batch_size)
+    a = mean_activations(model, harmful_ids, harmful_mask, names, list(positions), batch_size, bar=bar)
+    b = mean_activations(model, harmless_ids, harmless_mask, names, list(positions), batch_size, bar=bar)
     return a - b
+
+
+def diff_in_means(model, harmful_ids: torch.Tensor, harmful_mask: torch.Tensor | None, harmless_ids: torch.Tensor,
+                  harmless_mask: torch.Tensor | None, layer: int, position: int = -1, site: str = "hook_resid_pre",
+                  batch_size: int = 16, bar=None) -> torch.Tensor:
+    """mean(harmful) - mean(harmless) of ``blocks.{layer}.{site}`` at column ``position``: float64 [d]
+    (:func:`diff_in_means_all_layers` at one layer and column)."""
+    return diff_in_means_all_layers(model, harmful_ids, harmful_mask, harmless_ids, harmless_mask, [position], site,
+                                    batch_size, [layer], bar)[0, 0]
 
 
 @torch.no_grad()
@@ -155,10 +145,8 @@ def _mean_head_sum(model, ids, mask, heads, col_pos, batch_size) -> torch.Tensor
     layers = sorted({l for l, _ in heads})
     names = [f"blocks.{l}.attn.hook_result" for l in layers]
     total = None
-    for start in range(0, ids.shape[0], batch_size):
-        _, cache = model.run_with_cache(ids[start : start + batch_size].to(model.device),
-                                        mask[start : start + batch_size].to(model.device),
-                                        names=names, logits="none")
+    for batch_ids, batch_mask in tensor_batches(ids, mask, batch_size, model.device):
+        _, cache = model.run_with_cache(batch_ids, batch_mask, names=names, logits="none")
         s = 0
         for l in layers:
             hs = [h for ll, h in heads if ll == l]

@@ -1,0 +1,65 @@
+"""What a steering edit costs on prompts it should leave alone: KL divergence and cross-entropy.
+
+An edit that removes refusal but also scrambles the model's other answers is no finding, so the
+direction selection filters candidates on the KL of harmless prompts' next-token distribution,
+and the evaluation step reports KL and cross-entropy of the edited model on harmless prompts.
+
+* :func:`next_token_kl`: ``KL(base || edited)`` per prompt from two sets of last-column logits —
+  the one KL of the package;
+* :func:`edit_kl`: its mean over prompts, running the model without and with the edit;
+* :func:`completion_cross_entropy`: cross-entropy of the model's own greedy completions, without
+  and with the edit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from refusal_lab.steering.batching import tensor_batches
+
+__all__ = ["completion_cross_entropy", "edit_kl", "next_token_kl"]
+
+
+def next_token_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(base) || softmax(edited))`` per row of two ``[n, vocab]`` logit tensors, in
+    float64: ``[n]``."""
+    base = torch.log_softmax(base_logits.to(torch.float64), -1)
+    edited = torch.log_softmax(edited_logits.to(torch.float64), -1)
+    return (base.exp() * (base - edited)).sum(-1)
+
+
+@torch.no_grad()
+def edit_kl(model, ids: torch.Tensor, mask: torch.Tensor | None, fwd_hooks, batch_size: int = 16) -> float:
+    """Mean over prompts of :func:`next_token_kl` at the last column, unedited vs under ``fwd_hooks``."""
+    total, n = 0.0, 0
+    for i, m in tensor_batches(ids, mask, batch_size, model.device):
+        base = model(i, m, logits="last")
+        edited = model(i, m, fwd_hooks=list(fwd_hooks), logits="last")
+        total += float(next_token_kl(base, edited).sum())
+        n += i.shape[0]
+    return total / n
+
+
+@torch.no_grad()
+def completion_cross_entropy(model, ids: torch.Tensor, mask: torch.Tensor | None, fwd_hooks,
+                             max_new_tokens: int = 32, batch_size: int = 16) -> dict:
+    """Cross-entropy (nats/token) of the model's own baseline greedy completions, without and with
+    the edit (teacher-forced): ``{"ce_baseline", "ce_edited", "n_tokens"}``. Hooks that depend on
+    generation (``positions="generated"``) see one prompt-like pass here; use ``"from:<col>"``."""
+    eos = torch.as_tensor(model.eos_ids() or [-1], device=model.device)
+    sums = {"ce_baseline": 0.0, "ce_edited": 0.0}
+    count = 0
+    for i, m in tensor_batches(ids, mask, batch_size, model.device):
+        new = model.generate(i, m, max_new_tokens=max_new_tokens)
+        # keep tokens up to and including the first EOS
+        is_eos = torch.isin(new, eos)
+        keep = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+        full = torch.cat([i, new], 1)
+        fmask = torch.cat([m, keep.long()], 1)
+        T = i.shape[1]
+        for key, hooks in (("ce_baseline", ()), ("ce_edited", list(fwd_hooks))):
+            logits = model(full, fmask, fwd_hooks=hooks)[:, T - 1 : -1].to(torch.float64)
+            nll = -torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
+            sums[key] += float((nll * keep).sum())
+        count += int(keep.sum())
+    return {k: v / max(count, 1) for k, v in sums.items()} | {"n_tokens": count}
