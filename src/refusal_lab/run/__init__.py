@@ -1,0 +1,1 @@
+"""The `refusal-lab run` pipeline: config, run folder, inputs, steps, results schema, findings."""
