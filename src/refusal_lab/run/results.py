@@ -23,7 +23,7 @@ import sys
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, cast, get_args, get_origin
 
 from refusal_lab.errors import RefusalLabError
 
@@ -50,575 +50,204 @@ class ResultsError(RefusalLabError):
 
 
 # ------------------------------------------------------------------------------------- run identity
-
-class Model(TypedDict):
-    """The loaded model's architecture and where it ran."""
-
-    name: str
-    model_type: str
-    n_layers: int
-    n_heads: int
-    d_model: int
-    d_head: int
-    dtype: str
-    device: str
-
-
-class Versions(TypedDict):
-    """Package versions of the run (differ between machines, not between code versions)."""
-
-    refusal_lab: str
-    torch: str
-    transformers: str
-    python: str
-
-
-class Prompts(TypedDict):
-    """The object prompts: template, tokenization mode, pairing rule, one chat-formatted example."""
-
-    template: str
-    mode: str
-    pairing: str
-    example: str
-    seq_len: int
-
-
-class DroppedObject(TypedDict):
-    """An object left out of the pairs, and why."""
-
-    object: str
-    side: str
-    reason: str
-
-
-class Objects(TypedDict):
-    """The paired objects (harmful i with harmless i) and the dropped ones."""
-
-    harmful: list[str]
-    harmless: list[str]
-    dropped: list[DroppedObject]
-
-
+Model = TypedDict("Model", {"name": str, "model_type": str, "n_layers": int, "n_heads": int, "d_model": int,
+                           "d_head": int, "dtype": str, "device": str})
+"""The loaded model's architecture and where it ran."""
+Versions = TypedDict("Versions", {"refusal_lab": str, "torch": str, "transformers": str, "python": str})
+"""Package versions of the run (they differ between machines, not between code versions)."""
+Prompts = TypedDict("Prompts", {"template": str, "mode": str, "pairing": str, "example": str, "seq_len": int})
+"""The object prompts: template, tokenization mode, pairing rule, one chat-formatted example, length."""
+DroppedObject = TypedDict("DroppedObject", {"object": str, "side": str, "reason": str})
+"""An object left out of the pairs, and why."""
+Objects = TypedDict("Objects", {"harmful": list[str], "harmless": list[str], "dropped": list[DroppedObject]})
+"""The paired objects (harmful i with harmless i) and the dropped ones."""
 Token = TypedDict("Token", {"str": str, "id": int})
 """One metric token: its text and vocabulary id."""
-
-
-class Tokens(TypedDict):
-    """The metric's tokens: logit[refusal] - logit[compliance]."""
-
-    refusal: Token
-    compliance: Token
-
-
-class TokenCandidate(TypedDict):
-    """One top-k token considered by ``--refusal auto`` / ``--compliance auto``."""
-
-    side: str
-    token_id: int
-    token: str
-    harmful_logprob: Real
-    harmless_logprob: Real
-    diff: Real
-    chosen: bool
-
-
-class TokenChoice(TypedDict):
-    """How the metric tokens were chosen ("auto" or "config" per side) and the auto candidates."""
-
-    chosen_by: str
-    refusal: str
-    compliance: str
-    candidates: Union[list[TokenCandidate], None]
-
-
-class Position(TypedDict):
-    """A prompt column the grids patch: its index, label (obj, post_obj, eoi, last) and token."""
-
-    index: int
-    label: str
-    token: str
-
-
-# ---------------------------------------------------------------------------------- baseline and DLA
-
-class LogOdds(TypedDict):
-    """Refusal log-odds (refusal-onset tokens vs the rest) per object and per side."""
-
-    harmful: dict[str, Real]
-    harmless: dict[str, Real]
-    harmful_mean: Real
-    harmless_mean: Real
-
-
-class TopNextTokens(TypedDict):
-    """The ten most likely next tokens, ``[token, mean probability]``, per side."""
-
-    harmful: list[tuple[str, Real]]
-    harmless: list[tuple[str, Real]]
-
-
-class Baseline(TypedDict):
-    """The unpatched metric per object (object -> value) and per side; the normalisation's 0 and 1."""
-
-    metric: str
-    harmful: dict[str, float]
-    harmless: dict[str, float]
-    harmful_mean: float
-    harmless_mean: float
-    log_odds: LogOdds
-    top_next_tokens: TopNextTokens
-
-
-class DlaComponents(TypedDict):
-    """Direct logit attribution of each component (embed, every attn and mlp), side means."""
-
-    labels: list[str]
-    harmful_mean: list[Real]
-    harmless_mean: list[Real]
-
-
-class DlaHeads(TypedDict):
-    """Direct logit attribution of every head (layers x heads), side means."""
-
-    rows: list[int]
-    cols: list[int]
-    harmful_mean: Matrix
-    harmless_mean: Matrix
-
-
-class Dla(TypedDict):
-    """Direct logit attribution at the last position: accumulated residual, components, heads."""
-
-    scale: str
-    labels: list[str]
-    harmful_mean: list[Real]
-    harmless_mean: list[Real]
-    components: DlaComponents
-    heads: DlaHeads
-
-
-# --------------------------------------------------------------------------------------------- sanity
-
-class SanityGap(TypedDict):
-    """Mean paired gap harmful i - harmless i on the metric, its SE and bootstrap interval."""
-
-    mean: Real
-    se: Real
-    ci95: Interval
-    n_pairs: int
-
-
-class OnsetFraction(TypedDict):
-    """The fraction of harmful prompts whose top next token is a refusal onset (Wilson interval)."""
-
-    value: Real
-    k: int
-    n: int
-    ci95: Interval
-    onset_tokens: list[str]
-
-
-class TokenProbability(TypedDict):
-    """A token and its mean next-token probability on harmful prompts."""
-
-    token: str
-    id: int
-    mean_prob: Real
-
-
-class Sanity(TypedDict):
-    """The sanity gate: does the metric separate harmful from harmless prompts at all?"""
-
-    metric: str
-    gap: SanityGap
-    refusal_onset_fraction: OnsetFraction
-    refusal_token: TokenProbability
-    top_refusal_onset: TokenProbability
-    separates: bool
-    rule: str
-    sentence: str
-    token_note: Union[str, None]
-    token_note_rule: str
-
-
-# ------------------------------------------------------------------------------------------- patching
-
-class GridInterval(TypedDict):
-    """Per-cell bootstrap 95 % interval over pairs."""
-
-    low: Matrix
-    high: Matrix
-
-
-class Grid(TypedDict):
-    """One patching grid, normalised (0 = harmless baseline, 1 = harmful baseline), mean over pairs,
-    with per-cell SE, bootstrap interval and pair count. Rows are layers; columns positions
-    (labels) or, for the head grid, head indices."""
-
-    rows: list[int]
-    cols: list[Union[str, int]]
-    values: Matrix
-    se: Matrix
-    ci95: GridInterval
-    n_pairs: int
-    direction: Literal["harmful->harmless", "harmless->harmful"]
-    method: Literal["exact", "attribution"]
-    normalisation: str
-    interpretable: bool
-
-
-class AttributionGrid(Grid):
-    """A grid by attribution patching (AtP; AtP* on heads, with plain AtP beside it)."""
-
-    variant: Literal["AtP", "AtP*"]
-    values_plain: NotRequired[Matrix]
-
-
-class PlainAgreement(TypedDict):
-    """Spearman rank correlation and top-k overlap of an attribution grid with the exact one."""
-
-    spearman: Real
-    top_k: int
-    top_k_overlap: Real
-    variant: str
-
-
-class Agreement(PlainAgreement):
-    """:class:`PlainAgreement`; for an AtP* grid also plain AtP's agreement (``plain``)."""
-
-    plain: NotRequired[PlainAgreement]
-
-
-class Patching(TypedDict):
-    """Exact patching grids harmful -> harmless (sufficiency) by name, those of the reverse
-    direction under ``necessity``, attribution grids and their agreement with the exact ones."""
-
-    resid_pre: NotRequired[Grid]
-    resid_post: NotRequired[Grid]
-    attn_out: NotRequired[Grid]
-    mlp_out: NotRequired[Grid]
-    attn_out_cumulative: NotRequired[Grid]
-    mlp_out_cumulative: NotRequired[Grid]
-    heads: NotRequired[Grid]
-    necessity: NotRequired[dict[str, Grid]]
-    attribution: NotRequired[dict[str, AttributionGrid]]
-    agreement: NotRequired[dict[str, Agreement]]
-
-
+Tokens = TypedDict("Tokens", {"refusal": Token, "compliance": Token})
+"""The metric's tokens: logit[refusal] - logit[compliance]."""
+TokenCandidate = TypedDict("TokenCandidate", {"side": str, "token_id": int, "token": str, "harmful_logprob": Real,
+                                             "harmless_logprob": Real, "diff": Real, "chosen": bool})
+"""One top-k token considered by ``--refusal auto`` / ``--compliance auto``."""
+TokenChoice = TypedDict("TokenChoice", {"chosen_by": str, "refusal": str, "compliance": str,
+                                       "candidates": Union[list[TokenCandidate], None]})
+"""How the metric tokens were chosen ("auto" or "config", per side) and the auto candidates."""
+Position = TypedDict("Position", {"index": int, "label": str, "token": str})
+"""A prompt column the grids patch: its index, label (obj, post_obj, eoi, last) and token."""
+
+# --------------------------------------------------------------------------------- baseline and DLA
+LogOdds = TypedDict("LogOdds", {"harmful": dict[str, Real], "harmless": dict[str, Real], "harmful_mean": Real,
+                               "harmless_mean": Real})
+"""Refusal log-odds (refusal-onset tokens vs the rest) per object (object -> value) and side means."""
+TopNextTokens = TypedDict("TopNextTokens", {"harmful": list[tuple[str, Real]],
+                                           "harmless": list[tuple[str, Real]]})
+"""The ten most likely next tokens per side, ``[token, mean probability]``."""
+Baseline = TypedDict("Baseline", {"metric": str, "harmful": dict[str, float], "harmless": dict[str, float],
+                                 "harmful_mean": float, "harmless_mean": float, "log_odds": LogOdds,
+                                 "top_next_tokens": TopNextTokens})
+"""The unpatched metric per object (object -> value) and its side means: the normalisation's 1 and 0."""
+DlaComponents = TypedDict("DlaComponents", {"labels": list[str], "harmful_mean": list[Real],
+                                           "harmless_mean": list[Real]})
+"""Direct logit attribution of each component (embed, every attn and mlp), side means."""
+DlaHeads = TypedDict("DlaHeads", {"rows": list[int], "cols": list[int], "harmful_mean": Matrix,
+                                 "harmless_mean": Matrix})
+"""Direct logit attribution of every head (layers x heads), side means."""
+Dla = TypedDict("Dla", {"scale": str, "labels": list[str], "harmful_mean": list[Real], "harmless_mean": list[Real],
+                       "components": DlaComponents, "heads": DlaHeads})
+"""Direct logit attribution at the last position: accumulated residual stream, components, heads."""
+
+# ------------------------------------------------------------------------------------------- sanity
+SanityGap = TypedDict("SanityGap", {"mean": Real, "se": Real, "ci95": Interval, "n_pairs": int})
+"""The mean paired gap harmful i - harmless i on the metric, its SE and bootstrap interval."""
+OnsetFraction = TypedDict("OnsetFraction", {"value": Real, "k": int, "n": int, "ci95": Interval,
+                                           "onset_tokens": list[str]})
+"""The fraction of harmful prompts whose top next token is a refusal onset (Wilson interval)."""
+TokenProbability = TypedDict("TokenProbability", {"token": str, "id": int, "mean_prob": Real})
+"""A token and its mean next-token probability on harmful prompts."""
+Sanity = TypedDict("Sanity", {"metric": str, "gap": SanityGap, "refusal_onset_fraction": OnsetFraction,
+                             "refusal_token": TokenProbability, "top_refusal_onset": TokenProbability,
+                             "separates": bool, "rule": str, "sentence": str, "token_note": Union[str, None],
+                             "token_note_rule": str})
+"""The sanity gate: does the metric separate harmful from harmless prompts at all (and is its token likely)?"""
+
+# ----------------------------------------------------------------------------------------- patching
+GridInterval = TypedDict("GridInterval", {"low": Matrix, "high": Matrix})
+"""Per-cell bootstrap 95 % interval over pairs."""
+_GRID = {"rows": list[int], "cols": list[Union[str, int]], "values": Matrix, "se": Matrix, "ci95": GridInterval,
+         "n_pairs": int, "direction": Literal["harmful->harmless", "harmless->harmful"],
+         "method": Literal["exact", "attribution"], "normalisation": str, "interpretable": bool}
+Grid = TypedDict("Grid", _GRID)
+"""One patching grid, normalised (0 = harmless baseline, 1 = harmful baseline), mean over pairs, with
+per-cell SE, bootstrap interval and pair count; rows are layers, columns positions (labels) or heads."""
+AttributionGrid = TypedDict("AttributionGrid", {**_GRID, "variant": Literal["AtP", "AtP*"],
+                                               "values_plain": NotRequired[Matrix]})
+"""A :data:`Grid` by attribution patching (AtP; AtP* on the heads, with plain AtP's values beside it)."""
+_AGREEMENT = {"spearman": Real, "top_k": int, "top_k_overlap": Real, "variant": str}
+PlainAgreement = TypedDict("PlainAgreement", _AGREEMENT)
+"""Spearman rank correlation and top-k overlap of an attribution grid with the exact one."""
+Agreement = TypedDict("Agreement", {**_AGREEMENT, "plain": NotRequired[PlainAgreement]})
+"""A :data:`PlainAgreement`; for an AtP* grid also plain AtP's (``plain``)."""
 GRID_NAMES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_out_cumulative", "mlp_out_cumulative", "heads")
-"""The grids a run can patch, in the order the report shows them (the grid keys of :class:`Patching`)."""
-
-
-# ---------------------------------------------------------------------------------------------- heads
-
-class HeadScore(TypedDict):
-    """One head's patching effect (normalised) at the heads position."""
-
-    layer: int
-    head: int
-    value: Real
-
-
-class Generation(TypedDict):
-    """A harmless prompt's greedy completion, unpatched and with the refusal heads patched in."""
-
-    object: str
-    baseline: str
-    patched: str
-
-
-class Heads(TypedDict):
-    """Refusal heads: the ones above the threshold, the top 20, their joint sufficiency (None when
-    no head passed) with SE / bootstrap interval, and patched generations."""
-
-    threshold: float
-    position: Union[str, int]
-    cols: list[int]
-    selected: list[HeadScore]
-    ranked: list[HeadScore]
-    sufficiency: Real
-    sufficiency_se: Real
-    sufficiency_ci95: Union[Interval, None]
-    n_pairs: int
-    generations: list[Generation]
-    interpretable: bool
-
-
-# ------------------------------------------------------------------------------------------ direction
-
-class DirectionBaseline(TypedDict):
-    """Mean refusal log-odds of the unsteered val instructions."""
-
-    harmful_val_log_odds: Real
-    harmless_val_log_odds: Real
-
-
-class DirectionFilters(TypedDict):
-    """The filters the chosen candidate passed (None: dropped by the fallback) and its stage."""
-
-    kl_max: Union[float, None]
-    max_layer_frac: float
-    induce_min: Union[float, None]
-    stage: str
-
-
-class SideCounts(TypedDict):
-    """Instructions used per side."""
-
-    harmful: int
-    harmless: int
-
-
-class Candidate(TypedDict):
-    """One difference-in-means candidate (layer x end-of-instruction column) scored on val."""
-
-    layer: int
-    position: int
-    norm: Real
-    bypass: Real
-    induce: Real
-    kl: Real
-    kept: bool
-    reason: str
-
-
-class Direction(TypedDict):
-    """The selected refusal direction (Arditi et al.): where, its scores, the filters, every candidate."""
-
-    layer: int
-    position: int
-    position_token: Union[str, None]
-    site: str
-    norm: Real
-    bypass: Real
-    induce: Real
-    kl: Real
-    baseline: DirectionBaseline
-    filters: DirectionFilters
-    fallback: Union[str, None]
-    n_train: SideCounts
-    n_val: SideCounts
-    positions: list[int]
-    eoi_tokens: list[str]
-    table: list[Candidate]
-    note: str
-
-
-# ------------------------------------------------------------------------------------------- steering
-
-class SweepRow(TypedDict):
-    """One alpha of the val sweep: induce (+alpha on harmless), suppress (-alpha on harmful)."""
-
-    alpha: float
-    induce_refusal_rate: Real
-    induce_refusal_rate_ci95: Union[Interval, None]
-    induce_n: int
-    induce_refusal_score: Real
-    suppress_refusal_rate: Real
-    suppress_refusal_rate_ci95: Union[Interval, None]
-    suppress_n: int
-    suppress_refusal_score: Real
-    n_harmless: int
-    n_harmful: int
-
-
-class Ablation(TypedDict):
-    """Directional ablation on the harmful val instructions."""
-
-    refusal_rate: Real
-    refusal_rate_ci95: Union[Interval, None]
-    n: int
-    refusal_score: Real
-
-
-class SweepSample(TypedDict):
-    """A val completion of the sweep (``alpha`` None for the ablation)."""
-
-    setting: str
-    alpha: Union[float, None]
-    instruction: str
-    completion: str
-    refused: bool
-
-
-class InstructionSweep(TypedDict):
-    """The alpha sweep of the selected direction on val instructions, and the alpha it chose."""
-
-    vector: str
-    layer: int
-    positions: str
-    split: str
-    n_harmless: int
-    n_harmful: int
-    rows: list[SweepRow]
-    ablation: Ablation
-    samples: list[SweepSample]
-    chosen_alpha: float
-    chosen_alpha_reason: str
-
-
-class ObjectRow(TypedDict):
-    """One |alpha| of an object-prompt sweep: metric, normalised metric (SEs), and with generation
-    the refusal fraction with its Wilson interval, per side."""
-
-    alpha: float
-    harmless_metric: Real
-    harmless_metric_se: Real
-    harmless_normalised: Real
-    harmless_normalised_se: Real
-    harmless_n: int
-    harmless_refusal_fraction: NotRequired[Real]
-    harmless_refusal_fraction_ci95: NotRequired[Union[Interval, None]]
-    harmful_metric: Real
-    harmful_metric_se: Real
-    harmful_normalised: Real
-    harmful_normalised_se: Real
-    harmful_n: int
-    harmful_refusal_fraction: NotRequired[Real]
-    harmful_refusal_fraction_ci95: NotRequired[Union[Interval, None]]
-
-
-class ObjectSample(TypedDict):
-    """An object prompt's completion under a signed alpha."""
-
-    side: str
-    alpha: float
-    object: str
-    completion: str
-    refused: bool
-
-
-class ObjectSweep(TypedDict):
-    """A vector (object-prompt difference, refusal heads' output) swept on the object prompts."""
-
-    description: str
-    layer: int
-    norm: Real
-    rows: list[ObjectRow]
-    samples: list[ObjectSample]
-
-
-class Steering(TypedDict):
-    """Alpha sweeps: the direction on val instructions; the replication's vectors on its objects."""
-
-    instructions: InstructionSweep
-    objects: dict[str, ObjectSweep]
-
-
-# ----------------------------------------------------------------------------------------- evaluation
-
-class RefusalRate(TypedDict):
-    """A held-out refusal rate beside its unedited baseline, with counts and Wilson intervals."""
-
-    value: Real
-    k: int
-    ci95: Union[Interval, None]
-    n: int
-    baseline: Real
-    baseline_k: int
-    baseline_ci95: Union[Interval, None]
-    refusal_score: Real
-    baseline_refusal_score: Real
-    intervention: str
-
-
-class DamageEntry(TypedDict):
-    """What an edit costs on harmless prompts: KL of the next token, teacher-forced cross-entropy."""
-
-    kl_harmless: Real
-    ce_baseline: Real
-    ce_edited: Real
-    n_tokens: int
-    n: int
-
-
-class Damage(TypedDict):
-    """Damage of the directional ablation and of the addition."""
-
-    ablation: DamageEntry
-    addition: DamageEntry
-
-
-class EvaluationSample(TypedDict):
-    """A held-out completion of one setting."""
-
-    setting: str
-    instruction: str
-    completion: str
-    refused: bool
-
-
-class Evaluation(TypedDict):
-    """Held-out test refusal rates (never used for a choice), damage and samples."""
-
-    split: str
-    judge: str
-    max_new_tokens: int
-    layer: int
-    alpha: float
-    substrings: Union[list[str], None]
-    harmless_refusal_rate_added: RefusalRate
-    harmful_refusal_rate_ablated: RefusalRate
-    harmful_refusal_rate_subtracted: RefusalRate
-    damage: Damage
-    samples: list[EvaluationSample]
-
-
+"""The grids a run can patch, in the order the report shows them (the grid keys of :data:`Patching`)."""
+Patching = TypedDict("Patching", {"resid_pre": NotRequired[Grid], "resid_post": NotRequired[Grid],
+                                 "attn_out": NotRequired[Grid], "mlp_out": NotRequired[Grid],
+                                 "attn_out_cumulative": NotRequired[Grid], "mlp_out_cumulative": NotRequired[Grid],
+                                 "heads": NotRequired[Grid], "necessity": NotRequired[dict[str, Grid]],
+                                 "attribution": NotRequired[dict[str, AttributionGrid]],
+                                 "agreement": NotRequired[dict[str, Agreement]]})
+"""Exact patching grids harmful -> harmless (sufficiency) by name; those of the reverse direction under
+``necessity``; attribution grids and their agreement with the exact ones."""
+
+# -------------------------------------------------------------------------------------------- heads
+HeadScore = TypedDict("HeadScore", {"layer": int, "head": int, "value": Real})
+"""One head's patching effect (normalised) at the heads position."""
+Generation = TypedDict("Generation", {"object": str, "baseline": str, "patched": str})
+"""A harmless prompt's greedy completion, unpatched and with the refusal heads patched in."""
+Heads = TypedDict("Heads", {"threshold": float, "position": Union[str, int], "cols": list[int],
+                           "selected": list[HeadScore], "ranked": list[HeadScore], "sufficiency": Real,
+                           "sufficiency_se": Real, "sufficiency_ci95": Union[Interval, None], "n_pairs": int,
+                           "generations": list[Generation], "interpretable": bool})
+"""Refusal heads: those above the threshold, the top 20, their joint sufficiency (null when no head
+passed) with SE and bootstrap interval, and patched generations."""
+
+# ---------------------------------------------------------------------------------------- direction
+DirectionBaseline = TypedDict("DirectionBaseline", {"harmful_val_log_odds": Real, "harmless_val_log_odds": Real})
+"""Mean refusal log-odds of the unsteered val instructions."""
+DirectionFilters = TypedDict("DirectionFilters", {"kl_max": Union[float, None], "max_layer_frac": float,
+                                                 "induce_min": Union[float, None], "stage": str})
+"""The filters the chosen candidate passed (null: dropped by the fallback) and the stage that chose it."""
+SideCounts = TypedDict("SideCounts", {"harmful": int, "harmless": int})
+"""Instructions used per side."""
+Candidate = TypedDict("Candidate", {"layer": int, "position": int, "norm": Real, "bypass": Real, "induce": Real,
+                                   "kl": Real, "kept": bool, "reason": str})
+"""One difference-in-means candidate (layer x end-of-instruction column) scored on val."""
+Direction = TypedDict("Direction", {"layer": int, "position": int, "position_token": Union[str, None],
+                                   "site": str, "norm": Real, "bypass": Real, "induce": Real, "kl": Real,
+                                   "baseline": DirectionBaseline, "filters": DirectionFilters,
+                                   "fallback": Union[str, None], "n_train": SideCounts, "n_val": SideCounts,
+                                   "positions": list[int], "eoi_tokens": list[str], "table": list[Candidate],
+                                   "note": str})
+"""The selected refusal direction (Arditi et al.): where it is, its val scores, the filters, every candidate."""
+
+# ----------------------------------------------------------------------------------------- steering
+SweepRow = TypedDict("SweepRow", {
+    "alpha": float, "n_harmless": int, "n_harmful": int,
+    "induce_refusal_rate": Real, "induce_refusal_rate_ci95": Union[Interval, None], "induce_n": int,
+    "induce_refusal_score": Real,
+    "suppress_refusal_rate": Real, "suppress_refusal_rate_ci95": Union[Interval, None], "suppress_n": int,
+    "suppress_refusal_score": Real})
+"""One alpha of the val sweep, ``induce_*`` (+alpha on harmless prompts) and ``suppress_*`` (-alpha on
+harmful ones): refusal rate, its Wilson interval, n, mean refusal log-odds (``refusal_score``)."""
+Ablation = TypedDict("Ablation", {"refusal_rate": Real, "refusal_rate_ci95": Union[Interval, None], "n": int,
+                                 "refusal_score": Real})
+"""Directional ablation on the harmful val instructions."""
+SweepSample = TypedDict("SweepSample", {"setting": str, "alpha": Union[float, None], "instruction": str,
+                                       "completion": str, "refused": bool})
+"""A val completion of the sweep (``alpha`` null for the ablation)."""
+InstructionSweep = TypedDict("InstructionSweep", {"vector": str, "layer": int, "positions": str, "split": str,
+                                                 "n_harmless": int, "n_harmful": int, "rows": list[SweepRow],
+                                                 "ablation": Ablation, "samples": list[SweepSample],
+                                                 "chosen_alpha": float, "chosen_alpha_reason": str})
+"""The alpha sweep of the selected direction on val instructions, and the alpha it chose."""
+ObjectRow = TypedDict("ObjectRow", {
+    "alpha": float,
+    "harmless_metric": Real, "harmless_metric_se": Real, "harmless_normalised": Real, "harmless_normalised_se": Real,
+    "harmless_n": int, "harmless_refusal_fraction": NotRequired[Real],
+    "harmless_refusal_fraction_ci95": NotRequired[Union[Interval, None]],
+    "harmful_metric": Real, "harmful_metric_se": Real, "harmful_normalised": Real, "harmful_normalised_se": Real,
+    "harmful_n": int, "harmful_refusal_fraction": NotRequired[Real],
+    "harmful_refusal_fraction_ci95": NotRequired[Union[Interval, None]]})
+"""One |alpha| of an object-prompt sweep, ``harmless_*`` (+alpha) and ``harmful_*`` (-alpha): metric,
+normalised metric, their SEs, n, and when completions were judged the refusal fraction with its
+Wilson interval."""
+ObjectSample = TypedDict("ObjectSample", {"side": str, "alpha": float, "object": str, "completion": str,
+                                         "refused": bool})
+"""An object prompt's completion under a signed alpha."""
+ObjectSweep = TypedDict("ObjectSweep", {"description": str, "layer": int, "norm": Real, "rows": list[ObjectRow],
+                                       "samples": list[ObjectSample]})
+"""A vector (the object-prompt difference, the refusal heads' output) swept on the object prompts."""
+Steering = TypedDict("Steering", {"instructions": InstructionSweep, "objects": dict[str, ObjectSweep]})
+"""Alpha sweeps: the direction on val instructions; the replication's vectors on its object prompts."""
+
+# --------------------------------------------------------------------------------------- evaluation
+RefusalRate = TypedDict("RefusalRate", {"value": Real, "k": int, "ci95": Union[Interval, None], "n": int,
+                                       "baseline": Real, "baseline_k": int, "baseline_ci95": Union[Interval, None],
+                                       "refusal_score": Real, "baseline_refusal_score": Real, "intervention": str})
+"""A held-out refusal rate beside its unedited baseline, with counts and Wilson intervals."""
+DamageEntry = TypedDict("DamageEntry", {"kl_harmless": Real, "ce_baseline": Real, "ce_edited": Real, "n_tokens": int,
+                                       "n": int})
+"""What an edit costs on harmless prompts: KL of the next token, teacher-forced cross-entropy."""
+Damage = TypedDict("Damage", {"ablation": DamageEntry, "addition": DamageEntry})
+"""The damage of the directional ablation and of the addition."""
+EvaluationSample = TypedDict("EvaluationSample", {"setting": str, "instruction": str, "completion": str,
+                                                 "refused": bool})
+"""A held-out completion of one setting."""
 EVALUATION_RATES = ("harmless_refusal_rate_added", "harmful_refusal_rate_ablated", "harmful_refusal_rate_subtracted")
-"""The :class:`RefusalRate` keys of :class:`Evaluation`, in order."""
+"""The :data:`RefusalRate` keys of :data:`Evaluation`, in order."""
+Evaluation = TypedDict("Evaluation", {"split": str, "judge": str, "max_new_tokens": int, "layer": int,
+                                     "alpha": float, "substrings": Union[list[str], None],
+                                     "harmless_refusal_rate_added": RefusalRate,
+                                     "harmful_refusal_rate_ablated": RefusalRate,
+                                     "harmful_refusal_rate_subtracted": RefusalRate, "damage": Damage,
+                                     "samples": list[EvaluationSample]})
+"""Held-out test refusal rates (prompts never used for a choice), damage and sample completions."""
 
+# -------------------------------------------------------------------------------------- distributed
+Shard = TypedDict("Shard", {"worker": int, "node": str, "pid": int, "device": str, "threads": int, "seconds": float})
+"""One worker's share of a distributed grid (and a key named by ``shard_by`` holding its range)."""
+DistributedStep = TypedDict("DistributedStep", {"backend": str, "address": Union[str, None], "workers": int,
+                                               "shard_by": str, "seconds": float, "shards": list[Shard]})
+"""Which workers computed a patching step."""
 
-# ---------------------------------------------------------------------------------------- distributed
-
-class Shard(TypedDict):
-    """One worker's share of a distributed grid (plus a key named by ``shard_by`` with its range)."""
-
-    worker: int
-    node: str
-    pid: int
-    device: str
-    threads: int
-    seconds: float
-
-
-class DistributedStep(TypedDict):
-    """Which workers computed a patching step."""
-
-    backend: str
-    address: Union[str, None]
-    workers: int
-    shard_by: str
-    seconds: float
-    shards: list[Shard]
-
-
-# -------------------------------------------------------------------------------------------- results
-
-class Results(TypedDict):
-    """``results.json``. ``config`` is the run's config as given (its schema is the run config's);
-    ``timings`` maps each step (and ``total``) to seconds; ``findings`` are the headline sentences."""
-
-    schema_version: int
-    model: Model
-    config: dict[str, Any]
-    versions: Versions
-    seed: int
-    prompts: Prompts
-    objects: Objects
-    tokens: Tokens
-    token_choice: TokenChoice
-    positions: list[Position]
-    baseline: Baseline
-    dla: Dla
-    sanity: Sanity
-    patching: Patching
-    timings: dict[str, float]
-    findings: list[str]
-    heads: NotRequired[Heads]
-    direction: NotRequired[Direction]
-    steering: NotRequired[Steering]
-    evaluation: NotRequired[Evaluation]
-    distributed: NotRequired[dict[str, DistributedStep]]
+# ------------------------------------------------------------------------------------------ results
+Results = TypedDict("Results", {
+    "schema_version": int, "model": Model, "config": dict[str, Any], "versions": Versions, "seed": int,
+    "prompts": Prompts, "objects": Objects, "tokens": Tokens, "token_choice": TokenChoice,
+    "positions": list[Position], "baseline": Baseline, "dla": Dla, "sanity": Sanity, "patching": Patching,
+    "timings": dict[str, float], "findings": list[str], "heads": NotRequired[Heads],
+    "direction": NotRequired[Direction], "steering": NotRequired[Steering], "evaluation": NotRequired[Evaluation],
+    "distributed": NotRequired[dict[str, DistributedStep]]})
+"""``results.json``. ``config`` is the run's config as given (its schema is the run config's own);
+``timings`` maps each step (and ``total``) to seconds; ``findings`` are the headline sentences."""
 
 
 # --------------------------------------------------------------------------------------------- reader
@@ -651,7 +280,7 @@ def read_results(source: "Path | str | Mapping[str, Any]") -> Results:
         raise ResultsError(f"{where} has schema_version {version!r}, but this refusal-lab reads only schema version "
                            f"{SCHEMA_VERSION}; open it with the version that wrote it, or rerun the run.")
     _check(data, Results, "", where)
-    return data  # type: ignore[return-value]  # checked above
+    return cast(Results, data)
 
 
 @functools.lru_cache(maxsize=None)
