@@ -507,7 +507,7 @@ def test_report_shows_uncertainty():
     assert f"<td>[{row['induce_refusal_rate_ci95'][0]:.2f}, {row['induce_refusal_rate_ci95'][1]:.2f}]</td>" in doc
     obj = [f for f in figs.values() if "difference vector" in f["layout"]["title"]["text"]]
     assert len(obj) == 2 and all("error_y" in t for f in obj for t in f["data"])
-    assert "harmful refusal 95% CI (Wilson)" in doc
+    assert "harmful refusal fraction, 95% CI (Wilson)" in doc
 
 
 # --------------------------------------------------------------------------------------- atomic writes

@@ -207,12 +207,11 @@ def run_specs_by_file(r: Results) -> list[tuple[str, Spec]]:
     out: list[tuple[str, Spec]] = [
         ("baseline", run_specs.baseline_chart(r)), ("dla_resid", run_specs.dla_resid_chart(r)),
         ("dla_components", run_specs.dla_components_panels(r)), ("dla_heads", run_specs.dla_heads_heatmap(r))]
-    p = r["patching"]
+    scatters = run_specs.attribution_scatters(r)
     for kind, name, slug, grid in iter_grids(r):
         out.append((slug, run_specs.grid_heatmap(kind, name, grid, r)))
-        if kind == "attribution" and name in p:
-            out.append((f"scatter_{name}", run_specs.scatter_chart(name, p[name], grid,
-                                                                    p.get("agreement", {}).get(name))))
+        if kind == "attribution" and name in scatters:
+            out.append((f"scatter_{name}", scatters[name]))
     if "heads" in r and r["heads"]["ranked"]:
         out.append(("heads_ranked", run_specs.heads_ranked_chart(r)))
     if "direction" in r:

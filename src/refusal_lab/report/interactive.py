@@ -76,7 +76,7 @@ def plotly_js() -> str | None:
 def _title(lines: Lines, height: int) -> tuple[dict[str, Any], int]:
     """A title below plotly's mode bar, and the top margin it needs."""
     n = len([x for x in lines if x])
-    return {"text": plines(lines), "font": {"size": 13}, "y": 1 - 30 / height, "yanchor": "top"}, 40 + 20 * n
+    return {"text": plines(lines), "font": {"size": 13}, "y": 1 - 42 / height, "yanchor": "top"}, 52 + 20 * n
 
 
 def _ticks(labels: list[Any], most: int) -> dict[str, Any]:
@@ -113,8 +113,8 @@ def heatmap_figure(h: Heatmap, zlim: float | None = None) -> tuple[list[dict], d
     layout = {"title": title, "margin": {"l": 70, "r": 30, "t": top, "b": 90},
               # angled long labels would overlap an axis title, and they name themselves anyway
               "xaxis": {"title": {"text": "" if long else ptext(h.xlabel)}, **_ticks(h.cols, 60),
-                        "tickangle": -35 if long else 0},
-              "yaxis": {"title": {"text": ptext(h.ylabel)}, **_ticks(h.rows, 24)},
+                        "tickangle": -35 if long else 0, "zeroline": False},
+              "yaxis": {"title": {"text": ptext(h.ylabel)}, **_ticks(h.rows, 24), "zeroline": False},
               "legend": {"orientation": "h", "y": -0.18}}
     return data, layout, height
 
@@ -140,31 +140,25 @@ def _trace(s: Series, xticks: list[str] | None) -> dict[str, Any]:
     return t
 
 
-def _rule(r: Rule, xs: list[float]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """A rule as a shape, and for a named horizontal one a legend trace along it (vertical ones are
-    named in the chart's title)."""
+def _rule(r: Rule, xs: list[float]) -> dict[str, Any]:
+    """A rule: a named horizontal one as a legend trace along the data, any other as a shape
+    (vertical ones are named in the chart's title)."""
     line = {"dash": DASHES[r.dash], "color": r.color, "width": 1.5 if r.name else 1}
-    if r.axis == "h":
-        shape = {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": r.at, "y1": r.at, "line": line}
-    else:
-        shape = {"type": "line", "yref": "paper", "x0": r.at, "x1": r.at, "y0": 0, "y1": 1, "line": line}
-    trace = None
     if r.name and xs and r.axis == "h":
-        trace = {"type": "scatter", "mode": "lines", "name": ptext(r.name), "x": [min(xs), max(xs)], "y": [r.at, r.at],
-                 "line": line, "hovertemplate": f"{ptext(r.name)}: %{{y:.3f}}<extra></extra>"}
-    return shape, trace
+        return {"type": "scatter", "mode": "lines", "name": ptext(r.name), "x": [min(xs), max(xs)], "y": [r.at, r.at],
+                "line": line, "hovertemplate": f"{ptext(r.name)}<extra></extra>"}
+    if r.axis == "h":
+        return {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": r.at, "y1": r.at, "line": line}
+    return {"type": "line", "yref": "paper", "x0": r.at, "x1": r.at, "y0": 0, "y1": 1, "line": line}
 
 
 def chart_figure(c: Chart, height: int = 420) -> tuple[list[dict], dict, int]:
     """Plotly data, layout and height of a chart."""
     data = [_trace(s, c.xticks) for s in c.series]
     xs = [float(x) for s in c.series for x in s.x]
-    shapes = []
-    for r in c.rules:
-        shape, trace = _rule(r, xs)
-        shapes.append(shape)
-        if trace is not None:
-            data.append(trace)
+    rules = [_rule(r, xs) for r in c.rules]
+    data += [x for x in rules if "mode" in x]
+    shapes = [x for x in rules if "mode" not in x]
     bars = [s for s in c.series if s.kind == "bar"]
     title, top = _title(c.title, height)
     xaxis: dict[str, Any] = {"title": {"text": ptext(c.xlabel)}}
@@ -172,13 +166,14 @@ def chart_figure(c: Chart, height: int = 420) -> tuple[list[dict], dict, int]:
         xaxis.update(_ticks(c.xticks, 30), tickangle=-45 if any(len(t) > 6 for t in c.xticks) else 0)
     if c.xlim:
         xaxis["range"] = list(c.xlim)
-    yaxis: dict[str, Any] = {"title": {"text": ptext(c.ylabel)}, "zeroline": True}
+    xaxis["zeroline"] = False  # zero lines are rules where a chart wants one
+    yaxis: dict[str, Any] = {"title": {"text": ptext(c.ylabel)}, "zeroline": False}
     if c.ylim:
         yaxis["range"] = list(c.ylim)
     layout = {"title": title, "margin": {"l": 70, "r": 30, "t": top, "b": 90}, "xaxis": xaxis, "yaxis": yaxis,
               "shapes": shapes, "legend": {"orientation": "h", "y": -0.25},
               "barmode": "group" if len(bars) > 1 and all(s.x == bars[0].x for s in bars) else "overlay",
-              "showlegend": any(s.kind != "points" for s in c.series)}
+              "showlegend": sum(s.kind != "points" for s in c.series) + sum(bool(r.name) for r in c.rules) > 1}
     return data, layout, height
 
 

@@ -150,8 +150,7 @@ def section_patching(r: Results, plots: Plots) -> str:
         out.append(table(["grid", "variant", "Spearman", "top k", "top-k overlap", "plain AtP Spearman"],
                          [[k, v["variant"], v["spearman"], v["top_k"], v["top_k_overlap"],
                            v["plain"]["spearman"] if "plain" in v else None] for k, v in agreement.items()]))
-        out.append(row(*(plots.add(specs.scatter_chart(n, pt[n], g, agreement.get(n)))
-                         for n, g in pt.get("attribution", {}).items() if n in pt)))
+        out.append(row(*(plots.add(c) for c in specs.attribution_scatters(r).values())))
     return "\n".join(out)
 
 

@@ -9,7 +9,9 @@ from refusal_lab.report.interactive import Plots
 from refusal_lab.report.page import details, esc, row, table
 from refusal_lab.report.specs import METRIC_TITLE
 from refusal_lab.report.specs import steering as specs
-from refusal_lab.run.results import EVALUATION_RATES, Direction, Evaluation, InstructionSweep, ObjectSweep, Results
+from refusal_lab.run.results import (
+    EVALUATION_RATES, Direction, Evaluation, InstructionSweep, ObjectRow, ObjectSweep, Results,
+)
 
 
 def _vs(after: object, before: object) -> str:
@@ -72,20 +74,21 @@ def steering_sweep(ins: InstructionSweep, plots: Plots) -> str:
 def steering_object(name: str, o: ObjectSweep, plots: Plots) -> str:
     """One vector's object-prompt sweep: words, figures, the per-alpha table and sample completions."""
     rows = sorted(o["rows"], key=lambda x: x["alpha"])
-    sides = ("harmless", "harmful")
-    judged = all(f"{side}_refusal_fraction" in r for r in rows for side in sides)
-    head = ["alpha"] + [f"{side} {what}" for side in sides for what in
-                        ("normalised", "normalised SE", "metric", "metric SE", "n")
-                        + (("refusal fraction", "refusal 95% CI (Wilson)") if judged else ())]
-    cells = [[r["alpha"]] + [c for side in sides for c in
-                             [r[f"{side}_normalised"], r[f"{side}_normalised_se"], r[f"{side}_metric"],
-                              r[f"{side}_metric_se"], r[f"{side}_n"]]
-                             + ([r[f"{side}_refusal_fraction"], rate_ci(r[f"{side}_refusal_fraction_ci95"])]
-                                if judged else [])]
-             for r in rows]
+    judged = all("harmless_refusal_fraction" in r for r in rows)
+
+    def side(r: ObjectRow, s: str) -> list[str]:
+        cells = [f"{fmt(r[f'{s}_normalised'])} ± {fmt(r[f'{s}_normalised_se'])}",
+                 f"{fmt(r[f'{s}_metric'])} ± {fmt(r[f'{s}_metric_se'])}"]
+        if judged:
+            cells.append(f"{fmt(r[f'{s}_refusal_fraction'])} {rate_ci(r[f'{s}_refusal_fraction_ci95']) or ''}")
+        return cells
+
+    head = ["alpha"] + [f"{s} {what}" for s in ("harmless", "harmful") for what in
+                        ("normalised ± SE", "metric ± SE") + (("refusal fraction, 95% CI (Wilson)",) if judged else ())]
+    cells = [[r["alpha"], *side(r, "harmless"), *side(r, "harmful"), r["harmless_n"]] for r in rows]
     out = [f"<h4>{esc(name)} vector</h4><p>{esc(o['description'])}; layer {esc(o['layer'])}, norm "
            f"{esc(fmt(o['norm']))}.</p>", row(*(plots.add(c) for c in specs.object_charts(name, o))),
-           table(head, cells)]
+           table(head + ["n per side"], cells)]
     if o["samples"]:
         out.append(details(f"Sample completions, {name} vector ({len(o['samples'])})", table(
             ["side", "alpha", "object", "completion", "refused"],

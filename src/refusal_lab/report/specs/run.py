@@ -109,6 +109,13 @@ def scatter_chart(name: str, exact: Grid, attr: AttributionGrid, agreement: Plai
                  xlabel="exact patching (normalised)", ylabel="attribution patching (normalised)")
 
 
+def attribution_scatters(r: Results) -> dict[str, Chart]:
+    """:func:`scatter_chart` of every attribution grid that has its exact grid, by grid name."""
+    p = r["patching"]
+    return {name: scatter_chart(name, p[name], g, p.get("agreement", {}).get(name))
+            for name, g in p.get("attribution", {}).items() if name in p}
+
+
 def heads_ranked_chart(r: Results) -> Chart:
     """The top heads by patching effect at the heads position, with the selection threshold."""
     h = r["heads"]
