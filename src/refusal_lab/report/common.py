@@ -118,8 +118,9 @@ def layer_depth(label: str, n_layers: int, index: int, count: int) -> float:
 
 
 def headline(r: Results) -> dict[str, Any]:
-    """Headline numbers of one run: gap, sanity verdict, max last-position residual patching, refusal
-    heads and their joint sufficiency (None where the run has no such section)."""
+    """Headline numbers of one run (results read by :func:`~refusal_lab.run.results.read_results`): gap,
+    sanity verdict, max last-position residual patching, refusal heads and their joint sufficiency
+    (None where the run has no such section)."""
     m, b = r["model"], r["baseline"]
     out: dict[str, Any] = {
         "model": m["name"], "n_layers": m["n_layers"], "n_heads": m["n_heads"],

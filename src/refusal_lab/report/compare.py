@@ -19,12 +19,12 @@ from refusal_lab.report.page import esc, page, png_data_uri, table
 from refusal_lab.report.specs import METRIC_TITLE, Spec
 from refusal_lab.report.specs import compare as specs
 from refusal_lab.report.specs.steering import rate_name
-from refusal_lab.run.results import EVALUATION_RATES, GRID_NAMES, read_results
+from refusal_lab.run.results import EVALUATION_RATES, GRID_NAMES, Results, read_results
 
 Run = specs.Run
 
 
-def _labels(runs: list[tuple[Path, Any]]) -> list[str]:
+def _labels(runs: list[tuple[Path, Results]]) -> list[str]:
     """Model names, with the folder where two runs share a model."""
     names = [r["model"]["name"] for _, r in runs]
     return [f"{n} ({d.name})" if names.count(n) > 1 else n for n, (d, _) in zip(names, runs)]
