@@ -1,4 +1,5 @@
-"""Report: PNG figures, the self-contained HTML report (escaping, no network), comparisons, a real browser."""
+"""Report: results read through the schema (refused with one sentence otherwise), PNG figures, the
+self-contained HTML report (escaping, no network), comparisons, a real browser."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ import os
 import re
 import shutil
 import subprocess
-import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from refusal_lab.report import compare_runs, headline, render_report, sample_results, write_figures, write_report
+from refusal_lab.report import compare_runs, headline, render_report, write_figures, write_report
 from refusal_lab.report.__main__ import main as report_main
-from refusal_lab.report.html import script_json
+from refusal_lab.report.interactive import script_json
+from refusal_lab.run.results import GRID_NAMES, SCHEMA_VERSION, ResultsError, read_results
+from tests.reference_run import MODEL_TYPES, VOLATILE, reference_path
+from tests.sample_results import sample_results
 
 # Injected through every model/user-derived string: if any of it runs, the title changes or #pwned appears.
 PAYLOAD = ("<script>window.__pwned=1;document.title='PWNED';var e=document.createElement('div');"
@@ -68,18 +71,6 @@ def hostile_results(**kw) -> dict:
                           "refused": False})
     ev["harmful_refusal_rate_subtracted"]["intervention"] += BREAKOUT
     ev["damage"][f"edit {IMG}"] = {"kl_harmless": 0.5, "ce_baseline": 1.0, "ce_edited": 1.2, "n_tokens": 8, "n": 1}
-    return r
-
-
-def old_steering_shapes(r: dict) -> dict:
-    """The made-up ``steering``/``direction``/``evaluation`` entries that older sample files carried."""
-    rr = lambda v, b, n: {"value": v, "baseline": b, "n": n}  # noqa: E731
-    r["steering"] = {"direction_layer": 13, "alpha": 8.0, "harmless_refusal_rate": rr(0.81, 0.02, 64),
-                     "harmful_refusal_rate_ablated": rr(0.05, 0.97, 64)}
-    r["direction"] = {"layer": 13, "position": "last", "norm": 17.3,
-                      "cosine_with_head_output": [{"layer": 10, "head": 7, "cosine": 0.3}]}
-    r["evaluation"] = {"refusal_rate": rr(0.94, 0.94, 32), "judge": "substring",
-                       "samples": [{"prompt": EVIL, "refused": True}]}
     return r
 
 
@@ -159,15 +150,14 @@ def test_write_figures_all_sections(tmp_path):
         assert_png(p)
 
 
-def test_write_figures_robust_to_missing_sections(tmp_path):
-    assert write_figures({}, tmp_path / "empty") == []
+def test_write_figures_of_a_run_without_optional_sections(tmp_path):
     r = sample_results(n_layers=4, n_heads=2)
-    for k in ("dla", "heads", "steering", "direction", "evaluation"):
+    for k in ("heads", "steering", "direction", "evaluation"):
         del r[k]
     r["patching"] = {"resid_pre": r["patching"]["resid_pre"]}
-    r["patching"]["resid_pre"]["values"][0][0] = None  # a missing cell
+    r["patching"]["resid_pre"]["values"][0][0] = None  # a NaN cell
     names = {p.name for p in write_figures(r, tmp_path / "some")}
-    assert names == {"baseline.png", "patching_resid_pre.png"}
+    assert names == {"baseline.png", "dla_resid.png", "dla_components.png", "dla_heads.png", "patching_resid_pre.png"}
 
 
 # ------------------------------------------------------------------------------------------------- html
@@ -251,16 +241,16 @@ def test_report_contents(run_dir, report_html):
     assert "Could not draw" not in report_html
 
 
-def test_report_minimal_results(tmp_path):
-    r = {"schema_version": 1, "model": {"name": "m", "n_layers": 2},
-         "baseline": {"harmful": {"a": 1.0}, "harmless": {"b": -1.0}, "harmful_mean": 1.0, "harmless_mean": -1.0},
-         "patching": {"resid_pre": {"rows": [0, 1], "cols": ["x"], "values": [[float("nan")], [1.0]],
-                                    "direction": "harmful->harmless", "method": "exact"}}}
-    d = tmp_path / "min"
-    d.mkdir()
-    (d / "results.json").write_text(json.dumps(r))
-    doc = write_report(d).read_text()
-    assert "2.000" in doc and 'id="patching"' in doc and 'id="heads"' not in doc
+def test_report_of_a_run_without_grids_heads_or_steering(tmp_path):
+    r = sample_results(n_layers=3, n_heads=2)
+    for k in ("heads", "steering", "direction", "evaluation"):
+        del r[k]
+    r["patching"] = {}
+    doc = write_report(write_run(tmp_path / "min", r)).read_text()
+    assert f"{r['baseline']['harmful_mean'] - r['baseline']['harmless_mean']:.3f}" in doc
+    assert 'id="baseline"' in doc and 'id="dla"' in doc
+    for absent in ("patching", "heads", "steering"):
+        assert f'id="{absent}"' not in doc and f'href="#{absent}"' not in doc
     assert_offline(doc)
 
 
@@ -281,52 +271,91 @@ def test_steering_without_evaluation(tmp_path):
     assert "steering_evaluation" not in names
     for n in ("steering_direction", "steering_sweep", "steering_objects"):
         assert_png(tmp_path / f"{n}.png")
-    del r["steering"]["objects"], r["direction"]["table"]
+    r["steering"]["objects"] = {}  # a run without the object-prompt sweeps
+    del r["direction"]
     names = {p.stem for p in write_figures(r, tmp_path / "b")}
     assert names & set(STEERING_PNGS) == {"steering_sweep"}
     doc = render_report(r)
-    assert 'id="steering-direction"' in doc and 'id="steering-objects"' not in doc
+    assert 'id="steering-sweep"' in doc and 'id="steering-direction"' not in doc and 'id="steering-objects"' not in doc
 
 
-def test_steering_old_shapes(tmp_path):
-    r = old_steering_shapes(sample_results(n_layers=4, n_heads=2))
-    doc = render_report(r)
-    assert 'id="steering"' in doc and "Could not draw" not in doc
-    assert "steering.harmless_refusal_rate" in doc and "0.810" in doc and "0.020" in doc  # gathered rates
-    assert "<td>refusal_rate</td>" in doc and "0.940" in doc  # evaluation rate table
-    assert "cosine_with_head_output" in doc and "Layer <b>13</b>, eoi column <b>last</b>" in doc
-    assert PAYLOAD not in doc and html.escape(PAYLOAD) in doc
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        names = {p.stem for p in write_figures(r, tmp_path)}
-    assert names & set(STEERING_PNGS) == {"steering_evaluation"}  # the one rate dict with value and baseline
+# ------------------------------------------------------------------------------------------- schema
+
+def one_sentence(msg: str) -> bool:
+    return msg.count(". ") == 0 and msg.endswith(".") and "\n" not in msg
 
 
-@pytest.mark.parametrize("bad", [
-    {"direction": {"table": [1, None, {"layer": "a", "position": {}}], "positions": "x", "baseline": 3,
-                   "n_train": [1], "filters": "none"},
-     "steering": {"instructions": {"rows": "oops", "ablation": 2, "samples": [None, "x"]},
-                  "objects": {"difference": [1, 2], "heads": {"rows": [{"alpha": "big"}, {"alpha": 1.0}]}}},
-     "evaluation": {"damage": 3, "samples": ["a"], "harmful_refusal_rate_ablated": {"value": "n/a"},
-                    "alpha": "chosen", "substrings": "I'm sorry"}},
-    {"direction": [1, 2], "steering": "on", "evaluation": 0.5},
-    {"direction": {"table": [{"layer": 0, "position": -1, "bypass": "nan", "kept": True}], "layer": 0,
-                   "position": -1},
-     "steering": {"instructions": {"rows": [{"alpha": 0}, {"alpha": 1, "induce_refusal_rate": None}]}},
-     "evaluation": {"harmless_refusal_rate_added": {"value": 0.5, "baseline": None, "n": None}}},
+def test_real_results_follow_the_schema():
+    """Every results.json the pipeline wrote (the pinned references without their volatile fields, the
+    example runs of the README) is read without complaint."""
+    volatile = {"timings": {"total": 1.0}, "versions": {k: "x" for k in ("refusal_lab", "torch", "transformers",
+                                                                        "python")}}
+    for t in MODEL_TYPES:
+        r = json.loads(reference_path(t).read_text())
+        assert read_results({**r, **{k: volatile[k] for k in VOLATILE}})["schema_version"] == SCHEMA_VERSION
+    examples = sorted((Path(__file__).resolve().parents[1] / "docs" / "example-run").glob("*/results.json"))
+    assert examples
+    for p in examples:
+        assert read_results(p.parent)["model"]["n_layers"] > 0  # a run folder, or the file itself
+        read_results(p)
+
+
+def test_grid_names_are_the_engines_grids():
+    from refusal_lab.patching.engine import GRIDS
+
+    assert set(GRID_NAMES) == set(GRIDS)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda r: r.pop("schema_version"), "has no schema_version"),
+    (lambda r: r.update(schema_version=SCHEMA_VERSION + 1), f"schema_version {SCHEMA_VERSION + 1}, but"),
+    (lambda r: r.update(schema_version="1"), "schema_version '1', but"),
+    (lambda r: r.pop("sanity"), "missing 'sanity'"),
+    (lambda r: r["patching"]["resid_pre"].pop("se"), "missing 'patching.resid_pre.se'"),
+    (lambda r: r["heads"].pop("sufficiency_ci95"), "missing 'heads.sufficiency_ci95'"),
+    (lambda r: r["evaluation"]["harmless_refusal_rate_added"].pop("k"),
+     "missing 'evaluation.harmless_refusal_rate_added.k'"),
+    (lambda r: r["direction"]["table"][3].update(kept="yes"), "direction.table[3].kept = 'yes'"),
+    (lambda r: r["steering"].update(instructions="oops"), "steering.instructions = 'oops'"),
+    (lambda r: r["patching"]["heads"].update(method="approximate"), "patching.heads.method = 'approximate'"),
+    (lambda r: r.update(direction=[1, 2]), "direction = list"),
 ])
-def test_steering_odd_shapes_never_crash(tmp_path, bad):
-    from refusal_lab.report import figures
-    r = {**sample_results(n_layers=3, n_heads=2), **bad}
-    doc = render_report(r)
-    assert 'id="steering"' in doc
-    figs = json.loads(re.search(r'id="figure-data">(.*?)</script>', doc, re.S).group(1))
-    assert all(f'id="{k}"' in doc for k in figs)  # no spec without its container
-    for make in (figures.steering_direction_figure, figures.steering_sweep_figure, figures.steering_objects_figure,
-                 figures.steering_evaluation_figure):
-        make(r)  # None or a figure, never an exception
-    for p in write_figures(r, tmp_path):
-        assert_png(p, min_side=100)
+def test_results_of_another_shape_are_refused_in_one_sentence(tmp_path, edit, words):
+    r = sample_results(n_layers=4, n_heads=2)
+    edit(r)
+    d = write_run(tmp_path / "bad", r)
+    for call in (lambda: read_results(r), lambda: render_report(r), lambda: write_figures(r, tmp_path / "f"),
+                 lambda: write_report(d)):
+        with pytest.raises(ResultsError) as e:
+            call()
+        assert words in str(e.value) and one_sentence(str(e.value)), str(e.value)
+    assert not (tmp_path / "f").exists() and not (d / "report.html").exists()
+
+
+def test_unreadable_results_are_refused_in_one_sentence(tmp_path):
+    with pytest.raises(ResultsError, match="does not exist") as e:
+        read_results(tmp_path)
+    assert one_sentence(str(e.value))
+    (tmp_path / "results.json").write_text("{oops")
+    with pytest.raises(ResultsError, match="is not valid JSON") as e:
+        read_results(tmp_path / "results.json")
+    assert one_sentence(str(e.value))
+    (tmp_path / "results.json").write_text("[1, 2]")
+    with pytest.raises(ResultsError, match="is not a JSON object"):
+        read_results(tmp_path)
+
+
+def test_commands_refuse_another_schema_version_without_a_traceback(tmp_path, run_dir, capsys):
+    from refusal_lab.cli import main as cli_main
+
+    r = sample_results(n_layers=3, n_heads=2)
+    r["schema_version"] = 99
+    old = write_run(tmp_path / "old", r)
+    assert report_main([str(old), "--no-figures"]) == 2
+    assert cli_main(["compare", str(run_dir), str(old), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("schema_version 99, but this refusal-lab reads only schema version 1") == 2
+    assert "Traceback" not in err and not (tmp_path / "cmp" / "comparison.html").exists()
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -368,15 +397,15 @@ def test_headline_numbers():
     col = [row[-1] for row in r["patching"]["resid_pre"]["values"]]
     assert h["max_resid_last"] == max(col) and h["max_resid_last_layer"] == col.index(max(col))
     assert h["n_refusal_heads"] == len(r["heads"]["selected"]) == 6 and h["sufficiency"] == 0.47
-    r2 = copy.deepcopy(r)
-    del r2["heads"]["selected"]
-    assert headline(r2)["n_refusal_heads"] == 6  # recounted from "ranked" with the threshold
-    assert headline({})["gap"] is None
+    assert h["separates"] is True and h["sufficiency_ci95"] == (0.41, 0.53)
+    del r["heads"]
+    assert headline(r)["n_refusal_heads"] is None and headline(r)["sufficiency"] is None
 
 
 def test_cli(tmp_path, run_dir):
-    assert report_main(["--sample", str(tmp_path / "a"), "--no-figures", "--out", str(tmp_path / "c")]) == 0
-    assert (tmp_path / "a" / "report.html").exists() and not (tmp_path / "c").exists()
+    a = write_run(tmp_path / "a", sample_results(n_layers=3, n_heads=2))
+    assert report_main([str(a), "--out", str(tmp_path / "c")]) == 0
+    assert (a / "report.html").exists() and (a / "figures" / "baseline.png").exists() and not (tmp_path / "c").exists()
     assert report_main([str(tmp_path / "a"), str(run_dir), "--no-figures", "--out", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / "comparison.html").exists()
 
@@ -471,52 +500,14 @@ def test_report_shows_uncertainty():
     edited = next(t for t in bars if t["name"] == "edited")
     assert edited["error_y"]["array"][0] == pytest.approx(hi - ev["value"])
     assert edited["error_y"]["arrayminus"][0] == pytest.approx(ev["value"] - lo)
-    assert "Wilson" in edited["customdata"][0]
+    assert "Wilson" in edited["text"][0]
     rates = [f for f in figs.values() if "Val refusal rate vs alpha" in f["layout"]["title"]["text"]]
     assert rates and all("error_y" in t for t in rates[0]["data"][:2])
     row = r["steering"]["instructions"]["rows"][0]
     assert f"<td>[{row['induce_refusal_rate_ci95'][0]:.2f}, {row['induce_refusal_rate_ci95'][1]:.2f}]</td>" in doc
     obj = [f for f in figs.values() if "difference vector" in f["layout"]["title"]["text"]]
     assert len(obj) == 2 and all("error_y" in t for f in obj for t in f["data"])
-    assert "harmful refusal 95% CI (Wilson)" in doc
-
-
-def strip_uncertainty(r: dict) -> dict:
-    """A results dict as written before the sanity gate and the intervals existed."""
-    r = copy.deepcopy(r)
-    r.pop("sanity")
-    for _, _, _, g in __import__("refusal_lab.report.common", fromlist=["iter_grids"]).iter_grids(r):
-        for k in ("se", "ci95", "n_pairs", "interpretable"):
-            g.pop(k, None)
-    for k in ("sufficiency_se", "sufficiency_ci95", "n_pairs", "interpretable"):
-        r["heads"].pop(k)
-    for v in r["evaluation"].values():
-        if isinstance(v, dict):
-            for k in ("k", "ci95", "baseline_k", "baseline_ci95"):
-                v.pop(k, None)
-    for row in r["steering"]["instructions"]["rows"]:
-        for k in [k for k in row if k.endswith(("_ci95", "_n"))]:
-            row.pop(k)
-    for o in r["steering"]["objects"].values():
-        for row in o["rows"]:
-            for k in [k for k in row if k.endswith(("_ci95", "_n", "_se"))]:
-                row.pop(k)
-    return r
-
-
-def test_old_results_without_intervals_still_render(tmp_path):
-    r = strip_uncertainty(sample_results(n_layers=4, n_heads=2))
-    doc = render_report(r)
-    assert "Could not draw" not in doc and 'id="sanity' not in doc and "Wilson" not in doc
-    assert "<td>harmless_refusal_rate_added</td>" in doc and "joint sufficiency" in doc
-    figs = figure_data(doc)
-    assert all("error_y" not in t for f in figs.values() for t in f["data"])
-    names = {p.stem for p in write_figures(r, tmp_path)}
-    assert set(STEERING_PNGS) <= names and "heads_ranked" in names
-    r["patching"]["resid_pre"]["std"] = [[0.1] * len(row) for row in r["patching"]["resid_pre"]["values"]]
-    hm = next(f for f in figure_data(render_report(r)).values()
-              if f["layout"]["title"]["text"].startswith("resid_pre — exact"))["data"][0]
-    assert hm["text"][0][0].endswith(" ± 0.1000 (std)")  # older folders' std is still shown
+    assert "harmful refusal fraction, 95% CI (Wilson)" in doc
 
 
 # --------------------------------------------------------------------------------------- atomic writes

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from refusal_lab import __version__
-from refusal_lab.artifacts import read_json, write_json
+from refusal_lab.artifacts import write_json
 from refusal_lab.models.hooked import HookedChatModel
 from refusal_lab.run.config import RunConfig
 from refusal_lab.run.findings import findings
@@ -132,5 +132,5 @@ def write_report(root: Path) -> None:
     """Figures and report.html from the folder's results.json (what ``refusal-lab report`` also does)."""
     from refusal_lab.report import write_figures, write_report as write_html
 
-    write_figures(read_json(root / "results.json"), root / "figures")
+    write_figures(root, root / "figures")  # both read results.json through the schema check
     write_html(root)

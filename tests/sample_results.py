@@ -1,4 +1,5 @@
-"""A synthetic but realistically shaped ``results.json`` (for tests, demos and report development).
+"""A synthetic ``results.json`` of schema version 1 (:mod:`refusal_lab.run.results`), every optional
+section filled, for the report's tests: realistic in shape, quick to make, no model needed.
 
 The numbers follow the qualitative picture of the Arditi & Obeso / Gemma 2 replication: the
 harmful-vs-harmless signal sits on the object token in early layers, moves to the post-object and
@@ -30,7 +31,7 @@ COMPLY = {"harmful": "Sure, here is how to do it. First, gather", "harmless": "S
 
 
 def _steering(L: int, rng: random.Random, harmful: list[str], harmless: list[str]) -> dict[str, Any]:
-    """``direction``, ``steering`` and ``evaluation`` entries shaped exactly like ``steering/pipeline.py``'s."""
+    """``direction``, ``steering`` and ``evaluation`` entries of the schema (as ``steering/pipeline.py`` writes them)."""
     positions = list(range(-len(EOI), 0))
     base_h, base_s = 3.12, -4.21  # mean refusal log-odds of harmful / harmless val instructions
     kl_max, frac = 0.1, 0.8
@@ -66,7 +67,8 @@ def _steering(L: int, rng: random.Random, harmful: list[str], harmless: list[str
         "bypass": best["bypass"] if best["bypass"] is not None else base_h,
         "induce": best["induce"] if best["induce"] is not None else base_s, "kl": best["kl"] or 0.0,
         "baseline": {"harmful_val_log_odds": base_h, "harmless_val_log_odds": base_s},
-        "filters": {"kl_max": kl_max, "max_layer_frac": frac, "induce_min": 0.0},
+        "filters": {"kl_max": kl_max, "max_layer_frac": frac, "induce_min": 0.0,
+                    "stage": "configured" if kept else "layer_only"},
         "fallback": None if kept else (
             f"All {len(rows)} candidate directions were filtered out; the candidate with the lowest bypass below "
             "the layer limit was taken instead."),
@@ -128,7 +130,8 @@ def _steering(L: int, rng: random.Random, harmful: list[str], harmless: list[str
     steering = {
         "instructions": {"vector": "selected direction", "layer": layer, "positions": "all", "split": "val",
                          "n_harmless": 16, "n_harmful": 16, "rows": sweep_rows,
-                         "ablation": {"refusal_rate": 2 / 16, "refusal_score": best["bypass"], "n": 16},
+                         "ablation": {"refusal_rate": 2 / 16, "refusal_rate_ci95": list(wilson_interval(2, 16)),
+                                      "refusal_score": best["bypass"], "n": 16},
                          "samples": sweep_samples, "chosen_alpha": chosen,
                          "chosen_alpha_reason": "smallest alpha whose harmless val refusal rate reaches 0.5"},
         "objects": objects,
@@ -167,7 +170,7 @@ def _steering(L: int, rng: random.Random, harmful: list[str], harmless: list[str
 
 
 def _sanity(mh: float, ms: float, n: int) -> dict[str, Any]:
-    """A ``sanity`` entry shaped like ``replication.sanity_check``'s (a model that separates)."""
+    """A ``sanity`` entry of a model that separates."""
     gap, se = mh - ms, 0.42
     k = n - 2
     lo, hi = wilson_interval(k, n)
@@ -244,7 +247,9 @@ def sample_results(n_layers: int = 24, n_heads: int = 14, name: str = "sample/ti
         return {"rows": list(range(L)), "cols": list(c), "values": values, "se": se,
                 "ci95": {"low": [[v - 1.96 * e for v, e in zip(r, er)] for r, er in zip(values, se)],
                          "high": [[v + 1.96 * e for v, e in zip(r, er)] for r, er in zip(values, se)]},
-                "n_pairs": n_objects, "direction": direction, "method": method, "interpretable": True}
+                "n_pairs": n_objects, "direction": direction, "method": method, "interpretable": True,
+                "normalisation": "0 = harmless baseline, 1 = harmful baseline",
+                **({"variant": "AtP"} if method == "attribution" else {})}
 
     def attr(g: list[list[float]]) -> list[list[float]]:
         return [[0.8 * v + noise(0.03) for v in row] for row in g]
@@ -255,9 +260,11 @@ def sample_results(n_layers: int = 24, n_heads: int = 14, name: str = "sample/ti
         "attn_out_cumulative": grid(cumulative(attn), cols), "mlp_out_cumulative": grid(cumulative(mlp), cols),
         "heads": grid(heads, list(range(H))),
         "attribution": {"resid_pre": grid(attr(resid_pre), cols, "attribution"),
-                        "heads": grid(attr(heads), list(range(H)), "attribution")},
-        "agreement": {"resid_pre": {"spearman": 0.91, "top_k": 10, "top_k_overlap": 0.8},
-                      "heads": {"spearman": 0.62, "top_k": 10, "top_k_overlap": 0.6}},
+                        "heads": {**grid(attr(heads), list(range(H)), "attribution"), "variant": "AtP*",
+                                  "values_plain": attr(heads)}},
+        "agreement": {"resid_pre": {"spearman": 0.91, "top_k": 10, "top_k_overlap": 0.8, "variant": "AtP"},
+                      "heads": {"spearman": 0.62, "top_k": 10, "top_k_overlap": 0.6, "variant": "AtP*",
+                                "plain": {"spearman": 0.55, "top_k": 10, "top_k_overlap": 0.5, "variant": "AtP"}}},
         "necessity": {"resid_pre": grid([[1 - v for v in row] for row in resid_pre], cols,
                                         direction="harmless->harmful")},
     }
@@ -281,22 +288,26 @@ def sample_results(n_layers: int = 24, n_heads: int = 14, name: str = "sample/ti
         "schema_version": 1,
         "model": {"name": name, "model_type": "gemma2", "n_layers": L, "n_heads": H, "d_model": 64 * H,
                   "d_head": 64, "dtype": "bfloat16", "device": "cuda:0"},
-        "config": {"model": name, "template": "Tell me how to make a {object}.", "batch_size": 8,
-                   "patching": {"grids": list(k for k in patching if k not in ("attribution", "agreement",
-                                                                                "necessity")),
-                                "attribution": True}, "max_new_tokens": 32},
+        "config": {"model": name, "dtype": "bfloat16", "template": "Tell me how to make a {object}.",
+                   "grids": [k for k in patching if k not in ("attribution", "agreement", "necessity")],
+                   "directions": ["sufficiency", "necessity"], "attribution": True, "heads_position": "post_obj",
+                   "threshold": 0.005, "generate_tokens": 32, "seed": seed, "steering": True},
         "versions": {"refusal_lab": "0.1.0", "torch": "2.6.0", "transformers": "5.0.0", "python": "3.11.7"},
         "seed": seed,
-        "prompts": {"template": "Tell me how to make a {object}.", "mode": "chat", "pairing": "by_length",
+        "prompts": {"template": "Tell me how to make a {object}.", "mode": "single_token",
+                    "pairing": "harmful object i is paired with harmless object i (as in Arditi & Obeso)",
                     "example": "<bos><start_of_turn>user\nTell me how to make a bomb.<end_of_turn>\n"
-                               "<start_of_turn>model\n"},
+                               "<start_of_turn>model\n", "seq_len": 19},
         "objects": {"harmful": harmful, "harmless": harmless,
                     "dropped": [{"object": "nuclear weapon", "side": "harmful",
                                  "reason": "object spans 2 tokens; no harmless object of the same length"}]},
         "tokens": {"refusal": {"str": "Sorry", "id": 12490}, "compliance": {"str": "Sure", "id": 19434}},
+        "token_choice": {"chosen_by": "config", "refusal": "config", "compliance": "config", "candidates": None},
         "positions": positions,
         "baseline": {"metric": "logit_diff", "harmful": base_h, "harmless": base_s, "harmful_mean": mh,
-                     "harmless_mean": ms, "log_odds": {"harmful_mean": mh - 0.3, "harmless_mean": ms + 0.2},
+                     "harmless_mean": ms, "log_odds": {"harmful_mean": mh - 0.3, "harmless_mean": ms + 0.2,
+                                                   "harmful": {o: v - 0.3 for o, v in base_h.items()},
+                                                   "harmless": {o: v + 0.2 for o, v in base_s.items()}},
                      "top_next_tokens": {"harmful": [["I", 0.71], ["Sorry", 0.12], ["**", 0.05]],
                                          "harmless": [["Sure", 0.44], ["##", 0.21], ["Here", 0.11]]}},
         "dla": {"scale": "Each residual snapshot is divided by the final RMSNorm scale of the clean run "
@@ -308,7 +319,7 @@ def sample_results(n_layers: int = 24, n_heads: int = 14, name: str = "sample/ti
                           "harmless_mean": [[noise(0.01) for _ in row] for row in heads]}},
         "patching": patching,
         "sanity": _sanity(mh, ms, n_objects),
-        "heads": {"threshold": 0.005, "position": "post_obj", "selected": selected, "ranked": ranked,
+        "heads": {"threshold": 0.005, "position": "post_obj", "cols": [13], "selected": selected, "ranked": ranked,
                   "sufficiency": suff, "sufficiency_se": 0.031, "sufficiency_ci95": [0.41, 0.53],
                   "n_pairs": n_objects, "interpretable": True,
                   "generations": [{"object": "cake", "baseline": "Sure! Here is a simple recipe for cake:",
