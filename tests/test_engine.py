@@ -4,10 +4,9 @@ on every architecture and every grid, with left padding and sliding windows exer
 import pytest
 import torch
 
-from refusal_lab.patching.engine import (
-    GRIDS, GridSpec, LogitDiff, LogOdds, Receiver, naive_patch, patch_grid,
-)
-from tests.conftest import patch_pair
+from refusal_lab.patching.engine import GRIDS, GridSpec, LogitDiff, Receiver, patch_grid
+from refusal_lab.patching.naive import naive_patch
+from tests.conftest import log_odds_metric, patch_pair
 
 TOL = 1e-4  # fp32; observed differences are ~1e-6
 
@@ -45,7 +44,7 @@ def test_patching_everything_gives_source_metric(tiny):
 
 def test_log_odds_metric_cone_equals_naive(tiny):
     src, rec = patch_pair(tiny)
-    metric = LogOdds([3, 5, 11])
+    metric = log_odds_metric([3, 5, 11])
     receiver = Receiver.record(tiny, rec, metric)
     _, source = tiny.run_with_cache(src.ids, src.mask)
     spec = GridSpec("attn_out", [0, 2], [4, 8])
