@@ -210,13 +210,15 @@ class HookedChatModel(nn.Module):
         caches sites (a name, names, a filter or True for all; ``detach=False`` keeps the graph).
         With ``kv_prefix`` (the ``kv`` of an earlier prefill with ``record_kv``) the tokens continue
         that prefix: they sit at columns P..P+q-1 after its P columns and attend over its keys and
-        values; ``attention_mask`` [b, P + q] then covers prefix and tokens, and ``position_ids``
-        [b, q] default to the mask's (left padding ignored). ``logits``: 'all' columns, the 'last'
+        values; ``attention_mask`` [b, P + q] (default: all real) then covers prefix and tokens, and
+        ``position_ids`` [b, q] default to the mask's (left padding ignored). ``logits``: 'all' columns, the 'last'
         one, or 'none' (no final norm: ``resid`` is what a caller wants)."""
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is None:  # every prefix and token column is real
+            prefix = next(iter(kv_prefix.values()))[0].shape[2] if kv_prefix else 0
+            attention_mask = torch.ones(input_ids.shape[0], prefix + input_ids.shape[1], dtype=input_ids.dtype,
+                                        device=input_ids.device)
         run = self._make_run(fwd_hooks, names, detach=detach)
         q, k = input_ids.shape[1], attention_mask.shape[1]
         cols = torch.arange(k - q, k, device=input_ids.device)
@@ -262,39 +264,12 @@ class HookedChatModel(nn.Module):
         out = self.prefill(input_ids, attention_mask, fwd_hooks=fwd_hooks, names=names, detach=detach, logits=logits)
         return out.logits, out.cache
 
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int = 32,
-        fwd_hooks: Sequence[tuple[str, HookFn]] = (),
-        stop_at_eos: bool = True,
-    ) -> torch.Tensor:
-        """Greedy continuation [b, new] with hooks applied to the prompt and every new token.
-
-        Hooks see absolute columns: the prompt has columns 0..T-1, new tokens T, T+1, ...
-        (:func:`refusal_lab.models.generate.greedy_generate`)."""
-        return greedy_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks,
-                               stop_at_eos=stop_at_eos)
-
-    def blocks(
-        self,
-        resid: torch.Tensor,
-        *,
-        run: HookRun,
-        cols: torch.Tensor,
-        position_ids: torch.Tensor,
-        key_valid: torch.Tensor,
-        kv: KVPrefix | None = None,
-        start_layer: int = 0,
-        stop_layer: int | None = None,
-    ) -> torch.Tensor:
-        """Run blocks ``start_layer..stop_layer-1`` on ``resid`` [b, q, d] at columns ``cols`` with the
-        hooks of ``run`` (:func:`refusal_lab.models.forward.run_blocks`). ``key_valid`` [b, k] marks
-        real keys over the k = prefix + q columns; ``kv`` gives the key/value prefix and/or records."""
-        return run_blocks(self, resid, run=run, cols=cols, position_ids=position_ids, key_valid=key_valid, kv=kv,
-                          start_layer=start_layer, stop_layer=stop_layer)
+    #: greedy continuation [b, new] with hooks on the prompt and every new token (absolute columns:
+    #: the prompt has 0..T-1, new tokens T, T+1, ...): :func:`refusal_lab.models.generate.greedy_generate`
+    generate = greedy_generate
+    #: run a range of layers from a given residual at given columns, over an optional key/value
+    #: prefix (the patching engine's cone runs): :func:`refusal_lab.models.forward.run_blocks`
+    blocks = run_blocks
 
     # ------------------------------------------------------------------ derived quantities
     def head_results(self, cache: ActivationCache, layer: int, after_post_norm: bool = True) -> torch.Tensor:

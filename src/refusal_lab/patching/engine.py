@@ -11,11 +11,9 @@ cone, (L - l) layers × (T - p) columns.
 Cumulative grids (sites at layers 0..l patched together) reuse a trunk: the row that patches every
 layer is run once and each cumulative cell l branches off it at layer l + 1.
 
-A row's patches are :class:`Edit` entries; each layer's edits of all rows in a batch become one
-:class:`~refusal_lab.models.edits.Patch` hook (:func:`edit_patch`), the same edit that the naive
-reference (:mod:`refusal_lab.patching.naive`, one full forward per cell with hooks, as
-TransformerLens's ``patching`` module does; tests assert both agree to 1e-4 in fp32) and patched
-generation (:mod:`refusal_lab.patching.heads`) use. Grid checkpoints: :mod:`refusal_lab.patching.checkpoint`.
+Each layer's :class:`Edit` entries of a batch's rows are one :class:`~refusal_lab.models.edits.Patch`
+hook (:func:`edit_patch`), the edit of the naive reference too (:mod:`refusal_lab.patching.naive`,
+one full forward per cell; tests assert both agree to 1e-4 in fp32).
 """
 
 from __future__ import annotations
@@ -155,11 +153,6 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def _free_cached_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def batch_rows(model: HookedChatModel, seq_len: int, max_rows: int | None, keep_states: bool = False) -> int:
     """Rows per cone batch: what fits in free device memory (:func:`~refusal_lab.memory.auto_max_rows`),
     and at most ``max_rows`` when given."""
@@ -205,7 +198,8 @@ def run_rows(
                     raise
                 oom = True
             if oom:  # outside the except block, so the failed forward's tensors can be freed
-                _free_cached_memory()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 if len(chunk) <= 1:
                     raise RefusalLabError(
                         "Out of memory even with a single patched row per batch; use --dtype bfloat16, a shorter "
@@ -280,7 +274,7 @@ def _run_group(model, receiver: Receiver, rows: list[Row], p: int, metric, L: in
 # ---------------------------------------------------------------------------------------- grids
 @dataclass
 class GridSpec:
-    """Which cells a grid has: layers × columns (or layers × heads at ``head_cols``)."""
+    """Which cells a grid has: layers × columns (or layers × heads, patched at ``cols``)."""
 
     grid: str
     layers: list[int]
