@@ -142,8 +142,6 @@ class HookedChatModel(nn.Module):
             ids += list(src) if isinstance(src, (list, tuple)) else [src]
         return list(dict.fromkeys(ids))
 
-    _eos_ids = eos_ids  # TEMPORARY: steering/evaluation.py's caller until it calls eos_ids(); removed last
-
     # ------------------------------------------------------------------ hook management
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple[str, HookFn]]):
