@@ -56,21 +56,18 @@ except ImportError:
 
 from refusal_lab.dla import direct_logit_attribution  # noqa: E402
 from refusal_lab.memory import auto_max_rows, weight_bytes  # noqa: E402
-from refusal_lab.models.edits import Replace  # noqa: E402
 from refusal_lab.models.hooked import HookedChatModel  # noqa: E402
 from refusal_lab.patching.attribution import attribution_grid, receiver_gradients  # noqa: E402
 from refusal_lab.patching.engine import (  # noqa: E402
     GRIDS,
     Batch,
-    Edit,
     GridSpec,
     LogitDiff,
     Receiver,
-    Row,
     patch_grid,
-    run_rows,
     source_sites,
 )
+from refusal_lab.patching.heads import head_patch_hooks, patch_heads  # noqa: E402
 
 GEMMA2 = {
     "2b": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
@@ -241,13 +238,8 @@ def bench_one(name: str, dtype: torch.dtype, device: torch.device, n: int, T: in
             top = vals.flatten().argsort(descending=True)[:20].tolist()
             sel = [(i // H, i % H) for i in top]
             c = obj + 1
-            rows = [Row(i, min(l for l, _ in sel), c,
-                        [Edit(l, "attn.hook_z", c, source[f"blocks.{l}.attn.hook_z"][i, c, h], h) for l, h in sel])
-                    for i in range(n)]
-            run_rows(m, receiver, rows, metric)
-            hooks = [(f"blocks.{l}.attn.hook_z",
-                      Replace(positions=[c], head=h, value=source[f"blocks.{l}.attn.hook_z"][:, [c], h]))
-                     for l, h in sel]
+            patch_heads(m, receiver, source, sel, [c], metric)
+            hooks = head_patch_hooks(source, sel, [c])
             m.generate(harmless.ids, harmless.mask, max_new_tokens=gen_tokens, fwd_hooks=hooks, stop_at_eos=False)
         record(f"heads (top-20 patched + {gen_tokens}-token generation)", st)
 

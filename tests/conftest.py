@@ -52,6 +52,22 @@ def patch_pair(model: HookedChatModel, T: int = 9, seed: int = 1):
     return src, rec
 
 
+def log_odds_metric(refusal_ids):
+    """A full-vocabulary metric for the patching tests: the refusal log-odds over ``refusal_ids``
+    (:func:`refusal_lab.metrics.refusal_log_odds`) from the final-norm output, as the engine takes it."""
+    from refusal_lab.metrics import refusal_log_odds
+    from refusal_lab.patching.engine import NormedMetric
+
+    class LogOdds(NormedMetric):
+        def __call__(self, model, normed, prompt_idx):
+            return self.from_logits(model.adapter.final_logits(normed.to(model.adapter.lm_head.weight.device)), prompt_idx)
+
+        def from_logits(self, logits, prompt_idx):
+            return refusal_log_odds(logits, refusal_ids).float()
+
+    return LogOdds()
+
+
 def patch_setup(model: HookedChatModel, T: int = 9):
     """(receiver record, source cache, metric) for :func:`patch_pair` with logit[3] - logit[7]."""
     from refusal_lab.patching.engine import LogitDiff, Receiver

@@ -12,8 +12,19 @@ from refusal_lab.patching.attribution import (
 )
 from refusal_lab.patching.engine import GRIDS, Batch, GridSpec, LogitDiff, Receiver, patch_grid, source_sites
 from refusal_lab.patching.qk_fix import (
-    delta_scores, dense_delta_scores, fixed_and_linear, head_writes, qk_fix_correction, qk_states, qk_tangents, recording,
+    delta_scores, fixed_and_linear, head_writes, qk_fix_correction, qk_states, qk_tangents, recording,
 )
+
+
+def dense_delta_scores(d_cols: torch.Tensor, d_rows: torch.Tensor, cols: list[int]) -> torch.Tensor:
+    """[N, b, Hq, T, T] change of the logits from :func:`delta_scores`'s parts: their sum scattered
+    into the patched columns (key change) and rows (query change)."""
+    N, b, H, T, _ = d_cols.shape
+    out = torch.zeros(N, b, H, T, T, dtype=d_cols.dtype, device=d_cols.device)
+    c = torch.as_tensor(cols, device=out.device)
+    out.index_add_(4, c, d_cols)
+    out.index_add_(3, c, d_rows)
+    return out
 
 
 @pytest.fixture(params=SUPPORTED_TINY)
@@ -159,7 +170,7 @@ def test_delta_scores_match_a_hooked_forward(tiny):
     assert torch.allclose(q, attn.records[l2].query[:, :, cols], atol=1e-5)
     assert torch.allclose(k, attn.records[l2].key[:, :, cols], atol=1e-5)
     dq, dk = qk_tangents(tiny, l2, resid[:, cols], dr, cos[:, cols], sin[:, cols])
-    mine = dense_delta_scores(*delta_scores(attn.records[l2], dq, dk, cols), cols)[0]
+    mine = dense_delta_scores(*delta_scores(attn.records[l2], dq, dk), cols)[0]
     allowed = attn.records[l2].mask.expand_as(fd) > -1e30
     in_c = torch.zeros(rec.T, dtype=torch.bool)
     in_c[cols] = True
@@ -291,7 +302,7 @@ def test_qk_fix_rescues_saturated_attention(tiny_saturable):
         basis[torch.arange(dh), :, 0, h, torch.arange(dh)] = 1
         dr = torch.cat([head_writes(m, l, z_r, basis[i], [h]) for i in range(dh)])
         dq, dk = qk_tangents(m, L - 1, resid[:, [c]], dr, cos[:, [c]], sin[:, [c]])
-        j = delta_scores(r, dq, dk, [c])[0][:, 0, h1, T - 1, 0]
+        j = delta_scores(r, dq, dk)[0][:, 0, h1, T - 1, 0]
         src[0, c, h] += (want * j / (j @ j)).float()
     source = ActivationCache({name: src})
     base = receiver.baseline[:, None, None]

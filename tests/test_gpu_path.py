@@ -23,8 +23,8 @@ from refusal_lab.models.hooked import HookedChatModel
 from tests.tiny_models import tiny_model
 from refusal_lab.patching import engine
 from refusal_lab.patching.attribution import attribution_grid, receiver_gradients
-from refusal_lab.patching.engine import GRIDS, GridSpec, LogitDiff, LogOdds, Receiver, patch_grid, source_sites
-from tests.conftest import patch_pair
+from refusal_lab.patching.engine import GRIDS, GridSpec, LogitDiff, Receiver, patch_grid, source_sites
+from tests.conftest import log_odds_metric, patch_pair
 from tests.helpers_tiny_chat import make_tiny_chat_model
 from tests.numeric import assert_tensors_close
 
@@ -175,7 +175,7 @@ def test_bfloat16_grids_dla_attribution_match_float32(model_type):
         attr = attribution_grid(m, rec, acts, grads, source, spec, receiver.baseline)
         dla = direct_logit_attribution(m, rec.ids, rec.mask, 3, 7)
         assert dla.components.dtype == torch.float32 and dla.heads.dtype == torch.float32
-        logodds = LogOdds([3, 5])(m, m.adapter.final_norm(receiver.resid_pre[0][:, -1]), torch.arange(3))
+        logodds = log_odds_metric([3, 5])(m, m.adapter.final_norm(receiver.resid_pre[0][:, -1]), torch.arange(3))
         assert logodds.dtype == torch.float32
         out[m.cfg.dtype] = dict(grids=grids, attr=attr, dla=dla, baseline=receiver.baseline)
     a, b = out["float32"], out["bfloat16"]
@@ -248,7 +248,7 @@ def _everything(m: HookedChatModel):
         spec = GridSpec(g, list(range(m.cfg.n_layers)), [4, 6] if g == "heads" else [4, 5, 8],
                         list(range(m.cfg.n_heads)))
         out[g] = patch_grid(m, receiver, source, spec, metric, progress=False).cpu()
-    out["logodds"] = patch_grid(m, receiver, source, GridSpec("resid_pre", [0, 2], [4, 8]), LogOdds([3, 5]),
+    out["logodds"] = patch_grid(m, receiver, source, GridSpec("resid_pre", [0, 2], [4, 8]), log_odds_metric([3, 5]),
                                 progress=False)
     spec = GridSpec("mlp_out_cumulative", list(range(m.cfg.n_layers)), [4, 5])
     acts, grads = receiver_gradients(m, rec, source_sites(m, spec), metric)

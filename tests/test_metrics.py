@@ -17,7 +17,7 @@ from refusal_lab.metrics import (
     RefusalTokens,
     default_refusal_token_ids,
     logit_diff,
-    normalized_patching_metric,
+    normalise,
     propose_token_pair,
     refusal_log_odds,
     resolve_refusal_tokens,
@@ -142,33 +142,25 @@ def test_refusal_log_odds_errors():
         refusal_log_odds(x, range(5))
 
 
-def test_normalized_metric_endpoints_and_types():
-    assert normalized_patching_metric(2.0, 2.0, 6.0) == 0.0
-    assert normalized_patching_metric(6.0, 2.0, 6.0) == 1.0
-    assert normalized_patching_metric(3.0, 2.0, 6.0) == 0.25
-    assert normalized_patching_metric(np.float32(3), 2, 6) == 0.25
-    # per pair (vectors) and with tensors
-    v = torch.tensor([2.0, 6.0, 4.0])
-    out = normalized_patching_metric(v, torch.tensor([2.0, 2.0, 2.0]), torch.tensor([6.0, 6.0, 6.0]))
-    assert torch.allclose(out, torch.tensor([0.0, 1.0, 0.5]))
-    out = normalized_patching_metric(v, 2.0, 6.0)
-    assert isinstance(out, torch.Tensor) and torch.allclose(out, torch.tensor([0.0, 1.0, 0.5]))
-    a = normalized_patching_metric(np.array([1, 2, 3]), np.array([1, 1, 1]), np.array([3, 3, 5]))
-    assert np.allclose(a, [0.0, 0.5, 0.5]) and a.dtype == np.float64
-    ti = normalized_patching_metric(torch.tensor([1, 3]), 1, 3)
-    assert ti.is_floating_point() and torch.allclose(ti, torch.tensor([0.0, 1.0], dtype=ti.dtype))
-    # necessity direction: patching harmless into harmful leaves 1 = unchanged, 0 = removed
-    assert normalized_patching_metric(6.0, 2.0, 6.0) == 1.0
+def test_normalise_endpoints_and_types():
+    """0 = harmless baseline, 1 = harmful baseline, in float64, for anything torch.as_tensor takes."""
+    out = normalise([2.0, 6.0, 3.0], 2.0, 6.0)
+    assert out.dtype == torch.float64 and out.tolist() == [0.0, 1.0, 0.25]
+    assert normalise(3.0, 2.0, 6.0).item() == 0.25 and normalise(3.0, 2.0, 6.0).shape == ()
+    grid = torch.tensor([[1, 3], [2, 5]], dtype=torch.int64)  # per-pair grids of any dtype and shape
+    assert torch.equal(normalise(grid, 1, 3), torch.tensor([[0.0, 1.0], [0.5, 2.0]], dtype=torch.float64))
+    assert normalise(np.float32(3), 2, 6).item() == 0.25
+    # float32 values are widened before subtracting: the float64 formula exactly
+    v = torch.tensor([0.1, 0.7], dtype=torch.float32)
+    assert torch.equal(normalise(v, 0.3, 0.9), (v.double() - 0.3) / (0.9 - 0.3))
+    # necessity direction: the same formula, 1 = unchanged from the harmful baseline
+    assert normalise([6.0], 2.0, 6.0).item() == 1.0
     assert set(NORMALIZED_METRIC_NOTE) == {"sufficiency", "necessity"}
 
 
-def test_normalized_metric_zero_gap():
-    with pytest.raises(RefusalLabError, match="equal"):
-        normalized_patching_metric(1.0, 2.0, 2.0)
-    out = normalized_patching_metric(np.array([1.0, 2.0]), np.array([2.0, 0.0]), np.array([2.0, 4.0]))
-    assert np.isinf(out[0]) and out[1] == 0.5
-    out = normalized_patching_metric(torch.tensor([2.0]), 2.0, 2.0)
-    assert torch.isnan(out).all()
+def test_normalise_with_equal_baselines_gives_inf_or_nan():
+    out = normalise([1.0, 2.0], 2.0, 2.0)
+    assert torch.isinf(out[0]) and torch.isnan(out[1])
 
 
 # ------------------------------------------------------------------------------ auto token pair

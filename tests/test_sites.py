@@ -210,6 +210,40 @@ def test_logits_match_plain_hf_forward(tiny):
     torch.testing.assert_close(last, logits[:, -1], **TIGHT)
 
 
+def test_prefill_continues_a_recorded_prefix(tiny):
+    """Tokens prefilled over a recorded key/value prefix are the full forward's later columns, and
+    their hooks see absolute columns."""
+    ids, mask = random_batch(tiny, b=3, T=10, pad=2)
+    site, P = "blocks.1.hook_resid_post", 6
+    full = tiny.prefill(ids, mask, names=[site])
+    head = tiny.prefill(ids[:, :P], mask[:, :P], record_kv=True, logits="none")
+    assert head.logits is None and head.cache is None and sorted(head.kv) == list(range(tiny.cfg.n_layers))
+    assert head.kv[0][0].shape[2] == P and head.resid.shape == (3, P, tiny.cfg.d_model)
+    seen = []
+    tail = tiny.prefill(ids[:, P:], mask, kv_prefix=head.kv, names=[site],
+                        fwd_hooks=[(site, lambda x, hook: seen.append(hook.cols.tolist()))])
+    assert seen == [list(range(P, 10))] and tail.kv == {}
+    torch.testing.assert_close(tail.logits, full.logits[:, P:], **TIGHT)  # atol=1e-5, rtol=1e-5
+    torch.testing.assert_close(tail.cache[site], full.cache[site][:, P:], **TIGHT)
+    ids1 = ids[1:]  # no padding: the mask over prefix and tokens may be left out
+    cont = tiny.prefill(ids1[:, P:], kv_prefix=tiny.prefill(ids1[:, :P], record_kv=True, logits="none").kv)
+    torch.testing.assert_close(cont.logits, tiny(ids1)[:, P:], **TIGHT)
+    last = tiny.prefill(ids, mask, logits="last").logits
+    assert torch.equal(last, tiny(ids, mask, logits="last")) and last.shape == (3, tiny.cfg.d_vocab)
+    with pytest.raises(ValueError, match="logits"):
+        tiny.prefill(ids, mask, logits="first")
+
+
+def test_eos_ids_are_the_generation_configs_then_the_tokenizers():
+    m = HookedChatModel(tiny_model("qwen2"), name="tiny-eos")
+    m.hf_model.generation_config.eos_token_id = [5, 7]
+    m.tokenizer = type("Tok", (), {"eos_token_id": 7})()
+    assert m.eos_ids() == [5, 7]
+    m.hf_model.generation_config.eos_token_id = None
+    m.tokenizer.eos_token_id = 3
+    assert m.eos_ids() == [3]
+
+
 def test_identity_hooks_leave_logits_bit_identical(tiny):
     ids, mask = random_batch(tiny)
     base = tiny(ids, mask)

@@ -52,8 +52,7 @@ def direct_logit_attribution(
     w_u = a.lm_head.weight[[refusal_id, compliance_id]].float()
     direction = (w_u[0] - w_u[1]) * a.ln_scale_weight(a.final_norm).float().to(dev)  # [d]
     final = cache[f"blocks.{L - 1}.hook_resid_post"][:, -1].float().to(dev)
-    eps = getattr(a.final_norm, "eps", None) or getattr(a.final_norm, "variance_epsilon", 1e-6)
-    scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + eps)  # [n, 1]
+    scale = a.rms_scale(a.final_norm, final)  # [n, 1]
 
     def proj(x: torch.Tensor) -> torch.Tensor:  # [n, ..., d] at the last position -> [n, ...]
         return (x.float().to(dev) * scale.view(-1, *([1] * (x.dim() - 2)), 1)) @ direction

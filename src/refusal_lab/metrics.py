@@ -5,7 +5,7 @@
 * :func:`refusal_log_odds`: ``log P(R) - log(1 - P(R))`` with ``P(R)`` the total probability of a
   set of refusal tokens (Arditi et al. 2024 used ``["I"]`` for Llama-style chats). Computed in
   float64 with log-sum-exp, stable for ``P(R)`` near 0 or 1.
-* :func:`normalized_patching_metric`: rescales a patched metric so that 0 = harmless baseline and
+* :func:`normalise`: rescales a patched (or steered) metric so that 0 = harmless baseline and
   1 = harmful baseline (see :data:`NORMALIZED_METRIC_NOTE` for how to read it in each direction).
 * :func:`propose_token_pair`: the ``auto`` mode, picking the refusal/compliance pair from the model's
   own next-token distributions on the two prompt sets.
@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from refusal_lab.errors import PromptError, RefusalLabError
@@ -36,7 +35,7 @@ NORMALIZED_METRIC_NOTE = {
         "(component not needed) and 0 = refusal fully removed; 1 - value is the fraction removed."
     ),
 }
-"""How to read :func:`normalized_patching_metric` for the two patching directions."""
+"""How to read :func:`normalise` for the two patching directions."""
 
 
 # ------------------------------------------------------------------------------- token lookup
@@ -181,40 +180,17 @@ def refusal_log_odds(logits: torch.Tensor, refusal_ids: Sequence[int]) -> torch.
 
 
 def normalise(values, harmless: float, harmful: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``(values - harmless) / (harmful - harmless)``: 0 = harmless baseline, 1 = harmful baseline.
+    """``(values - harmless) / (harmful - harmless)``: 0 = the harmless baseline, 1 = the harmful one.
 
-    In float64 unless ``dtype`` says otherwise (a grid's mean values stay in their own float32, so
-    that cells tied in float32 — which rank statistics such as Spearman see — stay tied)."""
-    return (torch.as_tensor(values, dtype=dtype) - harmless) / (harmful - harmless)
-
-
-def normalized_patching_metric(value, harmless_baseline, harmful_baseline):
-    """``(value - harmless) / (harmful - harmless)``: 0 = harmless baseline, 1 = harmful baseline.
-
-    Reading it:
-      * sufficiency (harmful -> harmless patching): the fraction of the refusal metric the patch
-        restores; 0 = no effect, 1 = fully harmful.
-      * necessity (harmless -> harmful patching): same formula; 1 = unchanged (not needed),
-        0 = refusal fully removed.
-    Works on floats, numpy arrays and torch tensors, per pair (vectors, broadcast) or on means.
-    A zero baseline gap raises for scalars and gives inf/nan entries for arrays.
+    ``values`` is anything :func:`torch.as_tensor` takes (a per-pair grid, a mean, a list of floats);
+    the baselines are the two sides' mean metrics. Read in the patching direction of
+    :data:`NORMALIZED_METRIC_NOTE`: for sufficiency (harmful -> harmless) the fraction of the refusal
+    metric a patch restores, for necessity (harmless -> harmful) 1 = unchanged and 0 = refusal fully
+    removed. Equal baselines give inf/nan entries. In float64 unless ``dtype`` says otherwise (a
+    grid's mean values stay in their own float32, so that cells tied in float32 — which rank
+    statistics such as Spearman see — stay tied).
     """
-    gap = harmful_baseline - harmless_baseline
-    if isinstance(gap, (int, float, np.floating, np.integer)) and not isinstance(value, (torch.Tensor, np.ndarray)):
-        if gap == 0:
-            raise RefusalLabError(
-                f"The harmful and harmless baselines are equal ({float(harmful_baseline):g}), so the "
-                "normalized metric is undefined; check the token pair or the prompts."
-            )
-        return float((value - harmless_baseline) / gap)
-    if isinstance(value, torch.Tensor) and not value.is_floating_point():
-        value = value.double()
-    if isinstance(value, np.ndarray) and not np.issubdtype(value.dtype, np.floating):
-        value = value.astype(np.float64)
-    if isinstance(gap, np.ndarray) or isinstance(value, np.ndarray):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return (value - harmless_baseline) / gap
-    return (value - harmless_baseline) / gap
+    return (torch.as_tensor(values, dtype=dtype) - harmless) / (harmful - harmless)
 
 
 # ------------------------------------------------------------------------------ auto token pair

@@ -23,54 +23,34 @@ site                                    meaning (shape)
 
 Hooks are TransformerLens-style callables ``fn(activation, hook) -> activation | None``; ``hook``
 carries ``name``, ``layer`` and ``cols`` (the absolute token columns present in this call, which
-matters for the prefix-cached runs of the patching engine and generation). The loop can also start
-at any layer from a given residual and reuse a cached key/value prefix: that is what lets the
-patching engine recompute only the cone a patch can influence.
+matters for the prefix-cached runs of the patching engine and generation).
+
+Every prompt forward is one call of :meth:`HookedChatModel.prefill` (embed -> blocks -> final norm
+and unembedding, with hooks, an optional cached key/value prefix, logits at every or the last
+column): ``forward``, ``run_with_cache``, ``generate`` (:mod:`refusal_lab.models.generate`) and the
+patching engine's receiving run use it. :meth:`HookedChatModel.blocks` runs a range of layers from
+a given residual (:mod:`refusal_lab.models.forward`), which lets the patching engine recompute only
+the cone a patch can influence.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from refusal_lab.errors import SiteError
 from refusal_lab.models.adapters import Adapter, get_adapter
+from refusal_lab.models.forward import KV, KVPrefix, default_position_ids, run_blocks
+from refusal_lab.models.generate import greedy_generate
+from refusal_lab.models.sites import BLOCK_SITES, ActivationCache, HookFn, HookPoint, HookRun, parse_site
 
-HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
+__all__ = ["ActivationCache", "BLOCK_SITES", "HookFn", "HookPoint", "HookedChatModel", "ModelConfig", "Prefill"]
 
-BLOCK_SITES = (
-    "hook_resid_pre",
-    "ln1.hook_normalized",
-    "attn.hook_z",
-    "attn.hook_result",
-    "hook_attn_out",
-    "hook_resid_mid",
-    "ln2.hook_normalized",
-    "hook_mlp_out",
-    "hook_resid_post",
-)
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-@dataclass
-class HookPoint:
-    """What a hook function is told about the activation it receives."""
-
-    name: str
-    layer: int | None
-    cols: torch.Tensor  # [q] absolute token columns of this activation's position axis
-
-    def col_mask(self, positions: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
-        """Bool [q]: which of this call's columns are in ``positions`` (None = all)."""
-        if positions is None:
-            return None
-        pos = torch.as_tensor(positions, device=self.cols.device).reshape(-1)
-        return torch.isin(self.cols, pos)
+CacheNames = Iterable[str] | str | Callable[[str], bool] | bool
 
 
 @dataclass
@@ -93,72 +73,14 @@ class ModelConfig:
         return dict(self.__dict__)
 
 
-class ActivationCache(dict):
-    """``cache[site_name]`` -> tensor, plus TL-like helpers."""
-
-    def stack(self, site: str, n_layers: int) -> torch.Tensor:
-        """[layer, ...] stack of ``blocks.{l}.{site}`` for every layer (on layer 0's device: with a
-        ``device_map`` the layers' activations live on different devices)."""
-        first = self[f"blocks.0.{site}"]
-        return torch.stack([self[f"blocks.{l}.{site}"].to(first.device) for l in range(n_layers)])
-
-
 @dataclass
-class _Run:
-    """Per-forward state: hook functions by site, what to cache, recorded key/values."""
+class Prefill:
+    """What one :meth:`HookedChatModel.prefill` returns."""
 
-    hooks: dict[str, list[HookFn]] = field(default_factory=dict)
-    cache: ActivationCache | None = None
-    cache_filter: Callable[[str], bool] | None = None
-    detach: bool = True
-
-    def wants(self, name: str) -> bool:
-        return name in self.hooks or (self.cache is not None and self.cache_filter(name))
-
-    def site(self, name: str, layer: int | None, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        fns = self.hooks.get(name)
-        if fns:
-            point = HookPoint(name, layer, cols)
-            for fn in fns:
-                out = fn(x, point)
-                if out is not None:
-                    if out.shape != x.shape:
-                        raise SiteError(
-                            f"The hook on '{name}' returned shape {tuple(out.shape)} but the site has "
-                            f"shape {tuple(x.shape)}; return a tensor of the same shape."
-                        )
-                    x = out
-        if self.cache is not None and self.cache_filter(name):
-            self.cache[name] = x.detach() if self.detach else x
-        return x
-
-
-class KVPrefix:
-    """Duck-typed HF cache for one forward: prepends a cached key/value prefix per layer and/or
-    records the full keys/values. HF attention modules only call ``update`` on it."""
-
-    def __init__(self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, record: bool = False):
-        self.prefix = prefix or {}
-        self.record = record
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if layer_idx in self.prefix:
-            pk, pv = self.prefix[layer_idx]
-            key = torch.cat([pk.to(key.device, key.dtype), key], dim=2)
-            value = torch.cat([pv.to(value.device, value.dtype), value], dim=2)
-        if self.record:
-            self.kv[layer_idx] = (key.detach(), value.detach())
-        return key, value
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:  # some HF code paths ask
-        return 0 if layer_idx not in self.prefix else self.prefix[layer_idx][0].shape[2]
-
-
-def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[b, T] position ids that ignore left padding (what ``generate`` uses)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp(min=0)
+    logits: torch.Tensor | None  # [b, q, vocab] ('all'), [b, vocab] ('last') or None ('none')
+    resid: torch.Tensor  # [b, q, d] residual stream after the last block (before the final norm)
+    cache: ActivationCache | None  # the cached sites (when ``names`` was given)
+    kv: KV  # every layer's keys/values over prefix + q columns (when ``record_kv``), else {}
 
 
 class HookedChatModel(nn.Module):
@@ -203,23 +125,22 @@ class HookedChatModel(nn.Module):
 
     def check_site(self, name: str) -> tuple[int | None, str]:
         """(layer, site) of a valid site name; a SiteError naming the problem otherwise."""
-        if name in ("hook_embed", "ln_final.hook_normalized"):
-            return None, name
-        m = _BLOCK_RE.match(name)
-        if not m or m.group(2) not in BLOCK_SITES:
-            raise SiteError(
-                f"'{name}' is not a site of this model; sites are hook_embed, "
-                f"blocks.{{l}}.{{{', '.join(BLOCK_SITES)}}} and ln_final.hook_normalized."
-            )
-        layer = int(m.group(1))
-        if not 0 <= layer < self.cfg.n_layers:
-            raise SiteError(f"Layer {layer} is out of range: this model has layers 0..{self.cfg.n_layers - 1}.")
-        return layer, m.group(2)
+        return parse_site(name, self.cfg.n_layers)
 
     def check_head(self, head: int) -> int:
         if not 0 <= int(head) < self.cfg.n_heads:
             raise SiteError(f"Head {head} is out of range: this model has heads 0..{self.cfg.n_heads - 1}.")
         return int(head)
+
+    def eos_ids(self) -> list[int]:
+        """The ids that end a reply: the generation config's eos ids, then the tokenizer's (no duplicates)."""
+        ids: list[int] = []
+        gen = getattr(self.hf_model, "generation_config", None)
+        for src in (getattr(gen, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+            if src is None:
+                continue
+            ids += list(src) if isinstance(src, (list, tuple)) else [src]
+        return list(dict.fromkeys(ids))
 
     # ------------------------------------------------------------------ hook management
     @contextlib.contextmanager
@@ -235,8 +156,8 @@ class HookedChatModel(nn.Module):
             for item in added:
                 self._ctx_hooks.remove(item)
 
-    def _make_run(self, fwd_hooks, names, detach=True) -> _Run:
-        run = _Run(detach=detach)
+    def _make_run(self, fwd_hooks, names: CacheNames | None, detach: bool = True) -> HookRun:
+        run = HookRun(detach=detach)
         for name, fn in [*self._ctx_hooks, *(fwd_hooks or [])]:
             self.check_site(name)
             run.hooks.setdefault(name, []).append(fn)
@@ -253,7 +174,7 @@ class HookedChatModel(nn.Module):
                 run.cache_filter = wanted.__contains__
         return run
 
-    # ------------------------------------------------------------------ public forwards
+    # ------------------------------------------------------------------ forwards
     def to_tokens(self, prompts: str | list[str], chat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (input_ids, attention_mask); with ``chat`` each prompt is a user turn."""
         if isinstance(prompts, str):
@@ -268,6 +189,54 @@ class HookedChatModel(nn.Module):
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        fwd_hooks: Sequence[tuple[str, HookFn]] = (),
+        names: CacheNames | None = None,
+        detach: bool = True,
+        kv_prefix: KV | None = None,
+        record_kv: bool = False,
+        position_ids: torch.Tensor | None = None,
+        logits: str = "all",
+    ) -> Prefill:
+        """The one prompt forward: embed ``input_ids`` [b, q], run every block, final norm and unembedding.
+
+        Hooks (``fwd_hooks`` and those of an enclosing :meth:`hooks`) apply at every site; ``names``
+        caches sites (a name, names, a filter or True for all; ``detach=False`` keeps the graph).
+        With ``kv_prefix`` (the ``kv`` of an earlier prefill with ``record_kv``) the tokens continue
+        that prefix: they sit at columns P..P+q-1 after its P columns and attend over its keys and
+        values; ``attention_mask`` [b, P + q] (default: all real) then covers prefix and tokens, and
+        ``position_ids`` [b, q] default to the mask's (left padding ignored). ``logits``: 'all' columns, the 'last'
+        one, or 'none' (no final norm: ``resid`` is what a caller wants)."""
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}.")
+        if attention_mask is None:  # every prefix and token column is real
+            prefix = next(iter(kv_prefix.values()))[0].shape[2] if kv_prefix else 0
+            attention_mask = torch.ones(input_ids.shape[0], prefix + input_ids.shape[1], dtype=input_ids.dtype,
+                                        device=input_ids.device)
+        run = self._make_run(fwd_hooks, names, detach=detach)
+        q, k = input_ids.shape[1], attention_mask.shape[1]
+        cols = torch.arange(k - q, k, device=input_ids.device)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask)[:, k - q:]
+        kv = KVPrefix(prefix=kv_prefix, record=record_kv) if kv_prefix is not None or record_kv else None
+        a = self.adapter
+        dev = a.embed_tokens.weight.device
+        resid = run.site("hook_embed", None, a.embed(input_ids.to(dev)), cols.to(dev))
+        resid = self.blocks(resid, run=run, cols=cols, position_ids=position_ids, key_valid=attention_mask.bool(), kv=kv)
+        out = None
+        if logits != "none":
+            at = slice(-1, None) if logits == "last" else slice(None)
+            final = resid[:, at].to(a.final_norm.weight.device)
+            normed = run.site("ln_final.hook_normalized", None, a.final_norm(final), cols[at].to(final.device))
+            out = a.final_logits(normed.to(a.lm_head.weight.device))
+            if logits == "last":
+                out = out[:, -1]
+        return Prefill(out, resid, run.cache, kv.kv if kv is not None else {})
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -277,216 +246,28 @@ class HookedChatModel(nn.Module):
         logits: str = "all",
     ) -> torch.Tensor:
         """Logits [b, T, vocab] (``logits='last'``: [b, vocab]) with hooks applied."""
-        return self._run_full(input_ids, attention_mask, self._make_run(fwd_hooks, None), logits)[0]
-
-    def run_with_hooks(self, input_ids, attention_mask=None, *, fwd_hooks=(), logits: str = "all"):
-        return self.forward(input_ids, attention_mask, fwd_hooks=fwd_hooks, logits=logits)
+        return self.prefill(input_ids, attention_mask, fwd_hooks=fwd_hooks, logits=logits).logits
 
     def run_with_cache(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        names: Iterable[str] | str | Callable[[str], bool] | bool = True,
+        names: CacheNames = True,
         fwd_hooks: Sequence[tuple[str, HookFn]] = (),
         logits: str = "all",
         detach: bool = True,
-    ) -> tuple[torch.Tensor, ActivationCache]:
+    ) -> tuple[torch.Tensor | None, ActivationCache]:
         """(logits, cache) like TransformerLens; ``names`` filters the cached sites."""
-        run = self._make_run(fwd_hooks, names, detach=detach)
-        out, _ = self._run_full(input_ids, attention_mask, run, logits)
-        return out, run.cache
+        out = self.prefill(input_ids, attention_mask, fwd_hooks=fwd_hooks, names=names, detach=detach, logits=logits)
+        return out.logits, out.cache
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int = 32,
-        fwd_hooks: Sequence[tuple[str, HookFn]] = (),
-        stop_at_eos: bool = True,
-    ) -> torch.Tensor:
-        """Greedy continuation [b, new] with hooks applied to the prompt and every new token.
-
-        Hooks see absolute columns: the prompt has columns 0..T-1, new tokens T, T+1, ...
-        """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        run = self._make_run(fwd_hooks, None)
-        b, T = input_ids.shape
-        kv = KVPrefix(record=True)
-        pos = default_position_ids(attention_mask)
-        cols = torch.arange(T, device=input_ids.device)
-        resid = self._embed(input_ids, run, cols)
-        resid = self.blocks(resid, run=run, cols=cols, position_ids=pos, key_valid=attention_mask.bool(), kv=kv)
-        logits = self._final(resid[:, -1:], run, cols[-1:])[:, -1]
-        eos = self._eos_ids()
-        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        out = []
-        key_valid = attention_mask.bool()
-        last_pos = pos[:, -1]
-        for t in range(max_new_tokens):
-            nxt = logits.argmax(-1).to(input_ids.device)  # lm_head may sit on another device
-            if stop_at_eos and eos:
-                nxt = torch.where(done, torch.as_tensor(eos[0], device=nxt.device), nxt)
-            out.append(nxt)
-            if stop_at_eos and eos:
-                done |= torch.isin(nxt, torch.as_tensor(eos, device=nxt.device))
-                if bool(done.all()):
-                    break
-            if t == max_new_tokens - 1:
-                break
-            col = torch.tensor([T + t], device=input_ids.device)
-            last_pos = last_pos + 1
-            key_valid = torch.cat([key_valid, torch.ones(b, 1, dtype=torch.bool, device=key_valid.device)], 1)
-            kv = KVPrefix(prefix=kv.kv, record=True)
-            resid = self._embed(nxt[:, None], run, col)
-            resid = self.blocks(resid, run=run, cols=col, position_ids=last_pos[:, None], key_valid=key_valid, kv=kv)
-            logits = self._final(resid, run, col)[:, -1]
-        return torch.stack(out, 1)
-
-    def _eos_ids(self) -> list[int]:
-        ids: list[int] = []
-        gen = getattr(self.hf_model, "generation_config", None)
-        for src in (getattr(gen, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
-            if src is None:
-                continue
-            ids += list(src) if isinstance(src, (list, tuple)) else [src]
-        return list(dict.fromkeys(ids))
-
-    # ------------------------------------------------------------------ the loop
-    def _run_full(self, input_ids, attention_mask, run: _Run, logits: str, kv: KVPrefix | None = None):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        T = input_ids.shape[1]
-        cols = torch.arange(T, device=input_ids.device)
-        resid = self._embed(input_ids, run, cols)
-        resid = self.blocks(
-            resid, run=run, cols=cols, position_ids=default_position_ids(attention_mask),
-            key_valid=attention_mask.bool(), kv=kv,
-        )
-        if logits == "none":
-            return None, resid
-        if logits == "last":
-            return self._final(resid[:, -1:], run, cols[-1:])[:, -1], resid
-        return self._final(resid, run, cols), resid
-
-    def _embed(self, input_ids: torch.Tensor, run: _Run, cols: torch.Tensor) -> torch.Tensor:
-        dev = self.adapter.embed_tokens.weight.device
-        return run.site("hook_embed", None, self.adapter.embed(input_ids.to(dev)), cols.to(dev))
-
-    def _rotary_device(self, default: torch.device) -> torch.device:
-        """Where the rotary embedding's buffers live (``device_map`` may put it anywhere)."""
-        rot = getattr(self.adapter.base, "rotary_emb", None)
-        buf = next(rot.buffers(), None) if rot is not None else None
-        return buf.device if buf is not None else default
-
-    def _final(self, resid: torch.Tensor, run: _Run, cols: torch.Tensor, vocab_rows=None) -> torch.Tensor:
-        a = self.adapter
-        resid = resid.to(a.final_norm.weight.device)
-        normed = run.site("ln_final.hook_normalized", None, a.final_norm(resid), cols.to(resid.device))
-        return a.final_logits(normed.to(a.lm_head.weight.device), vocab_rows)
-
-    def attention_mask_4d(
-        self, cols: torch.Tensor, key_valid: torch.Tensor, window: int | None, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Additive mask [b, 1, q, k]: causal in absolute columns, padding, sliding window."""
-        k = key_valid.shape[1]
-        kidx = torch.arange(k, device=key_valid.device)
-        c = cols.to(key_valid.device)
-        allowed = kidx[None, :] <= c[:, None]
-        if window:
-            allowed = allowed & ((c[:, None] - kidx[None, :]) < window)
-        allowed = allowed[None] & key_valid[:, None, :]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[:, None]
-
-    def blocks(
-        self,
-        resid: torch.Tensor,
-        *,
-        run: _Run,
-        cols: torch.Tensor,
-        position_ids: torch.Tensor,
-        key_valid: torch.Tensor,
-        kv: KVPrefix | None = None,
-        start_layer: int = 0,
-        stop_layer: int | None = None,
-        on_layer_start: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Run blocks ``start_layer..stop_layer-1`` on ``resid`` [b, q, d] at columns ``cols``.
-
-        ``key_valid`` [b, k] marks real (non-pad) keys over all k = prefix + q columns; ``kv``
-        supplies the cached key/value prefix (columns before ``cols[0]``) and/or records keys.
-        ``on_layer_start(l, resid)`` may return a new residual (rows joining a cone run).
-        """
-        a = self.adapter
-        stop_layer = self.cfg.n_layers if stop_layer is None else stop_layer
-        masks: dict[tuple, torch.Tensor] = {}
-        rotary: dict[tuple, tuple] = {}
-        for l in range(start_layer, stop_layer):
-            if on_layer_start is not None:
-                resid = on_layer_start(l, resid)
-            dev = a.ln1(l).weight.device
-            if resid.device != dev:  # device_map: the residual follows the layers
-                resid = resid.to(dev)
-            if cols.device != dev:  # so hooks index this layer's activations with same-device columns
-                cols = cols.to(dev)
-            b = resid.shape[0]
-            window = a.sliding_window(l)
-            mkey = (window, b, str(dev))
-            if mkey not in masks:
-                masks[mkey] = self.attention_mask_4d(cols, key_valid.to(dev), window, resid.dtype)
-            rkey = (a.rotary_key(l), b, str(dev))
-            if rkey not in rotary:
-                # the rotary module sits on one device (its inv_freq buffer); cos/sin go to this layer's
-                rdev = self._rotary_device(dev)
-                rotary[rkey] = tuple(t.to(dev) for t in a.rotary(resid, position_ids.to(rdev), l))
-
-            pre = f"blocks.{l}."
-            resid = run.site(pre + "hook_resid_pre", l, resid, cols)
-            x = a.ln1(l)(resid)
-            if run.wants(pre + "ln1.hook_normalized"):
-                x = run.site(pre + "ln1.hook_normalized", l, x, cols)
-            attn = self._attention(l, x, masks[mkey], rotary[rkey], kv, run, cols)
-            post = a.attn_post_norm(l)
-            attn_out = run.site(pre + "hook_attn_out", l, post(attn) if post is not None else attn, cols)
-            mid = run.site(pre + "hook_resid_mid", l, resid + attn_out, cols)
-            y = a.ln2(l)(mid)
-            if run.wants(pre + "ln2.hook_normalized"):
-                y = run.site(pre + "ln2.hook_normalized", l, y, cols)
-            m = a.mlp(l)(y)
-            post = a.mlp_post_norm(l)
-            mlp_out = run.site(pre + "hook_mlp_out", l, post(m) if post is not None else m, cols)
-            resid = run.site(pre + "hook_resid_post", l, mid + mlp_out, cols)
-        return resid
-
-    def _attention(self, l, x, mask, rot, kv, run: _Run, cols) -> torch.Tensor:
-        a = self.adapter
-        attn = a.attn(l)
-        zname, rname = f"blocks.{l}.attn.hook_z", f"blocks.{l}.attn.hook_result"
-        handle = None
-        if run.wants(zname) or run.wants(rname):
-            n_heads, d_head = self.cfg.n_heads, self.cfg.d_head
-
-            def pre_hook(module, args):
-                (z_flat,) = args
-                z = z_flat.view(*z_flat.shape[:-1], n_heads, d_head)
-                z = run.site(zname, l, z, cols)
-                if run.wants(rname):
-                    w = module.weight.view(module.weight.shape[0], n_heads, d_head)  # [d, h, dh]
-                    run.site(rname, l, torch.einsum("bqhe,dhe->bqhd", z, w), cols)
-                return (z.reshape(z_flat.shape),)
-
-            handle = a.o_proj(l).register_forward_pre_hook(pre_hook)
-        try:
-            out, _ = attn(hidden_states=x, position_embeddings=rot, attention_mask=mask, cache=kv)
-        finally:
-            if handle is not None:
-                handle.remove()
-        return out
+    #: greedy continuation [b, new] with hooks on the prompt and every new token (absolute columns:
+    #: the prompt has 0..T-1, new tokens T, T+1, ...): :func:`refusal_lab.models.generate.greedy_generate`
+    generate = greedy_generate
+    #: run a range of layers from a given residual at given columns, over an optional key/value
+    #: prefix (the patching engine's cone runs): :func:`refusal_lab.models.forward.run_blocks`
+    blocks = run_blocks
 
     # ------------------------------------------------------------------ derived quantities
     def head_results(self, cache: ActivationCache, layer: int, after_post_norm: bool = True) -> torch.Tensor:
@@ -508,9 +289,8 @@ class HookedChatModel(nn.Module):
 
     def post_norm_scale(self, norm: nn.Module, raw: torch.Tensor) -> torch.Tensor:
         """g / rms(raw) [..., d]: the per-position linear map an RMSNorm applies to ``raw``."""
-        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
-        rms = torch.rsqrt(raw.float().pow(2).mean(-1, keepdim=True) + eps)
-        return (self.adapter.ln_scale_weight(norm).float() * rms).to(raw.dtype)
+        a = self.adapter
+        return (a.ln_scale_weight(norm).float() * a.rms_scale(norm, raw)).to(raw.dtype)
 
     @property
     def W_U(self) -> torch.Tensor:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import spearmanr
 
-from refusal_lab.models.hooked import ActivationCache, HookedChatModel, default_position_ids
+from refusal_lab.models.forward import default_position_ids
+from refusal_lab.models.hooked import ActivationCache, HookedChatModel
 from refusal_lab.patching.engine import GRID_SITES, Batch, GridSpec, NormedMetric
 from refusal_lab.patching.qk_fix import AttentionRecord, qk_fix_correction, recording
 
@@ -75,7 +76,7 @@ def _receiver_pass(model, receiver, sites, metric, attention: bool):
         hooks += [(f"blocks.{l}.hook_resid_pre", keep_resid) for l in range(model.cfg.n_layers)]
     ctx = recording(model) if attention else contextlib.nullcontext()
     with torch.enable_grad(), ctx as rec:
-        _, out = model._run_full(receiver.ids, receiver.mask, model._make_run(hooks, None), logits="none")
+        out = model.prefill(receiver.ids, receiver.mask, fwd_hooks=hooks, logits="none").resid
         normed = model.adapter.final_norm(out[:, -1].to(model.adapter.final_norm.weight.device))
         idx = torch.arange(receiver.n, device=normed.device)
         metric(model, normed, idx).sum().backward()

@@ -11,28 +11,29 @@ cone, (L - l) layers × (T - p) columns.
 Cumulative grids (sites at layers 0..l patched together) reuse a trunk: the row that patches every
 layer is run once and each cumulative cell l branches off it at layer l + 1.
 
-:func:`naive_patch` is the reference: one full forward per cell with hooks, as TransformerLens's
-``patching`` module does. Tests assert both agree to 1e-4 in fp32.
+Each layer's :class:`Edit` entries of a batch's rows are one :class:`~refusal_lab.models.edits.Patch`
+hook (:func:`edit_patch`), the edit of the naive reference too (:mod:`refusal_lab.patching.naive`,
+one full forward per cell; tests assert both agree to 1e-4 in fp32).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from refusal_lab.artifacts import save_tensors
 from refusal_lab.errors import RefusalLabError
-from refusal_lab.metrics import logit_diff, refusal_log_odds
-from refusal_lab.models.hooked import ActivationCache, HookedChatModel, KVPrefix, _Run, default_position_ids
+from refusal_lab.metrics import logit_diff
+from refusal_lab.models.edits import Patch
+from refusal_lab.models.forward import KV, KVPrefix, default_position_ids
+from refusal_lab.models.hooked import ActivationCache, HookedChatModel
+from refusal_lab.models.sites import HookRun
+from refusal_lab.patching.checkpoint import RowCheckpoint, grid_key
 
 #: grid name -> TransformerLens site patched
 GRID_SITES = {
@@ -74,19 +75,6 @@ class LogitDiff(NormedMetric):
 
 
 @dataclass
-class LogOdds(NormedMetric):
-    """log P(R) - log(1 - P(R)) over a set of refusal token ids, in float64."""
-
-    refusal_ids: Sequence[int]
-
-    def __call__(self, model, normed, prompt_idx):
-        return self.from_logits(model.adapter.final_logits(normed.to(model.adapter.lm_head.weight.device)), prompt_idx)
-
-    def from_logits(self, logits, prompt_idx):
-        return refusal_log_odds(logits, self.refusal_ids).float()
-
-
-@dataclass
 class Batch:
     """Token ids [n, T] and attention mask [n, T] of one side (all rows the same length)."""
 
@@ -108,26 +96,20 @@ class Receiver:
 
     batch: Batch
     resid_pre: list[torch.Tensor]  # L x [n, T, d]
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> ([n, kvh, T, dh], ...)
+    kv: KV  # layer -> ([n, kvh, T, dh], ...)
     position_ids: torch.Tensor  # [n, T]
     baseline: torch.Tensor  # [n] metric without any patch
 
     @classmethod
     @torch.no_grad()
     def record(cls, model: HookedChatModel, batch: Batch, metric: NormedMetric) -> "Receiver":
-        names = {f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)} | {"ln_final.hook_normalized"}
-        run = model._make_run((), names)
-        kv = KVPrefix(record=True)
-        T = batch.T
-        cols = torch.arange(T, device=batch.ids.device)
-        resid = model._embed(batch.ids, run, cols)
-        resid = model.blocks(resid, run=run, cols=cols, position_ids=default_position_ids(batch.mask),
-                             key_valid=batch.mask.bool(), kv=kv)
-        model._final(resid[:, -1:], run, cols[-1:])
-        normed = run.cache["ln_final.hook_normalized"][:, -1]
+        L = model.cfg.n_layers
+        names = {f"blocks.{l}.hook_resid_pre" for l in range(L)} | {"ln_final.hook_normalized"}
+        out = model.prefill(batch.ids, batch.mask, names=names, record_kv=True, logits="last")
+        normed = out.cache["ln_final.hook_normalized"][:, -1]
         idx = torch.arange(batch.n, device=normed.device)
-        return cls(batch, [run.cache[f"blocks.{l}.hook_resid_pre"] for l in range(model.cfg.n_layers)],
-                   kv.kv, default_position_ids(batch.mask), metric(model, normed, idx))
+        return cls(batch, [out.cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)], out.kv,
+                   default_position_ids(batch.mask), metric(model, normed, idx))
 
 
 @dataclass
@@ -155,23 +137,12 @@ class Row:
     states: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _edit_hook(items: list[tuple[int, Edit]]):
-    """One hook applying every (active-row, edit) pair of a site in a single indexed write."""
-
-    def fn(act: torch.Tensor, hook) -> torch.Tensor:
-        out = act.clone()
-        base_col = int(hook.cols[0])
-        rows = torch.tensor([r for r, _ in items], device=act.device)
-        cols = torch.tensor([e.col - base_col for _, e in items], device=act.device)
-        vals = torch.stack([e.value for _, e in items]).to(act.device, act.dtype)
-        heads = [e.head for _, e in items]
-        if heads[0] is None:
-            out[rows, cols] = vals
-        else:
-            out[rows, cols, torch.tensor(heads, device=act.device)] = vals
-        return out
-
-    return fn
+def edit_patch(items: list[tuple[int, Edit]]) -> Patch:
+    """The one hook applying every (batch row, edit) pair of a site: a :class:`Patch` of them all
+    (the edits of one site are all per-head or none is)."""
+    heads = [e.head for _, e in items]
+    return Patch(torch.tensor([r for r, _ in items]), torch.tensor([e.col for _, e in items]),
+                 torch.stack([e.value for _, e in items]), None if heads[0] is None else torch.tensor(heads))
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -180,11 +151,6 @@ def _is_oom(exc: BaseException) -> bool:
     if oom_type is not None and isinstance(exc, oom_type):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def _free_cached_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def batch_rows(model: HookedChatModel, seq_len: int, max_rows: int | None, keep_states: bool = False) -> int:
@@ -232,7 +198,8 @@ def run_rows(
                     raise
                 oom = True
             if oom:  # outside the except block, so the failed forward's tensors can be freed
-                _free_cached_memory()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 if len(chunk) <= 1:
                     raise RefusalLabError(
                         "Out of memory even with a single patched row per batch; use --dtype bfloat16, a shorter "
@@ -286,9 +253,7 @@ def _run_group(model, receiver: Receiver, rows: list[Row], p: int, metric, L: in
             for e in rows[i].edits:
                 if e.layer == l:
                     per_site[f"blocks.{l}.{e.site}"].append((pos, e))
-        run = _Run()
-        for name, items in per_site.items():
-            run.hooks[name] = [_edit_hook(items)]
+        run = HookRun({name: [edit_patch(items)] for name, items in per_site.items()})
         k, v = receiver.kv[l]
         kv = KVPrefix(prefix={l: (k[prompt_idx.to(k.device), :, :p], v[prompt_idx.to(v.device), :, :p])})
         key_valid = receiver.batch.mask.bool()[prompt_idx.to(receiver.batch.mask.device)]
@@ -309,7 +274,7 @@ def _run_group(model, receiver: Receiver, rows: list[Row], p: int, metric, L: in
 # ---------------------------------------------------------------------------------------- grids
 @dataclass
 class GridSpec:
-    """Which cells a grid has: layers × columns (or layers × heads at ``head_cols``)."""
+    """Which cells a grid has: layers × columns (or layers × heads, patched at ``cols``)."""
 
     grid: str
     layers: list[int]
@@ -352,20 +317,6 @@ def build_rows(model: HookedChatModel, spec: GridSpec, source: ActivationCache, 
     return rows, index
 
 
-def _checkpoint_key(model: HookedChatModel, receiver: Receiver, source: ActivationCache, spec: GridSpec,
-                    metric: NormedMetric, n_rows: int) -> str:
-    """What a grid checkpoint must match: the model, the grid spec, the metric, the receiver's
-    tokens and the source values of the patched sites."""
-    h = hashlib.sha256()
-    h.update(json.dumps([model.cfg.model_name, model.cfg.dtype, spec.grid, spec.layers, spec.cols, spec.heads,
-                         repr(metric), n_rows]).encode())
-    for t in (receiver.batch.ids, receiver.batch.mask):
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    for name in sorted(source_sites(model, spec)):
-        h.update(source[name].detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def patch_grid(
     model: HookedChatModel,
@@ -390,22 +341,9 @@ def patch_grid(
     done = torch.zeros(len(rows), dtype=torch.bool)
     on_chunk = None
     if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        key = _checkpoint_key(model, receiver, source, spec, metric, len(rows))
-        meta = {"key": key, "grid": spec.grid, "layers": json.dumps(spec.layers), "cols": json.dumps(spec.cols),
-                "heads": json.dumps(spec.heads)}
-        if checkpoint.exists():
-            try:
-                with safe_open(str(checkpoint), "pt") as f:
-                    if (f.metadata() or {}).get("key") == key:
-                        values, done = f.get_tensor("values"), f.get_tensor("done").bool()
-            except Exception:  # unreadable: start afresh (it is rewritten atomically)
-                pass
-
-        def on_chunk(chunk: list[int], vals: torch.Tensor) -> None:
-            values[chunk] = vals
-            done[chunk] = True
-            save_tensors(checkpoint, {"values": values, "done": done.to(torch.uint8)}, meta)
+        key = grid_key(model, receiver, source, spec, source_sites(model, spec), metric, len(rows))
+        saved = RowCheckpoint(checkpoint, key, spec, len(rows))
+        values, done, on_chunk = saved.values, saved.done, saved.save
 
     pending = [i for i in range(len(rows)) if not done[i]]
     bar = tqdm(total=len(rows), initial=len(rows) - len(pending), desc=f"patch {spec.grid}",
@@ -456,43 +394,4 @@ def _cumulative(model, receiver, source, spec, metric, max_rows, progress):
     out = _scatter(vals, index, n, spec)
     for (i, a, b), v in direct.items():
         out[i, a, b] = v
-    return out
-
-
-# ------------------------------------------------------------------------------- the reference
-@torch.no_grad()
-def naive_patch(
-    model: HookedChatModel,
-    receiver: Batch,
-    source: ActivationCache,
-    spec: GridSpec,
-    metric: NormedMetric,
-) -> torch.Tensor:
-    """One full forward (all prompts) per cell with a replacing hook: the reference computation."""
-    site = GRID_SITES[spec.grid]
-    n = receiver.n
-    out = torch.empty(n, *spec.shape)
-    idx = torch.arange(n)
-
-    def replacer(name, cols, head=None):
-        def fn(act, hook):
-            act = act.clone()
-            if head is None:
-                act[:, cols] = source[name][:, cols].to(act.dtype)
-            else:
-                act[:, cols, head] = source[name][:, cols, head].to(act.dtype)
-            return act
-
-        return fn
-
-    for a, l in enumerate(spec.layers):
-        for b in range(spec.shape[1]):
-            if spec.grid == "heads":
-                hooks = [(f"blocks.{l}.{site}", replacer(f"blocks.{l}.{site}", spec.cols, spec.heads[b]))]
-            else:
-                c = spec.cols[b]
-                layers = range(l + 1) if spec.grid.endswith("cumulative") else [l]
-                hooks = [(f"blocks.{k}.{site}", replacer(f"blocks.{k}.{site}", [c])) for k in layers]
-            logits = model(receiver.ids, receiver.mask, fwd_hooks=hooks, logits="last")
-            out[:, a, b] = metric.from_logits(logits, idx).cpu()
     return out

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from refusal_lab.models.hooked import ActivationCache, HookedChatModel, default_position_ids
+from refusal_lab.models.hooked import ActivationCache, HookedChatModel
 
 RECORDER = "refusal_lab_record"
 
@@ -77,13 +77,15 @@ class AttentionRecord:
     grad_probs: torch.Tensor | None = None
 
 
-class _Recorder:
+class AttentionRecorder:
+    """What :func:`recording` collects: each layer's record and its (graph-attached) pattern."""
+
     def __init__(self):
         self.records: dict[int, AttentionRecord] = {}
         self.probs: dict[int, torch.Tensor] = {}
 
 
-_STACK: list[_Recorder] = []
+_STACK: list[AttentionRecorder] = []
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int = 1) -> torch.Tensor:
@@ -127,7 +129,7 @@ def recording(model: HookedChatModel):
         _registered = True
     cfg = model.hf_model.config
     old = cfg._attn_implementation
-    rec = _Recorder()
+    rec = AttentionRecorder()
     _STACK.append(rec)
     cfg._attn_implementation = RECORDER
     try:
@@ -195,10 +197,10 @@ def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def delta_scores(rec: AttentionRecord, dq: torch.Tensor, dk: torch.Tensor, cols: list[int]):
+def delta_scores(rec: AttentionRecord, dq: torch.Tensor, dk: torch.Tensor):
     """(D_cols [N, b, Hq, T, C], D_rows [N, b, Hq, C, T]): the first-order change of the scaled,
     pre-soft-cap logits through the keys (columns C, every query) and through the queries (rows C).
-    The full change is their sum scattered into [T, T] (:func:`dense_delta_scores`)."""
+    The full change is their sum scattered into [T, T]."""
     f = _work_dtype(rec.query.device)
     n_rep = rec.query.shape[1] // rec.key.shape[1]
     q = rec.query.to(f)
@@ -208,16 +210,6 @@ def delta_scores(rec: AttentionRecord, dq: torch.Tensor, dk: torch.Tensor, cols:
     d_cols = torch.einsum("bhtx,nbhcx->nbhtc", q, dk) * rec.scaling
     d_rows = torch.einsum("nbhcx,bhsx->nbhcs", dq, k) * rec.scaling
     return d_cols, d_rows
-
-
-def dense_delta_scores(d_cols: torch.Tensor, d_rows: torch.Tensor, cols: list[int]) -> torch.Tensor:
-    """[N, b, Hq, T, T] change of the logits from :func:`delta_scores`."""
-    N, b, H, T, _ = d_cols.shape
-    out = torch.zeros(N, b, H, T, T, dtype=d_cols.dtype, device=d_cols.device)
-    c = torch.as_tensor(cols, device=out.device)
-    out.index_add_(4, c, d_cols)
-    out.index_add_(3, c, d_rows)
-    return out
 
 
 def fixed_and_linear(rec: AttentionRecord, d_cols: torch.Tensor, d_rows: torch.Tensor, cols: list[int]):
@@ -313,7 +305,7 @@ def qk_fix_correction(
         fx, ln = [], []
         for s in range(0, dr.shape[0], chunk):
             dq, dk = qk_tangents(model, l2, resid, dr[s:s + chunk], cos[:, cols], sin[:, cols])
-            d_cols, d_rows = delta_scores(rec, dq, dk, cols)
+            d_cols, d_rows = delta_scores(rec, dq, dk)
             f_, l_ = fixed_and_linear(rec, d_cols, d_rows, cols)
             fx.append(f_.cpu())
             ln.append(l_.cpu())
@@ -326,6 +318,6 @@ def qk_fix_correction(
 
 
 __all__ = [
-    "AttentionRecord", "recording", "head_writes", "qk_tangents", "delta_scores", "dense_delta_scores",
-    "fixed_and_linear", "qk_fix_correction", "default_position_ids",
+    "AttentionRecord", "AttentionRecorder", "recording", "head_writes", "qk_states", "qk_tangents", "delta_scores",
+    "fixed_and_linear", "qk_fix_correction",
 ]

@@ -151,3 +151,9 @@ class Adapter:
     def ln_scale_weight(self, norm: nn.Module) -> torch.Tensor:
         """The elementwise gain of an RMSNorm as it multiplies the normalised vector."""
         return norm.weight
+
+    def rms_scale(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """1 / rms(x) [..., 1] in float32, with ``norm``'s epsilon: the per-position scale the RMSNorm
+        ``norm`` applies to ``x`` (before its gain, :meth:`ln_scale_weight`)."""
+        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
+        return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)

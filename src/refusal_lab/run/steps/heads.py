@@ -7,8 +7,7 @@ from __future__ import annotations
 
 
 from refusal_lab.metrics import normalise
-from refusal_lab.models.edits import Replace
-from refusal_lab.patching.engine import Edit, Row, run_rows
+from refusal_lab.patching.heads import head_patch_hooks, patch_heads
 from refusal_lab.run.config import DIRECTIONS, RunConfig
 from refusal_lab.run.step import RunContext, Step
 from refusal_lab.run.steps.baseline import means
@@ -35,17 +34,12 @@ def compute(ctx: RunContext) -> dict:
     src, rec = DIRECTIONS["sufficiency"]
     z = inputs.source_cache(src)
     receiver = inputs.receiver(rec)
-    rows = [Row(i, min(s["layer"] for s in selected), min(cols),
-                [Edit(s["layer"], "attn.hook_z", c, z[f"blocks.{s['layer']}.attn.hook_z"][i, c, s["head"]], s["head"])
-                 for s in selected for c in cols])
-            for i in range(receiver.batch.n)]
-    patched = run_rows(model, receiver, rows, inputs.metric, cfg.max_rows)
+    pairs = [(s["layer"], s["head"]) for s in selected]
+    patched = patch_heads(model, receiver, z, pairs, cols, inputs.metric, cfg.max_rows)
     out["sufficiency"] = float(mean_normalised(patched, s_mean, h_mean))
     out["sufficiency_per_pair"] = patched
     if cfg.generate_tokens:
-        hooks = [(f"blocks.{s['layer']}.attn.hook_z",
-                  Replace(positions=cols, head=s["head"], value=z[f"blocks.{s['layer']}.attn.hook_z"][:, cols, s["head"]]))
-                 for s in selected]
+        hooks = head_patch_hooks(z, pairs, cols)
         b = inputs.batches[rec]
         base = model.generate(b.ids, b.mask, max_new_tokens=cfg.generate_tokens)
         pat = model.generate(b.ids, b.mask, max_new_tokens=cfg.generate_tokens, fwd_hooks=hooks)
