@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from refusal_lab.models.pattern import watching
 from refusal_lab.models.sites import HookRun
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -130,7 +131,9 @@ def run_blocks(
 
 def _attention(model: HookedChatModel, l, x, mask, rot, kv, run: HookRun, cols) -> torch.Tensor:
     """The HF attention module of layer ``l``, with ``attn.hook_z`` / ``attn.hook_result`` taken at
-    the input of its output projection (a torch pre-hook, only while a site there is watched)."""
+    the input of its output projection (a torch pre-hook, only while a site there is watched) and
+    ``attn.hook_pattern`` inside its attention function (:mod:`refusal_lab.models.pattern`, only
+    while watched)."""
     a = model.adapter
     attn = a.attn(l)
     zname, rname = f"blocks.{l}.attn.hook_z", f"blocks.{l}.attn.hook_result"
@@ -148,8 +151,14 @@ def _attention(model: HookedChatModel, l, x, mask, rot, kv, run: HookRun, cols) 
             return (z.reshape(z_flat.shape),)
 
         handle = a.o_proj(l).register_forward_pre_hook(pre_hook)
+    pname = f"blocks.{l}.attn.hook_pattern"
     try:
-        out, _ = attn(hidden_states=x, position_embeddings=rot, attention_mask=mask, cache=kv)
+        if run.wants(pname):
+            site = lambda p: run.site(pname, l, p, cols)  # noqa: E731
+            with watching(attn, site, hooked=pname in run.hooks) as extra:
+                out, _ = attn(hidden_states=x, position_embeddings=rot, attention_mask=mask, cache=kv, **extra)
+        else:
+            out, _ = attn(hidden_states=x, position_embeddings=rot, attention_mask=mask, cache=kv)
     finally:
         if handle is not None:
             handle.remove()

@@ -9,6 +9,11 @@ site                                    meaning (shape)
 ``hook_embed``                          what enters block 0 (Gemma: scaled by sqrt(d)) [b,p,d]
 ``blocks.{l}.hook_resid_pre``           residual stream before block l [b,p,d]
 ``blocks.{l}.ln1.hook_normalized``      input of attention [b,p,d]
+``blocks.{l}.attn.hook_pattern``        post-softmax attention probabilities, HF eager semantics
+                                        (GQA repeated per query head, soft-cap, causal, padding
+                                        and sliding-window masks) [b,h,q,k]; computed only when
+                                        watched; a hook may edit it
+                                        (:mod:`refusal_lab.models.pattern`)
 ``blocks.{l}.attn.hook_z``              per-head input of the output projection [b,p,h,dh]
 ``blocks.{l}.attn.hook_result``         each head's share of the attention output, before any
                                         post-norm, without ``o_proj`` bias [b,p,h,d] (read only)

@@ -22,6 +22,7 @@ HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 BLOCK_SITES = (
     "hook_resid_pre",
     "ln1.hook_normalized",
+    "attn.hook_pattern",
     "attn.hook_z",
     "attn.hook_result",
     "hook_attn_out",
@@ -56,7 +57,8 @@ class HookPoint:
 
     name: str
     layer: int | None
-    cols: torch.Tensor  # [q] absolute token columns of this activation's position axis (consecutive)
+    cols: torch.Tensor  # [q] absolute token columns of this activation's position axis (consecutive;
+    # for attn.hook_pattern [b, h, q, k] the query axis q, its key axis being columns 0..k-1)
 
     def col_mask(self, positions: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
         """Bool [q]: which of this call's columns are in ``positions`` (None = all)."""
