@@ -27,6 +27,15 @@ from refusal_lab.models.sites import HookPoint
 Rows = int | slice | Sequence[int] | torch.Tensor | None
 
 
+def positional(hook: HookPoint) -> None:
+    """Edits index [b, pos, ...] sites; ``attn.hook_pattern`` is [b, head, q, k] (a SiteError)."""
+    if hook.name.endswith("attn.hook_pattern"):
+        raise SiteError(
+            f"'{hook.name}' is [batch, head, query, key]; the ready-made edits index [batch, pos, ...] sites. "
+            "Edit a pattern with a hook function that returns the changed pattern."
+        )
+
+
 def write(act: torch.Tensor, index: tuple, values: torch.Tensor) -> torch.Tensor:
     """A copy of ``act`` with ``values`` (cast to its dtype and device) written at ``index``, a tuple of
     index tensors over its leading axes (row, column[, head]) that broadcast against each other."""
@@ -55,6 +64,7 @@ class Patch:
                    values.reshape(b * c, *values.shape[2:]), None if head is None else torch.full((b * c,), int(head)))
 
     def __call__(self, act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        positional(hook)
         if self.heads is not None and act.ndim != 4:
             raise SiteError(f"A per-head patch only applies to per-head sites (attn.hook_z), not '{hook.name}'.")
         cols = self.cols - int(hook.cols[0])  # this call's columns are consecutive
@@ -104,6 +114,7 @@ class _Edit:
         return act[:, :, self.head]
 
     def __call__(self, act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        positional(hook)
         rows, cols = self._select(act, hook)
         if rows.numel() == 0 or cols.numel() == 0:
             return act

@@ -155,7 +155,7 @@ def _attention(model: HookedChatModel, l, x, mask, rot, kv, run: HookRun, cols) 
     try:
         if run.wants(pname):
             site = lambda p: run.site(pname, l, p, cols)  # noqa: E731
-            with watching(attn, site, hooked=pname in run.hooks) as extra:
+            with watching(attn, site) as extra:
                 out, _ = attn(hidden_states=x, position_embeddings=rot, attention_mask=mask, cache=kv, **extra)
         else:
             out, _ = attn(hidden_states=x, position_embeddings=rot, attention_mask=mask, cache=kv)

@@ -14,11 +14,10 @@ nothing about q/k is re-derived here (no per-architecture code). Unwatched layer
 a run that does not ask for the pattern takes the unchanged code path.
 
 Outputs. An eager model (Gemma 2) gets ``pattern @ v``, the same operations as HF's eager function,
-so its attention output is bitwise unchanged. An sdpa model whose pattern is only *cached* keeps the
-sdpa output (so every other site stays bitwise unchanged; the pattern is computed alongside). When
-a *hook* is registered on the site, the output is ``hooked pattern @ v`` (eager), so a hook may edit
-the pattern and the edit drives the layer; an sdpa model then differs from its sdpa output by fp
-rounding only (~1e-7 in fp32) when the hook changes nothing.
+so its attention output is bitwise unchanged. An sdpa model keeps its sdpa output unless a hook
+*changed* the pattern (returned another tensor, or wrote into it in place: its version counter
+moved); then the output is ``edited pattern @ v`` (eager), so edits drive the layer. Caching, reading
+hooks and identity hooks therefore leave every other site bitwise unchanged on every architecture.
 
 Rows of padded query columns attend to nothing real: their values are meaningless (as in HF).
 """
@@ -41,10 +40,9 @@ REQUEST_KW = "refusal_lab_pattern_request"
 @dataclass
 class PatternRequest:
     """What a watched layer's attention call needs: the site (hooks and cache, returns the pattern
-    to use), whether hooks may have edited it, and the implementation the model normally runs."""
+    to use) and the implementation the model normally runs."""
 
     site: Callable[[torch.Tensor], torch.Tensor]
-    hooked: bool
     impl: str
 
 
@@ -72,8 +70,10 @@ def eager_pattern(module: nn.Module, query, key, mask, scaling: float | None, so
 def pattern_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     """An HF attention function: (output [b, q, h, d], pattern) with the pattern site applied."""
     req: PatternRequest = kwargs.pop(REQUEST_KW)
-    pattern = req.site(eager_pattern(module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")))
-    if req.hooked or req.impl == "eager":
+    computed = eager_pattern(module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"))
+    version = computed._version
+    pattern = req.site(computed)
+    if req.impl == "eager" or pattern is not computed or computed._version != version:
         p = nn.functional.dropout(pattern, p=kwargs.get("dropout", 0.0), training=module.training)
         out = torch.matmul(p, expand_kv(value, module.num_key_value_groups))
         return out.transpose(1, 2).contiguous(), pattern
@@ -86,13 +86,13 @@ AttentionInterface.register(PATTERN_IMPL, pattern_attention)
 
 
 @contextlib.contextmanager
-def watching(attn: nn.Module, site: Callable[[torch.Tensor], torch.Tensor], hooked: bool):
+def watching(attn: nn.Module, site: Callable[[torch.Tensor], torch.Tensor]):
     """For one call of the HF attention module ``attn``: route it through :func:`pattern_attention`;
     yields the keyword arguments to pass to that call."""
     cfg = attn.config
     impl = cfg._attn_implementation
     cfg._attn_implementation = PATTERN_IMPL
     try:
-        yield {REQUEST_KW: PatternRequest(site, hooked, impl)}
+        yield {REQUEST_KW: PatternRequest(site, impl)}
     finally:
         cfg._attn_implementation = impl
