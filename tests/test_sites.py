@@ -264,6 +264,8 @@ def test_identity_hooks_leave_logits_bit_identical(tiny):
     g = torch.Generator().manual_seed(1)
     adds = []
     for n in names:
+        if n.endswith("attn.hook_pattern"):  # [b, h, q, k]: edits refuse it (tests/test_attention_pattern.py)
+            continue
         shape = next((s for k, s in shapes.items() if n.endswith(k)), (c.d_model,))
         adds.append((n, Add(vector=torch.randn(shape, generator=g), alpha=0.0)))
     with tiny.hooks(adds):
