@@ -17,7 +17,12 @@ Outputs. An eager model (Gemma 2) gets ``pattern @ v``, the same operations as H
 so its attention output is bitwise unchanged. An sdpa model keeps its sdpa output unless a hook
 *changed* the pattern (returned another tensor, or wrote into it in place: its version counter
 moved); then the output is ``edited pattern @ v`` (eager), so edits drive the layer. Caching, reading
-hooks and identity hooks therefore leave every other site bitwise unchanged on every architecture.
+hooks and identity hooks therefore leave every other site bitwise unchanged on every architecture;
+an edited sdpa layer differs from sdpa by fp rounding wherever the edit changed nothing (fp32: ~1e-6
+on later sites). Why not switch the whole forward to eager, or re-derive q/k outside the module:
+the first changes unwatched layers' numbers, the second duplicates each architecture's q/k path.
+A watched layer costs one [b, h, q, k] tensor (``run_with_cache(names=True)`` caches every layer's,
+as TransformerLens does); a watched sdpa layer also still runs sdpa for its output.
 
 Rows of padded query columns attend to nothing real: their values are meaningless (as in HF).
 """
