@@ -142,6 +142,26 @@ def test_editing_the_pattern_drives_the_attention_output(tiny):
     assert (out.logits - clean.logits).abs().max() > 1e-4
 
 
+def test_an_in_place_edit_counts_as_an_edit(tiny):
+    """A hook that writes into the pattern and returns None drives the layer like one that returns a copy."""
+    ids, mask = random_batch(tiny)
+    site = "blocks.0.attn.hook_pattern"
+
+    def in_place(p, hook):  # head 0 silenced (a uniform scale would be undone by Gemma's post-norm)
+        p[:, 0] = 0.0
+
+    def copy(p, hook):
+        p = p.clone()
+        p[:, 0] = 0.0
+        return p
+
+    with torch.no_grad():
+        a = tiny(ids, mask, fwd_hooks=[(site, in_place)])
+        b = tiny(ids, mask, fwd_hooks=[(site, copy)])
+        clean = tiny(ids, mask)
+    assert torch.equal(a, b) and (a - clean).abs().max() > 1e-3
+
+
 def test_pattern_over_a_cached_prefix_is_the_full_runs_rows(tiny):
     ids, mask = random_batch(tiny, pad=2)
     with torch.no_grad():
