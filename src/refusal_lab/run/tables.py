@@ -10,6 +10,7 @@ import torch
 from refusal_lab.artifacts import write_csv
 from refusal_lab.run.inputs import SIDES
 from refusal_lab.run.step import RunContext
+from refusal_lab.run.steps.patch import step_name
 
 
 def patching_summary(patching: dict) -> pd.DataFrame:
@@ -32,8 +33,6 @@ def patching_summary(patching: dict) -> pd.DataFrame:
                                        "ci_high", "n_pairs"])
 
 
-
-
 def write_tables(ctx: RunContext, patching: dict) -> None:
     """Every table of the run into ``<folder>/tables``."""
     t = ctx.folder.root / "tables"
@@ -43,21 +42,20 @@ def write_tables(ctx: RunContext, patching: dict) -> None:
             for (o, s), tt in zip(base[side]["scores"].items(), base[side]["top_token"])]
     write_csv(t / "baseline.csv", pd.DataFrame(rows))
     labels = ctx.inputs.col_labels()
-    for name, data in ctx.records.items():
-        if not name.startswith("patch_"):
-            continue
-        grid, direction = name[len("patch_"):].rsplit("_", 1)
-        per = torch.as_tensor(data["per_pair"])
-        recs = []
-        for i in range(per.shape[0]):
-            for a in range(per.shape[1]):
-                for b in range(per.shape[2]):
-                    col = data["heads"][b] if grid == "heads" else labels[b]
-                    recs.append({"grid": grid, "direction": direction, "method": "exact", "pair": i,
-                                 "harmful_object": prompts.harmful_objects[i],
-                                 "harmless_object": prompts.harmless_objects[i],
-                                 "layer": data["layers"][a], "col": col, "metric": float(per[i, a, b])})
-        write_csv(t / f"patching_{grid}_{direction}.csv", pd.DataFrame(recs))
+    for direction in ctx.cfg.directions:  # the patch steps of the config, by their one naming rule
+        for grid in ctx.cfg.grids:
+            data = ctx.records[step_name(grid, direction)]
+            per = torch.as_tensor(data["per_pair"])
+            recs = []
+            for i in range(per.shape[0]):
+                for a in range(per.shape[1]):
+                    for b in range(per.shape[2]):
+                        col = data["heads"][b] if grid == "heads" else labels[b]
+                        recs.append({"grid": grid, "direction": direction, "method": "exact", "pair": i,
+                                     "harmful_object": prompts.harmful_objects[i],
+                                     "harmless_object": prompts.harmless_objects[i],
+                                     "layer": data["layers"][a], "col": col, "metric": float(per[i, a, b])})
+            write_csv(t / f"patching_{grid}_{direction}.csv", pd.DataFrame(recs))
     heads = ctx.records.get("heads")
     if heads and heads.get("ranked"):
         write_csv(t / "heads.csv", pd.DataFrame(heads["selected"] or heads["ranked"]))

@@ -10,7 +10,8 @@ from refusal_lab.patching.attribution import agreement, attribution_grid, receiv
 from refusal_lab.patching.engine import source_sites
 from refusal_lab.run.config import DIRECTIONS, RunConfig
 from refusal_lab.run.step import RunContext, Step
-from refusal_lab.run.steps.patch import entry, step_name
+from refusal_lab.run.steps.baseline import means
+from refusal_lab.run.steps.patch import entry, mean_normalised, step_name
 
 
 def compute(ctx: RunContext) -> dict:
@@ -36,17 +37,18 @@ def compute(ctx: RunContext) -> dict:
 
 def publish(ctx: RunContext) -> dict:
     attribution, agreements = {}, {}
+    h_mean, s_mean = means(ctx.records["baseline"])
     for g, data in ctx.records["attribution"].items():
         if g.startswith("_"):
             continue
-        exact = entry(ctx, g, torch.as_tensor(ctx.records[step_name(g, "sufficiency")]["per_pair"]), "exact")
+        exact = mean_normalised(ctx.records[step_name(g, "sufficiency")]["per_pair"], s_mean, h_mean)
         e = entry(ctx, g, torch.as_tensor(data["per_pair"]), "attribution")
         attribution[g] = dict(e, variant=data["variant"])
-        agreements[g] = dict(agreement(exact["values"], e["values"]), variant=data["variant"])
+        agreements[g] = dict(agreement(exact, e["values"]), variant=data["variant"])
         if "per_pair_plain" in data:  # AtP* grid: plain AtP beside it
-            plain = entry(ctx, g, torch.as_tensor(data["per_pair_plain"]), "attribution")["values"]
+            plain = mean_normalised(data["per_pair_plain"], s_mean, h_mean)
             attribution[g]["values_plain"] = plain
-            agreements[g]["plain"] = dict(agreement(exact["values"], plain), variant="AtP")
+            agreements[g]["plain"] = dict(agreement(exact, plain), variant="AtP")
     return {"patching": {"attribution": attribution, "agreement": agreements}}
 
 
