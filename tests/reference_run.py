@@ -18,7 +18,7 @@ MODEL_TYPES = ("qwen2", "gemma2")
 """Qwen2 (the offline models' architecture) and Gemma 2 (norms after attention/MLP outputs)."""
 VOLATILE = ("timings", "versions")
 """Top-level fields that differ between machines and sessions, not between code versions."""
-CONFIG = {"directions": ["sufficiency", "necessity"]}
+CONFIG = {"directions": ["sufficiency", "necessity"], "steering_exhaustive": True}
 """Every grid, both directions, attribution, heads, and small steering: every step of the run."""
 
 

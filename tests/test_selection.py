@@ -30,7 +30,7 @@ def test_table_filters_and_choice(tiny):
     L = tiny.cfg.n_layers
     kl_max, frac = 5.0, 0.7
     res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=refusal_ids,
-                           policy=DirectionPolicy(kl_max=kl_max, max_layer_frac=frac))
+                           policy=DirectionPolicy(kl_max=kl_max, max_layer_frac=frac, exhaustive=True))
     assert len(res.table) == L * len(POS)
     assert {(r["layer"], r["position"]) for r in res.table} == {(l, p) for l in range(L) for p in POS}
     for r in res.table:
@@ -48,7 +48,7 @@ def test_table_filters_and_choice(tiny):
 def test_mostly_positive_refusal_set_keeps_something(tiny):
     # P(R) ~ 100/128 for a near-uniform random model: induce > 0 holds, so candidates survive.
     res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)),
-                           policy=DirectionPolicy(kl_max=float("inf"), max_layer_frac=1.0))
+                           policy=DirectionPolicy(kl_max=float("inf"), max_layer_frac=1.0, exhaustive=True))
     _check_filters(res, tiny.cfg.n_layers, float("inf"), 1.0)
     assert any(r["kept"] for r in res.table)
 
@@ -94,8 +94,8 @@ def test_one_set_of_defaults(capsys):
         (32, 16, 0, 0.1, 0.8, 1.0, "best")
     assert SteeringSettings().direction_policy() == p
     c = RunConfig()
-    assert (c.steering_n_train, c.steering_n_val, c.seed, c.kl_max, c.max_layer_frac) == \
-        (p.n_train, p.n_val, p.seed, p.kl_max, p.max_layer_frac)
+    assert (c.steering_n_train, c.steering_n_val, c.seed, c.kl_max, c.max_layer_frac, c.steering_exhaustive,
+            c.steering_top_k) == (p.n_train, p.n_val, p.seed, p.kl_max, p.max_layer_frac, p.exhaustive, p.top_k)
     args = build_parser().parse_args(["abliterate", "--out", "x"])
     assert args.n_train is None and args.n_val is None  # None = the policy's
     with pytest.raises(SystemExit):
@@ -196,13 +196,17 @@ def test_direction_step_records_the_relaxed_filters(tiny_chat, capsys):
 
 
 def test_selection_progress_counts_candidates(tiny_chat, capsys):
-    """progress=True: a bar on stderr over the n_layers x n_positions candidates ("n/N", with ETA)."""
+    """progress=True: a bar on stderr over the candidates scored ("n/N", with ETA): the top_k (here
+    every one below the layer limit) by the estimate."""
     from refusal_lab.prompts import build_instruction_prompts, load_instructions
 
     tok = tiny_chat.tokenizer
     sp = [build_instruction_prompts(tok, load_instructions(split, kind, n=2, seed=0))
           for split in ("train", "val") for kind in ("harmful", "harmless")]
-    n = tiny_chat.cfg.n_layers * len(POS)
+    L = tiny_chat.cfg.n_layers
+    # the candidates the layer filter lets through, less layer 0's (its eoi tokens are the same on both
+    # sides, so the difference in means is zero there)
+    n = sum(1 for l in range(1, L) if l < 0.8 * L) * len(POS)
     capsys.readouterr()
     select_direction(tiny_chat, *sp, positions=POS, progress=True)
     err = capsys.readouterr().err

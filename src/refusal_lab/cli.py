@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
     run.add_argument("--no-steering", action="store_true",
                      help="skip the steering steps (direction selection, alpha sweeps, held-out refusal rates)")
+    run.add_argument("--exhaustive", action="store_true",
+                     help="score every refusal-direction candidate exactly (the paper's procedure; default: the "
+                          "top candidates by a first-order estimate, with its agreement reported)")
+    run.add_argument("--profile", action="store_true",
+                     help="print each step's wall time, CPU time and peak memory when the run ends")
     run.add_argument("--judge", help="refusal judge for generations: substring (default), self (ask the model "
                                      "itself yes/no), or a chat model's hub id / folder")
     run.add_argument("--force", action="store_true", help="recompute finished steps / overwrite a different run")
@@ -206,6 +211,8 @@ def cmd_run(args) -> int:
         data["attribution"] = False
     if args.no_steering:
         data["steering"] = False
+    if args.exhaustive:
+        data["steering_exhaustive"] = True
     cfg = RunConfig.from_dict(data, where=str(args.config) if args.config else "the options")
     # the merged settings (file, then flags) are what the model is loaded with
     args.model, args.dtype, args.device = cfg.model, cfg.dtype, cfg.device
@@ -233,6 +240,12 @@ def cmd_run(args) -> int:
     print(f"wrote {out}/results.json and {out}/report.html")
     for line in results["findings"]:
         print(" -", line)
+    if args.profile:
+        from refusal_lab.run.profile import GiB, format_profile
+
+        tensors = {t.data_ptr(): t for t in model.hf_model.state_dict().values()}  # tied weights once
+        weights = sum(t.numel() * t.element_size() for t in tensors.values()) / GiB
+        print(format_profile(results.get("profile", {}), weights))
     return 0
 
 

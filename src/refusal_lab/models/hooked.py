@@ -206,6 +206,8 @@ class HookedChatModel(nn.Module):
         record_kv: bool = False,
         position_ids: torch.Tensor | None = None,
         logits: str = "all",
+        start_layer: int = 0,
+        resid_pre: torch.Tensor | None = None,
     ) -> Prefill:
         """The one prompt forward: embed ``input_ids`` [b, q], run every block, final norm and unembedding.
 
@@ -215,7 +217,12 @@ class HookedChatModel(nn.Module):
         that prefix: they sit at columns P..P+q-1 after its P columns and attend over its keys and
         values; ``attention_mask`` [b, P + q] (default: all real) then covers prefix and tokens, and
         ``position_ids`` [b, q] default to the mask's (left padding ignored). ``logits``: 'all' columns, the 'last'
-        one, or 'none' (no final norm: ``resid`` is what a caller wants)."""
+        one, or 'none' (no final norm: ``resid`` is what a caller wants).
+
+        ``resid_pre`` [b, q, d] (the unedited ``blocks.{start_layer}.hook_resid_pre`` of these tokens,
+        e.g. from an earlier run's cache) starts the forward at block ``start_layer``: the embedding
+        and the blocks before it are skipped (the cone of an edit at ``start_layer`` or
+        later; their sites are not run, so hooks or cache names there see nothing)."""
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}.")
         if attention_mask is None:  # every prefix and token column is real
@@ -229,9 +236,15 @@ class HookedChatModel(nn.Module):
             position_ids = default_position_ids(attention_mask)[:, k - q:]
         kv = KVPrefix(prefix=kv_prefix, record=record_kv) if kv_prefix is not None or record_kv else None
         a = self.adapter
-        dev = a.embed_tokens.weight.device
-        resid = run.site("hook_embed", None, a.embed(input_ids.to(dev)), cols.to(dev))
-        resid = self.blocks(resid, run=run, cols=cols, position_ids=position_ids, key_valid=attention_mask.bool(), kv=kv)
+        if start_layer and resid_pre is None:
+            raise ValueError("start_layer > 0 needs resid_pre, the residual entering that block.")
+        if resid_pre is None:
+            dev = a.embed_tokens.weight.device
+            resid = run.site("hook_embed", None, a.embed(input_ids.to(dev)), cols.to(dev))
+        else:
+            resid = resid_pre
+        resid = self.blocks(resid, run=run, cols=cols, position_ids=position_ids, key_valid=attention_mask.bool(), kv=kv,
+                            start_layer=start_layer)
         out = None
         if logits != "none":
             at = slice(-1, None) if logits == "last" else slice(None)

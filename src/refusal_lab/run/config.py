@@ -77,6 +77,8 @@ class RunConfig(BaseModel):
     steering_tokens: NonNegative = 16
     kl_max: Annotated[float, Field(gt=0)] = POLICY.kl_max
     max_layer_frac: Annotated[float, Field(gt=0, le=1)] = POLICY.max_layer_frac
+    steering_exhaustive: bool = POLICY.exhaustive
+    steering_top_k: Positive = POLICY.top_k
     judge: str = "substring"
 
     @field_validator("judge")

@@ -8,7 +8,6 @@ refused unless ``force``, which then clears the old run's every artifact.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,10 +16,13 @@ import torch
 from refusal_lab.artifacts import read_json, write_json
 from refusal_lab.errors import ConfigError, RefusalLabError
 from refusal_lab.run.config import RunConfig
+from refusal_lab.run.profile import StepCost
 
 ARTIFACT_FOLDERS = ("steps", "tensors", "tables", "figures", "vectors")
 SECONDS = "_seconds"
 """Key under which a step record keeps how long it took (private to the store: not published)."""
+PROFILE = "_profile"
+"""Key under which a step record keeps its cost (:class:`refusal_lab.run.profile.StepCost`)."""
 
 
 class RunFolder:
@@ -71,8 +73,9 @@ class RunFolder:
         cached = self.done(step)
         if cached is not None:
             return cached
-        t0 = time.perf_counter()
-        data = dict(compute(), **{SECONDS: time.perf_counter() - t0})
+        with StepCost() as cost:
+            data = compute()
+        data = dict(data, **{SECONDS: cost.wall, PROFILE: cost.record()})
         write_json(self.step_path(step), data)
         self.partial_path(step).unlink(missing_ok=True)
         return data
@@ -94,6 +97,11 @@ class RunFolder:
 def seconds(record: dict) -> float:
     """How long a stored step took."""
     return record.get(SECONDS, 0.0)
+
+
+def profile(record: dict) -> dict | None:
+    """A stored step's cost (wall, CPU, memory), None for records written before it was kept."""
+    return record.get(PROFILE)
 
 
 def public(record: dict) -> dict:

@@ -113,4 +113,5 @@ class RunInputs:
         return SteeringSettings(n_train=c.steering_n_train, n_val=c.steering_n_val, n_test=c.steering_n_test,
                                 alphas=c.steering_alphas, object_alphas=c.steering_object_alphas,
                                 max_new_tokens=c.steering_tokens, kl_max=c.kl_max, max_layer_frac=c.max_layer_frac,
-                                seed=c.seed, judge=self.judge(), judge_name=c.judge)
+                                seed=c.seed, judge=self.judge(), judge_name=c.judge,
+                                exhaustive=c.steering_exhaustive, top_k=c.steering_top_k)

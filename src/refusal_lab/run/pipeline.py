@@ -21,7 +21,7 @@ from refusal_lab.artifacts import write_json
 from refusal_lab.models.hooked import HookedChatModel
 from refusal_lab.run.config import RunConfig
 from refusal_lab.run.findings import findings
-from refusal_lab.run.folder import RunFolder, seconds
+from refusal_lab.run.folder import RunFolder, profile, seconds
 from refusal_lab.run.inputs import RunInputs
 from refusal_lab.run.results import SCHEMA_VERSION
 from refusal_lab.run.step import RunContext, Step
@@ -63,10 +63,15 @@ class Pipeline:
         """Every step (finished ones are read back), then results.json, tables, figures and the report."""
         t_all = time.perf_counter()
         ctx = self.ctx
+        resumed = set()
         for step in self.steps:
             compute = lambda: step.compute(ctx)  # noqa: E731
+            if step.stored and ctx.folder.done(step.name) is not None:
+                resumed.add(step.name)
             ctx.records[step.name] = ctx.folder.run_step(step.name, compute) if step.stored else compute()
         results = assemble(ctx, self.steps)
+        results["profile"] = {s.name: dict(profile(ctx.records[s.name]), resumed=s.name in resumed)
+                              for s in self.steps if s.stored and profile(ctx.records[s.name]) is not None}
         results["timings"]["total"] = time.perf_counter() - t_all
         root = ctx.folder.root
         write_json(root / "results.json", results)

@@ -158,14 +158,26 @@ DirectionFilters = TypedDict("DirectionFilters", {"kl_max": Union[float, None], 
 SideCounts = TypedDict("SideCounts", {"harmful": int, "harmless": int})
 """Instructions used per side."""
 Candidate = TypedDict("Candidate", {"layer": int, "position": int, "norm": Real, "bypass": Real, "induce": Real,
-                                   "kl": Real, "kept": bool, "reason": str})
-"""One difference-in-means candidate (layer x end-of-instruction column) scored on val."""
+                                   "kl": Real, "kept": bool, "reason": str, "bypass_estimate": NotRequired[Real]})
+"""One difference-in-means candidate (layer x end-of-instruction column) scored on val (null: not
+scored, ``reason`` says why) and its first-order bypass estimate."""
+SelectionForwards = TypedDict("SelectionForwards", {"bypass": Real, "kl": Real, "induce": Real, "estimate": Real,
+                                                   "total": Real})
+"""The scoring's model work in prompt-forwards (one prompt through every layer; the induce cones by
+the layers they ran, the estimate's forward + backward as three)."""
+Selection = TypedDict("Selection", {"mode": str, "top_k": int, "n_candidates": int, "n_eligible": int,
+                                   "n_scored": dict[str, int], "n_forwards": SelectionForwards,
+                                   "spearman_estimate_exact": Union[float, None], "n_spearman": int,
+                                   "chosen_estimate_rank": Union[int, None], "chosen_in_top_k": Union[bool, None],
+                                   "top_k_agrees": NotRequired[Union[bool, None]]})
+"""How the candidates were scored (``exhaustive`` or the ``top_k`` by the first-order estimate), what
+that cost, and how well the estimate ranks the exactly scored candidates (Spearman over them)."""
 Direction = TypedDict("Direction", {"layer": int, "position": int, "position_token": Union[str, None],
                                    "site": str, "norm": Real, "bypass": Real, "induce": Real, "kl": Real,
                                    "baseline": DirectionBaseline, "filters": DirectionFilters,
                                    "fallback": Union[str, None], "n_train": SideCounts, "n_val": SideCounts,
                                    "positions": list[int], "eoi_tokens": list[str], "table": list[Candidate],
-                                   "note": str})
+                                   "note": str, "selection": NotRequired[Selection]})
 """The selected refusal direction (Arditi et al.): where it is, its val scores, the filters, every candidate."""
 
 # ----------------------------------------------------------------------------------------- steering
@@ -238,6 +250,12 @@ DistributedStep = TypedDict("DistributedStep", {"backend": str, "address": Union
                                                "shard_by": str, "seconds": float, "shards": list[Shard]})
 """Which workers computed a patching step."""
 
+# ------------------------------------------------------------------------------------------ profile
+StepProfile = TypedDict("StepProfile", {"wall_s": float, "cpu_s": float, "rss_start_gib": float,
+                                       "peak_rss_gib": float, "resumed": bool})
+"""One step's cost in the process that computed it: wall and CPU seconds, resident memory at its start
+and its peak (sampled), and whether this run read it back instead of computing it."""
+
 # ------------------------------------------------------------------------------------------ results
 Results = TypedDict("Results", {
     "schema_version": int, "model": Model, "config": dict[str, Any], "versions": Versions, "seed": int,
@@ -245,7 +263,7 @@ Results = TypedDict("Results", {
     "positions": list[Position], "baseline": Baseline, "dla": Dla, "sanity": Sanity, "patching": Patching,
     "timings": dict[str, float], "findings": list[str], "heads": NotRequired[Heads],
     "direction": NotRequired[Direction], "steering": NotRequired[Steering], "evaluation": NotRequired[Evaluation],
-    "distributed": NotRequired[dict[str, DistributedStep]]})
+    "distributed": NotRequired[dict[str, DistributedStep]], "profile": NotRequired[dict[str, StepProfile]]})
 """``results.json``. ``config`` is the run's config as given (its schema is the run config's own);
 ``timings`` maps each step (and ``total``) to seconds; ``findings`` are the headline sentences."""
 

@@ -60,11 +60,13 @@ class SteeringSettings:
     n_samples: int = 3
     judge: Judge = field(default_factory=SubstringJudge)
     judge_name: str | None = None  # how results name the judge (e.g. the run config's ``judge``)
+    exhaustive: bool = DirectionPolicy.exhaustive  # score every direction candidate exactly
+    top_k: int = DirectionPolicy.top_k  # else the top_k by the first-order bypass estimate
 
     def direction_policy(self) -> DirectionPolicy:
         """The direction policy these settings select with (the policy's fallback included)."""
         return DirectionPolicy(n_train=self.n_train, n_val=self.n_val, seed=self.seed, kl_max=self.kl_max,
-                               max_layer_frac=self.max_layer_frac)
+                               max_layer_frac=self.max_layer_frac, exhaustive=self.exhaustive, top_k=self.top_k)
 
 
 # ------------------------------------------------------------------------------------ direction
@@ -96,6 +98,7 @@ def direction_step(model, s: SteeringSettings, save_vector: Callable[[str, torch
         "n_train": {k: len(v) for k, v in train.items()}, "n_val": {k: len(v) for k, v in val.items()},
         "positions": list(res.positions), "eoi_tokens": eoi,
         "table": res.table,
+        "selection": dict(res.agreement),
         "note": "bypass = mean refusal log-odds of harmful val prompts under directional ablation (lower is better); "
                 "induce = that of harmless val prompts with the direction added at its layer; kl = KL(base || ablated) "
                 "of harmless val prompts' next-token distribution.",

@@ -24,6 +24,7 @@ the filters in stages (:data:`STAGES`, :func:`choose_candidate`) and says so;
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -66,10 +67,14 @@ class DirectionPolicy:
     max_layer_frac: float = 0.8
     induce_alpha: float = 1.0
     on_empty: str = "best"
+    exhaustive: bool = False  # score every candidate exactly (the paper's procedure) instead of the top_k
+    top_k: int = 16  # candidates whose bypass is scored exactly, by the first-order estimate's rank
 
     def __post_init__(self):
         if self.on_empty not in ON_EMPTY:
             raise ConfigError(f"on_empty must be 'raise' or 'best', got {self.on_empty!r}.")
+        if self.top_k < 1:
+            raise ConfigError(f"top_k must be a positive number of candidates, got {self.top_k}.")
         if self.n_train < 1 or self.n_val < 1:
             raise ConfigError(f"n_train and n_val must be positive numbers of instructions, got {self.n_train} "
                               f"and {self.n_val}.")
@@ -92,6 +97,7 @@ class SelectionResult:
     baseline: dict = field(default_factory=dict)  # unsteered mean refusal log-odds: {"harmful", "harmless"} val
     stage: str = "configured"  # one of STAGES: which filters the chosen candidate passed
     filters: dict = field(default_factory=dict)  # the filters actually applied (applied_filters)
+    agreement: dict = field(default_factory=dict)  # the scoring mode, its cost and the estimate's agreement
 
     @property
     def chosen(self) -> dict:
@@ -103,6 +109,94 @@ def _last_logits(model, ids, mask, hooks, batch_size) -> torch.Tensor:
     out = [model(i, m, fwd_hooks=list(hooks), logits="last").to(torch.float64)
            for i, m in tensor_batches(ids, mask, batch_size, model.device)]
     return torch.cat(out)
+
+
+@torch.no_grad()
+def _last_logits_and_resid(model, ids, mask, layers: Sequence[int], batch_size) -> tuple[torch.Tensor, list[dict]]:
+    """Unedited last-column logits (float64) and, per batch, ``blocks.{l}.hook_resid_pre`` of ``layers``
+    (the cone's starting points: an edit at layer l leaves every layer before it unchanged)."""
+    names = [f"blocks.{l}.hook_resid_pre" for l in layers]
+    out, resid = [], []
+    for i, m in tensor_batches(ids, mask, batch_size, model.device):
+        pre = model.prefill(i, m, names=names, logits="last")
+        out.append(pre.logits.to(torch.float64))
+        resid.append({l: pre.cache[n] for l, n in zip(layers, names)})
+    return torch.cat(out), resid
+
+
+@torch.no_grad()
+def _cone_last_logits(model, ids, mask, hooks, layer: int, resid: list[dict], batch_size) -> torch.Tensor:
+    """:func:`_last_logits` of an edit at ``layer`` or later, started from the cached residual at
+    ``layer`` (the same batches as the cache): the blocks before it are not recomputed."""
+    out = [model.prefill(i, m, fwd_hooks=list(hooks), logits="last", start_layer=layer,
+                         resid_pre=r[layer]).logits.to(torch.float64)
+           for (i, m), r in zip(tensor_batches(ids, mask, batch_size, model.device), resid)]
+    return torch.cat(out)
+
+
+def ablation_sites(model) -> list[str]:
+    """The residual writes directional ablation edits (:func:`ablation_hooks`): ``hook_embed`` and
+    every ``blocks.{l}.hook_attn_out`` / ``blocks.{l}.hook_mlp_out``."""
+    return [name for name, _ in ablation_hooks(model, torch.ones(model.cfg.d_model))]
+
+
+def first_order_bypass(model, ids, mask, directions: torch.Tensor, refusal_ids: Sequence[int],
+                       batch_size: int = 16) -> tuple[torch.Tensor, float]:
+    """First-order estimate of every candidate's ``bypass`` from one forward and one backward pass.
+
+    Directional ablation of a unit ``r`` writes ``Δ_s = -(x_s · r) r`` at every residual write ``s``
+    (:func:`ablation_sites`) and column; to first order the mean refusal log-odds then move by
+    ``Σ_s Σ_col g_s · Δ_s = -Σ_s Σ_col (x_s · r)(g_s · r)``, with ``g_s`` the gradient of the
+    metric with respect to an additive change at ``s`` in the unedited run. This is exactly the
+    derivative at ``ε = 0`` of ablating ``ε`` of the projection (``x - ε (x·r) r`` at every site), so
+    it agrees with a finite difference for small ``ε``; for the full ablation (``ε = 1``) it is an
+    estimate, used to rank candidates.
+
+    ``directions`` [C, d] (normalised here; zero rows give 0); returns ``(estimates [C], baseline)``:
+    the estimated bypass of each candidate (baseline + change) and the unedited mean log-odds, float64.
+    """
+    D = directions.to(torch.float64)
+    norms = D.norm(dim=-1, keepdim=True)
+    U = torch.where(norms > 0, D / norms.clamp_min(1e-300), torch.zeros_like(D))
+    sites = ablation_sites(model)
+    delta = torch.zeros(U.shape[0], dtype=torch.float64)
+    total, n = 0.0, 0
+    for i, m in tensor_batches(ids, mask, batch_size, model.device):
+        acts: dict[str, torch.Tensor] = {}
+
+        def start_graph(x, hook):
+            return x.detach().requires_grad_(True)
+
+        def keep(x, hook):
+            x.retain_grad()
+            acts[hook.name] = x
+            return None
+
+        hooks = [("hook_embed", start_graph)] + [(name, keep) for name in sites]
+        with torch.enable_grad():
+            logits = model.prefill(i, m, fwd_hooks=hooks, logits="last").logits
+            values = refusal_log_odds(logits, refusal_ids)
+            values.sum().backward()
+        total += float(values.detach().sum())
+        n += i.shape[0]
+        Ud = U.to(model.device)
+        for name in sites:
+            x, g = acts[name].detach(), acts[name].grad
+            if g is None:
+                continue
+            xr = x.to(torch.float64) @ Ud.T  # [b, T, C]
+            gr = g.to(torch.float64) @ Ud.T
+            delta -= (xr * gr).sum((0, 1)).cpu()
+    return total / n + delta / n, total / n
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(list(a), list(b)).statistic
+    return float(rho) if rho == rho else None
 
 
 def applied_filters(stage: str, kl_max: float, max_layer_frac: float, harmless_baseline: float) -> dict:
@@ -188,54 +282,136 @@ def select_direction(
             raise RefusalLabError("The model has no tokenizer, so give refusal_ids (the refusal token ids) explicitly.")
         refusal_ids = default_refusal_token_ids(model.tokenizer)
     refusal_ids = list(refusal_ids)
-    L = model.cfg.n_layers
+    L, P = model.cfg.n_layers, len(positions)
+    layer_limit = max_layer_frac * L
     cands = diff_in_means_all_layers(model, *harmful_train, *harmless_train, positions=positions,
                                      batch_size=batch_size)  # [L, P, d]
-
     hf_ids, hf_mask = harmful_val
     hl_ids, hl_mask = harmless_val
-    base_hl_logits = _last_logits(model, hl_ids, hl_mask, (), batch_size)
+    # what every candidate compares against, computed once: the unedited harmless logits and the
+    # residual entering every layer (the addition's cone starts there); the harmful baseline and
+    # the first-order bypass estimate of every candidate from one forward + backward
+    cone_layers = list(range(L)) if policy.exhaustive else [l for l in range(L) if l < layer_limit]
+    base_hl_logits, hl_resid = _last_logits_and_resid(model, hl_ids, hl_mask, cone_layers, batch_size)
     base_hl_induce = float(refusal_log_odds(base_hl_logits, refusal_ids).mean())  # harmless val, unsteered
-    base_hf_bypass = float(refusal_log_odds(_last_logits(model, hf_ids, hf_mask, (), batch_size), refusal_ids).mean())
-    layer_limit = max_layer_frac * L
+    estimates, base_hf_bypass = first_order_bypass(model, hf_ids, hf_mask, cands.reshape(L * P, -1), refusal_ids,
+                                                   batch_size)
+    estimates = estimates.reshape(L, P)
 
-    def mean_log_odds(ids, mask, hooks) -> float:
-        return float(refusal_log_odds(_last_logits(model, ids, mask, hooks, batch_size), refusal_ids).mean())
+    def mean_log_odds(logits) -> float:
+        return float(refusal_log_odds(logits, refusal_ids).mean())
 
-    table: list[dict] = []
-    bar = progress_bar(L * len(positions), "direction: scoring candidates", progress, unit="candidate")
+    rows: dict[tuple[int, int], dict] = {}
     for l in range(L):
         for j, p in enumerate(positions):
-            r = cands[l, j]
-            row = {"layer": l, "position": p, "norm": float(r.norm())}
-            if not torch.isfinite(r.norm()) or float(r.norm()) == 0.0:
-                table.append(row | {"bypass": float("nan"), "induce": float("nan"), "kl": float("nan"),
-                                    "kept": False, "reason": "zero direction"})
+            norm = float(cands[l, j].norm())
+            rows[l, j] = {"layer": l, "position": p, "norm": norm,
+                          "bypass": float("nan"), "induce": float("nan"), "kl": float("nan"),
+                          "bypass_estimate": float(estimates[l, j]) if math.isfinite(norm) and norm else float("nan")}
+    usable = [k for k, r in rows.items() if math.isfinite(r["norm"]) and r["norm"] > 0]
+    eligible = [k for k in usable if k[0] < layer_limit]  # the candidates that can be chosen
+    by_estimate = sorted(eligible, key=lambda k: rows[k]["bypass_estimate"])
+    to_score = usable if policy.exhaustive else by_estimate[:policy.top_k]
+    bar = progress_bar(len(to_score), "direction: scoring candidates", progress, unit="candidate")
+
+    def score_bypass(k):
+        rows[k]["bypass"] = mean_log_odds(_last_logits(model, hf_ids, hf_mask, ablation_hooks(model, cands[k]),
+                                                       batch_size))
+
+    def score_rest(k):
+        l, _ = k
+        r = cands[k]
+        rows[k]["kl"] = float(next_token_kl(base_hl_logits, _last_logits(model, hl_ids, hl_mask, ablation_hooks(model, r),
+                                                                            batch_size)).mean())
+        rows[k]["induce"] = mean_log_odds(_cone_last_logits(model, hl_ids, hl_mask,
+                                                            addition_hooks(r.to(model.dtype), l, policy.induce_alpha),
+                                                            l, hl_resid, batch_size))
+
+    def passes(k) -> bool:
+        r = rows[k]
+        return r["kl"] < kl_max and r["induce"] > 0 and k[0] < layer_limit
+
+    if policy.exhaustive:  # every candidate, every score (the paper's procedure)
+        for k in to_score:
+            score_bypass(k)
+            score_rest(k)
+            bar.update(1)
+    else:  # exact bypass of the top_k by estimate; kl and induce lazily, in exact-bypass order
+        for k in to_score:
+            score_bypass(k)
+            bar.update(1)
+        order = sorted(to_score, key=lambda k: rows[k]["bypass"])
+        for k in order:
+            score_rest(k)
+            if passes(k):
+                break
+        else:  # no top_k candidate passes: score every other eligible one (then the fallback is exhaustive's)
+            rest = [k for k in eligible if k not in set(to_score)]
+            bar.total = len(to_score) + len(rest)
+            bar.refresh()
+            for k in rest:
+                score_bypass(k)
+                score_rest(k)
                 bar.update(1)
-                continue
-            abl = ablation_hooks(model, r)
-            bypass = mean_log_odds(hf_ids, hf_mask, abl)
-            kl = float(next_token_kl(base_hl_logits, _last_logits(model, hl_ids, hl_mask, abl, batch_size)).mean())
-            induce = mean_log_odds(hl_ids, hl_mask, addition_hooks(r.to(model.dtype), l, policy.induce_alpha))
-            reasons = []
-            if not kl < kl_max:
-                reasons.append(f"kl {kl:.4g} >= kl_max {kl_max:g}")
-            if not induce > 0:
-                reasons.append(f"induce {induce:.4g} <= 0")
+    bar.close()
+
+    scored_keys = {k for k, r in rows.items() if r["bypass"] == r["bypass"]}
+    table: list[dict] = []
+    for k, row in rows.items():
+        l = k[0]
+        reasons = []
+        if k not in usable:
+            reason = "zero direction"
+        elif k not in scored_keys:
+            reason = (f"layer {l} >= max_layer_frac*L = {layer_limit:g} (not scored)" if l >= layer_limit
+                      else f"not scored: bypass estimate rank {by_estimate.index(k) + 1} > top_k {policy.top_k}")
+        elif row["kl"] != row["kl"]:
+            reason = "not scored further: exact bypass above the chosen candidate's"
+        else:
+            if not row["kl"] < kl_max:
+                reasons.append(f"kl {row['kl']:.4g} >= kl_max {kl_max:g}")
+            if not row["induce"] > 0:
+                reasons.append(f"induce {row['induce']:.4g} <= 0")
             if not l < layer_limit:
                 reasons.append(f"layer {l} >= max_layer_frac*L = {layer_limit:g}")
-            table.append(row | {"bypass": bypass, "induce": induce, "kl": kl,
-                                "kept": not reasons, "reason": "; ".join(reasons) or "kept"})
-            bar.update(1)
-    bar.close()
+            reason = "; ".join(reasons) or "kept"
+        table.append(row | {"kept": reason == "kept", "reason": reason})
 
     best, fallback, stage = choose_candidate(table, kl_max, layer_limit, base_hl_induce, policy.on_empty)
     j = positions.index(best["position"])
+    scored = [r for r in table if r["bypass"] == r["bypass"] and r["bypass_estimate"] == r["bypass_estimate"]
+              and r["layer"] < layer_limit]
+    rank = by_estimate.index((best["layer"], j)) + 1 if (best["layer"], j) in by_estimate else None
+    agreement = {
+        "mode": "exhaustive" if policy.exhaustive else "top_k",
+        "top_k": policy.top_k, "n_candidates": L * P, "n_eligible": len(eligible),
+        "n_scored": {"bypass": len(scored_keys), "kl_induce": sum(1 for r in table if r["kl"] == r["kl"])},
+        "n_forwards": _n_forwards(table, hf_ids.shape[0], hl_ids.shape[0], batch_size, L),
+        "spearman_estimate_exact": _spearman([r["bypass_estimate"] for r in scored], [r["bypass"] for r in scored]),
+        "n_spearman": len(scored),
+        "chosen_estimate_rank": rank,
+        "chosen_in_top_k": None if rank is None else rank <= policy.top_k,
+    }
+    if policy.exhaustive:  # would the top_k mode have chosen the same? (it scores all when none of its k passes)
+        top = {k for k in by_estimate[:policy.top_k]}
+        kept_top = [k for k in top if table[k[0] * P + k[1]]["kept"]]
+        agreement["top_k_agrees"] = bool(agreement["chosen_in_top_k"]) or not kept_top
     return SelectionResult(direction=cands[best["layer"], j].clone(), layer=best["layer"], position=best["position"],
                            bypass=best["bypass"], induce=best["induce"], kl=best["kl"], table=table,
                            candidates=cands, positions=positions, fallback=fallback,
                            baseline={"harmful": base_hf_bypass, "harmless": base_hl_induce}, stage=stage,
-                           filters=applied_filters(stage, kl_max, max_layer_frac, base_hl_induce))
+                           filters=applied_filters(stage, kl_max, max_layer_frac, base_hl_induce), agreement=agreement)
+
+
+def _n_forwards(table: list[dict], n_harmful: int, n_harmless: int, batch_size: int, n_layers: int) -> dict:
+    """How much model work the scoring took, in prompt-forwards (one prompt through every layer):
+    the ablated forwards of bypass and kl, the induce cones counted by the layers they ran."""
+    bypass = sum(1 for r in table if r["bypass"] == r["bypass"]) * n_harmful
+    kl_rows = [r for r in table if r["kl"] == r["kl"]]
+    kl = len(kl_rows) * n_harmless
+    induce = sum((n_layers - r["layer"]) / n_layers for r in kl_rows) * n_harmless
+    return {"bypass": bypass, "kl": kl, "induce": round(induce, 2), "estimate": 3 * n_harmful,
+            "total": round(bypass + kl + induce + 3 * n_harmful, 2)}
 
 
 # ------------------------------------------------------------------ on the packaged instructions

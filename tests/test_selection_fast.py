@@ -1,0 +1,204 @@
+"""The fast direction selection (issue 12) against independent computations on tiny models of every
+architecture: the cone addition equals the full-forward addition; the first-order bypass estimate
+equals a finite difference; the exhaustive mode reproduces the paper's loop (a naive copy of the
+pre-issue-12 selection) exactly; the top-k mode chooses what the exhaustive one does when the top k
+hold the winner, and scores only what it says it scored."""
+
+import math
+
+import pytest
+import torch
+
+from refusal_lab.metrics import refusal_log_odds
+from refusal_lab.steering.damage import next_token_kl
+from refusal_lab.steering.interventions import ablation_hooks, addition_hooks, unit
+from refusal_lab.steering.selection import (DirectionPolicy, ablation_sites, choose_candidate, first_order_bypass,
+                                            select_direction)
+from refusal_lab.steering.vectors import diff_in_means_all_layers
+from tests.conftest import random_batch
+
+POS = (-3, -2, -1)
+REFUSAL = list(range(100))
+
+
+def _splits(model):
+    return (random_batch(model, b=4, T=9, seed=1), random_batch(model, b=4, T=9, seed=2),
+            random_batch(model, b=3, T=8, seed=3), random_batch(model, b=3, T=8, seed=4))
+
+
+@torch.no_grad()
+def test_cone_addition_equals_full_forward(tiny):
+    """prefill(start_layer=l, resid_pre=cached resid_pre[l]) under an addition at layer l equals the
+    whole forward under the same addition (to 1e-5; the blocks before l see no edit)."""
+    ids, mask = random_batch(tiny, b=3, T=8, seed=5)
+    L = tiny.cfg.n_layers
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    cache = tiny.prefill(ids, mask, names=names, logits="last").cache
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    for l in range(L):
+        hooks = addition_hooks(v, l, 1.5)
+        full = tiny(ids, mask, fwd_hooks=hooks, logits="last")
+        cone = tiny.prefill(ids, mask, fwd_hooks=hooks, logits="last", start_layer=l,
+                            resid_pre=cache[names[l]]).logits
+        torch.testing.assert_close(cone, full, rtol=1e-5, atol=1e-5)
+
+
+def test_cone_needs_the_residual(tiny):
+    ids, mask = random_batch(tiny, b=2, T=6, seed=5)
+    with pytest.raises(ValueError, match="resid_pre"):
+        tiny.prefill(ids, mask, start_layer=1)
+
+
+@pytest.mark.parametrize("model_type,rel,abs_", [("qwen2", 1e-5, 1e-8), ("llama", 1e-5, 1e-8), ("mistral", 1e-5, 1e-8),
+                                                ("gemma2", 1e-3, 2e-5)])
+def test_first_order_estimate_equals_finite_difference(model_type, rel, abs_):
+    """d/dε of the mean refusal log-odds under partial ablation x -> x - ε (x·r̂) r̂ at every residual
+    write, at ε = 0, equals the first-order estimate: central differences at ε = 1e-3 and 2e-3, Richardson-
+    extrapolated (truncation error O(ε⁴)), on a float64 model whose RMSNorms compute in float64 too (HF casts them to float32, and
+    Gemma 2's eager softmax stays float32: a smaller ε drowns in that rounding); tolerance 1e-5, and
+    1e-3 (or 2e-5 absolute) for Gemma 2, whose float32 softmax leaves differences of a few 1e-6
+    whatever ε."""
+    from refusal_lab.models.hooked import HookedChatModel
+    from tests.tiny_models import tiny_model
+
+    hf = tiny_model(model_type, dtype=torch.float64)
+    for m in hf.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            gain = (lambda w: 1.0 + w) if "Gemma" in type(m).__name__ else (lambda w: w)
+            eps_ = getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6))
+            m.forward = lambda x, m=m, gain=gain, eps_=eps_: gain(m.weight) * (
+                x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps_))
+    model = HookedChatModel(hf)
+    # (Gemma 2 in float64 turns left-padded rows to NaN in HF's own attention: unpadded there)
+    ids, mask = random_batch(model, b=3, T=8, seed=7, pad=0 if model_type == "gemma2" else 2)
+    dirs = torch.randn(4, model.cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    est, base = first_order_bypass(model, ids, mask, dirs, REFUSAL, batch_size=2)
+
+    def metric(r, eps):
+        r = unit(r).to(model.dtype)
+
+        def partial(x, hook):
+            return x - eps * (x @ r)[..., None] * r
+
+        with torch.no_grad():
+            logits = model(ids, mask, fwd_hooks=[(n, partial) for n in ablation_sites(model)], logits="last")
+        return float(refusal_log_odds(logits, REFUSAL).mean())
+
+    assert base == pytest.approx(metric(dirs[0], 0.0), abs=1e-10)
+    def central(r, eps):
+        return (metric(r, eps) - metric(r, -eps)) / (2 * eps)
+
+    eps = 1e-3
+    for c in range(dirs.shape[0]):
+        fd = (4 * central(dirs[c], eps) - central(dirs[c], 2 * eps)) / 3  # Richardson: error O(ε⁴)
+        assert float(est[c]) - base == pytest.approx(fd, rel=rel, abs=abs_)
+
+
+@torch.no_grad()
+def naive_exhaustive(model, harmful_train, harmless_train, harmful_val, harmless_val, positions, policy):
+    """The selection loop as it was before issue 12: three whole forwards per candidate."""
+    cands = diff_in_means_all_layers(model, *harmful_train, *harmless_train, positions=positions)
+    (hf_ids, hf_mask), (hl_ids, hl_mask) = harmful_val, harmless_val
+
+    def last(ids, mask, hooks):
+        return model(ids, mask, fwd_hooks=list(hooks), logits="last").to(torch.float64)
+
+    def lo(ids, mask, hooks):
+        return float(refusal_log_odds(last(ids, mask, hooks), REFUSAL).mean())
+
+    base_hl = last(hl_ids, hl_mask, ())
+    L = model.cfg.n_layers
+    table = []
+    for l in range(L):
+        for j, p in enumerate(positions):
+            r = cands[l, j]
+            row = {"layer": l, "position": p, "norm": float(r.norm())}
+            if not torch.isfinite(r.norm()) or float(r.norm()) == 0.0:
+                table.append(row | {"bypass": math.nan, "induce": math.nan, "kl": math.nan, "kept": False,
+                                    "reason": "zero direction"})
+                continue
+            abl = ablation_hooks(model, r)
+            bypass = lo(hf_ids, hf_mask, abl)
+            kl = float(next_token_kl(base_hl, last(hl_ids, hl_mask, abl)).mean())
+            induce = lo(hl_ids, hl_mask, addition_hooks(r.to(model.dtype), l, policy.induce_alpha))
+            reasons = []
+            if not kl < policy.kl_max:
+                reasons.append(f"kl {kl:.4g} >= kl_max {policy.kl_max:g}")
+            if not induce > 0:
+                reasons.append(f"induce {induce:.4g} <= 0")
+            if not l < policy.max_layer_frac * L:
+                reasons.append(f"layer {l} >= max_layer_frac*L = {policy.max_layer_frac * L:g}")
+            table.append(row | {"bypass": bypass, "induce": induce, "kl": kl, "kept": not reasons,
+                                "reason": "; ".join(reasons) or "kept"})
+    base_hl_induce = float(refusal_log_odds(base_hl, REFUSAL).mean())
+    best, _, _ = choose_candidate(table, policy.kl_max, policy.max_layer_frac * L, base_hl_induce)
+    return table, best
+
+
+KEYS = ("layer", "position", "norm", "bypass", "induce", "kl", "kept", "reason")
+
+
+@pytest.mark.parametrize("kl_max", [5.0, 1e-12])
+def test_exhaustive_reproduces_the_papers_loop(tiny, kl_max):
+    """--exhaustive: every row of the naive loop's table, every key, exactly (induce to 1e-6: it now
+    runs in the cone), and the same choice — with filters that keep some and that keep none."""
+    policy = DirectionPolicy(kl_max=kl_max, max_layer_frac=0.7, exhaustive=True)
+    splits = _splits(tiny)
+    res = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=policy)
+    table, best = naive_exhaustive(tiny, *splits, POS, policy)
+    assert len(res.table) == len(table)
+    for new, old in zip(res.table, table):
+        for k in KEYS:
+            if k == "induce" and not math.isnan(old[k]):
+                assert new[k] == pytest.approx(old[k], rel=1e-6, abs=1e-6)
+            elif isinstance(old[k], float) and math.isnan(old[k]):
+                assert math.isnan(new[k])
+            else:
+                assert new[k] == old[k], (k, new, old)
+    assert (res.layer, res.position) == (best["layer"], best["position"])
+    assert res.agreement["mode"] == "exhaustive"
+    assert res.agreement["n_scored"]["bypass"] == sum(1 for r in table if r["reason"] != "zero direction")
+
+
+def test_top_k_covering_every_candidate_chooses_as_exhaustive(tiny):
+    """With top_k >= the eligible candidates, the fast mode scores each one's bypass and chooses what
+    the exhaustive mode chooses; kl/induce only until the first candidate (by bypass) passes."""
+    splits = _splits(tiny)
+    kw = dict(kl_max=5.0, max_layer_frac=0.7)
+    ex = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw, exhaustive=True))
+    fast = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw, top_k=99))
+    assert (fast.layer, fast.position) == (ex.layer, ex.position)
+    assert fast.bypass == ex.bypass and fast.kl == ex.kl and fast.induce == ex.induce
+    L = tiny.cfg.n_layers
+    for f, e in zip(fast.table, ex.table):
+        assert f["bypass_estimate"] == e["bypass_estimate"] or (math.isnan(f["bypass_estimate"]) and math.isnan(e["bypass_estimate"]))
+        if f["layer"] >= 0.7 * L:  # dropped by the layer filter: listed, not scored
+            assert math.isnan(f["bypass"]) and not f["kept"] and "not scored" in f["reason"] or f["reason"] == "zero direction"
+        elif f["reason"] != "zero direction":
+            assert f["bypass"] == e["bypass"]
+            if not math.isnan(f["kl"]):
+                assert f["kl"] == e["kl"] and f["kept"] == e["kept"]
+    kept_fast = [r for r in fast.table if r["kept"]]
+    assert len(kept_fast) == 1 and kept_fast[0]["bypass"] == fast.bypass
+
+
+def test_top_k_scores_only_the_top_k(tiny):
+    splits = _splits(tiny)
+    res = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL,
+                           policy=DirectionPolicy(kl_max=5.0, max_layer_frac=1.0, top_k=2))
+    scored = [r for r in res.table if not math.isnan(r["bypass"])]
+    eligible = [r for r in res.table if r["reason"] != "zero direction"]
+    by_est = sorted(eligible, key=lambda r: r["bypass_estimate"])
+    if any(r["kept"] for r in res.table):  # found among the top 2: nothing else was scored
+        assert len(scored) == min(2, len(eligible))
+        assert {(r["layer"], r["position"]) for r in scored} == {(r["layer"], r["position"]) for r in by_est[:2]}
+        assert res.agreement["chosen_in_top_k"] is True
+    assert res.agreement["n_scored"]["bypass"] == len(scored)
+    assert res.agreement["mode"] == "top_k" and res.agreement["top_k"] == 2
+
+
+def test_policy_top_k_must_be_positive():
+    from refusal_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="top_k"):
+        DirectionPolicy(top_k=0)
