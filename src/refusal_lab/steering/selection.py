@@ -32,6 +32,7 @@ import torch
 
 from refusal_lab.errors import ConfigError, RefusalLabError
 from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
+from refusal_lab.models.shared_prefix import SharedPrefix
 from refusal_lab.prompts import build_instruction_prompts, eoi_tokens
 from refusal_lab.steering.batching import instruction_sample, progress_bar, tensor_batches
 from refusal_lab.steering.damage import next_token_kl
@@ -132,6 +133,10 @@ def _cone_last_logits(model, ids, mask, hooks, layer: int, resid: list[dict], ba
                          resid_pre=r[layer]).logits.to(torch.float64)
            for (i, m), r in zip(tensor_batches(ids, mask, batch_size, model.device), resid)]
     return torch.cat(out)
+
+
+def _to64(logits: torch.Tensor) -> torch.Tensor:
+    return logits.to(torch.float64)
 
 
 def ablation_sites(model) -> list[str]:
@@ -291,8 +296,13 @@ def select_direction(
     # what every candidate compares against, computed once: the unedited harmless logits and the
     # residual entering every layer (the addition's cone starts there); the harmful baseline and
     # the first-order bypass estimate of every candidate from one forward + backward
-    cone_layers = list(range(L)) if policy.exhaustive else [l for l in range(L) if l < layer_limit]
-    base_hl_logits, hl_resid = _last_logits_and_resid(model, hl_ids, hl_mask, cone_layers, batch_size)
+    if policy.exhaustive:  # the paper's forwards: whole prompts; the addition in its cone
+        cone_layers = list(range(L))
+        base_hl_logits, hl_resid = _last_logits_and_resid(model, hl_ids, hl_mask, cone_layers, batch_size)
+    else:  # every scored forward runs the prompts' common beginning (the chat template's) once
+        shared_hf = SharedPrefix.split(hf_ids, hf_mask, batch_size, model.device)
+        shared_hl = SharedPrefix.split(hl_ids, hl_mask, batch_size, model.device)
+        base_hl_logits = _to64(shared_hl.last_logits(model))
     base_hl_induce = float(refusal_log_odds(base_hl_logits, refusal_ids).mean())  # harmless val, unsteered
     estimates, base_hf_bypass = first_order_bypass(model, hf_ids, hf_mask, cands.reshape(L * P, -1), refusal_ids,
                                                    batch_size)
@@ -314,18 +324,26 @@ def select_direction(
     to_score = usable if policy.exhaustive else by_estimate[:policy.top_k]
     bar = progress_bar(len(to_score), "direction: scoring candidates", progress, unit="candidate")
 
+    def harmful(hooks):
+        if policy.exhaustive:
+            return _last_logits(model, hf_ids, hf_mask, hooks, batch_size)
+        return _to64(shared_hf.last_logits(model, hooks))
+
+    def harmless(hooks, cone_layer=None):
+        if not policy.exhaustive:
+            return _to64(shared_hl.last_logits(model, hooks))
+        if cone_layer is not None:
+            return _cone_last_logits(model, hl_ids, hl_mask, hooks, cone_layer, hl_resid, batch_size)
+        return _last_logits(model, hl_ids, hl_mask, hooks, batch_size)
+
     def score_bypass(k):
-        rows[k]["bypass"] = mean_log_odds(_last_logits(model, hf_ids, hf_mask, ablation_hooks(model, cands[k]),
-                                                       batch_size))
+        rows[k]["bypass"] = mean_log_odds(harmful(ablation_hooks(model, cands[k])))
 
     def score_rest(k):
         l, _ = k
         r = cands[k]
-        rows[k]["kl"] = float(next_token_kl(base_hl_logits, _last_logits(model, hl_ids, hl_mask, ablation_hooks(model, r),
-                                                                            batch_size)).mean())
-        rows[k]["induce"] = mean_log_odds(_cone_last_logits(model, hl_ids, hl_mask,
-                                                            addition_hooks(r.to(model.dtype), l, policy.induce_alpha),
-                                                            l, hl_resid, batch_size))
+        rows[k]["kl"] = float(next_token_kl(base_hl_logits, harmless(ablation_hooks(model, r))).mean())
+        rows[k]["induce"] = mean_log_odds(harmless(addition_hooks(r.to(model.dtype), l, policy.induce_alpha), l))
 
     def passes(k) -> bool:
         r = rows[k]
