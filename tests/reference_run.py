@@ -16,7 +16,7 @@ from tests.helpers_tiny_chat import make_tiny_chat_model, small_steering_config
 REFERENCE = Path(__file__).resolve().parent / "reference"
 MODEL_TYPES = ("qwen2", "gemma2")
 """Qwen2 (the offline models' architecture) and Gemma 2 (norms after attention/MLP outputs)."""
-VOLATILE = ("timings", "versions")
+VOLATILE = ("timings", "versions", "profile")
 """Top-level fields that differ between machines and sessions, not between code versions."""
 CONFIG = {"directions": ["sufficiency", "necessity"], "steering_exhaustive": True}
 """Every grid, both directions, attribution, heads, and small steering: every step of the run."""

@@ -30,7 +30,8 @@ def read_results(folder: Path) -> dict:
 
 
 def without_timings(results: dict) -> dict:
-    return {k: v for k, v in results.items() if k != "timings"}
+    """Results without what measures the process (seconds, memory, which steps were read back)."""
+    return {k: v for k, v in results.items() if k not in ("timings", "profile")}
 
 
 def step_mtimes(folder: Path) -> dict[str, int]:
@@ -211,6 +212,13 @@ def test_second_identical_run_recomputes_nothing(run_dir, tiny_dir, monkeypatch)
     # Step timings are the recorded ones; only the total differs.
     assert {k: v for k, v in after["timings"].items() if k != "total"} == \
            {k: v for k, v in before["timings"].items() if k != "total"}
+    # the profile: every stored step's cost as measured when it ran, now marked as read back
+    assert set(after["profile"]) == set(before["profile"]) == {p[:-5] for p in mtimes}
+    for k, p in after["profile"].items():
+        assert p["resumed"] and not before["profile"][k]["resumed"]
+        assert {x: v for x, v in p.items() if x != "resumed"} == \
+               {x: v for x, v in before["profile"][k].items() if x != "resumed"}
+        assert p["wall_s"] >= 0 and p["cpu_s"] >= 0 and p["peak_rss_gib"] >= p["rss_start_gib"] > 0
 
 
 @pytest.fixture(scope="module")

@@ -288,7 +288,7 @@ def one_sentence(msg: str) -> bool:
 def test_real_results_follow_the_schema():
     """Every results.json the pipeline wrote (the pinned references without their volatile fields, the
     example runs of the README) is read without complaint."""
-    volatile = {"timings": {"total": 1.0}, "versions": {k: "x" for k in ("refusal_lab", "torch", "transformers",
+    volatile = {"timings": {"total": 1.0}, "profile": {}, "versions": {k: "x" for k in ("refusal_lab", "torch", "transformers",
                                                                         "python")}}
     for t in MODEL_TYPES:
         r = json.loads(reference_path(t).read_text())

@@ -67,6 +67,7 @@ def steps_done(out: Path) -> set[str]:
 def comparable(out: Path) -> dict:
     results = json.loads((out / "results.json").read_text())
     results.pop("timings")
+    results.pop("profile")  # wall and CPU seconds, memory
     return results
 
 
