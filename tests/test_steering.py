@@ -344,7 +344,7 @@ def test_steering_and_evaluation_steps_progress_and_intervals(tiny_chat, capsys)
     # steering: alpha sweep 2 x (2 + 2 batches) + ablation 2 batches, objects 2 vectors x 2 alphas x 2 sides
     assert "steering: val alpha sweep" in err and "/18 [" in err and "steering: heads vector on objects" in err
     # evaluation: 5 runs x 2 batches + 2 edits x (cross-entropy, KL)
-    assert "evaluation: harmless baseline" in err and "/14 [" in err and "evaluation: damage of the addition" in err
+    assert "evaluation: harmless baseline" in err and "/14 [" in err and "evaluation: damage of the ablation, addition" in err
     assert "<" in err  # [elapsed<remaining]
     for key in ("harmless_refusal_rate_added", "harmful_refusal_rate_ablated", "harmful_refusal_rate_subtracted"):
         e = ev[key]
