@@ -67,9 +67,9 @@ def naive_greedy(model, ids, mask, n, eos, hooks=()):
     return rows
 
 
-def pick_eos(model, ids, mask, n):
+def pick_eos(model, ids, mask, n, hooks=()):
     """A token that ends some rows early but not all (so rows really leave the batch)."""
-    free = model.generate(ids, mask, max_new_tokens=n, stop_at_eos=False)
+    free = model.generate(ids, mask, max_new_tokens=n, stop_at_eos=False, fwd_hooks=list(hooks))
     for t in range(1, n):
         for r in range(free.shape[0]):
             tok = int(free[r, t])
@@ -84,7 +84,7 @@ def test_decode_dropping_finished_rows_equals_naive_per_row_loop(model):
     n = 8
     ids, mask = padded_batch(model)
     hooks = addition_hooks(torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1)), 1, 2.0)
-    eos = pick_eos(model, ids, mask, n)
+    eos = pick_eos(model, ids, mask, n, hooks)
     with eos_as(model, eos):
         ref = naive_greedy(model, ids, mask, n, [eos], hooks)
         fast = greedy_decode(model, ids, mask, max_new_tokens=n, fwd_hooks=hooks, drop_finished=True, logprobs=True)
@@ -122,7 +122,7 @@ def test_stop_ends_chosen_rows(model):
 def test_split_prefill_equals_one_prefill(model, split):
     ids, mask = padded_batch(model)
     v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2))
-    hooks = addition_hooks(v, min(split, model.cfg.n_layers - 1), 1.5)
+    hooks = addition_hooks(v, split, 1.5) if split < model.cfg.n_layers else []  # edits at or above the split
     whole = model.prefill(ids, mask, fwd_hooks=hooks, record_kv=True, logits="last")
     low = model.prefill(ids, mask, record_kv=True, stop_layer=split, logits="none")
     up = model.prefill(ids, mask, fwd_hooks=hooks, record_kv=True, start_layer=split, resid=low.resid, logits="last")

@@ -209,7 +209,7 @@ def test_evaluate_hooks_and_sweep_on_tiny():
     # batching by length must not change what each prompt gets
     alone = [evaluate_hooks(m, [s], [], **kw) for s in ins]
     assert r.completions == [a.completions[0] for a in alone]
-    torch.testing.assert_close(r.scores, torch.cat([a.scores for a in alone]))
+    torch.testing.assert_close(r.scores, torch.cat([a.scores for a in alone]), rtol=1e-5, atol=1e-6)  # padded vs alone: fp32 rounding
     assert r.n == 3 and r.k == 1 and r.rate == pytest.approx(1 / 3)
     assert r.samples(2, {"setting": "x"}) == [{"setting": "x", "instruction": s, "completion": c, "refused": k}
                                               for s, c, k in zip(ins[:2], r.completions, [True, False])]

@@ -226,7 +226,7 @@ def _settled_stop(model, judge, idx: Sequence[int], full_texts: int | None):
     eos = model.eos_ids()
     if (full_texts is None or type(judge) is not SubstringJudge or not eos
             or getattr(tok, "clean_up_tokenization_spaces", True) is not False
-            or not set(eos) <= set(tok.all_special_ids)):
+            or not set(eos) <= set(getattr(tok, "all_special_ids", ()))):
         return None
     subs = judge.substrings
     later = [int(i) >= full_texts for i in idx]
@@ -332,7 +332,7 @@ def evaluate_settings(model, prompts: Sequence[str], settings: Mapping[K, Sequen
     # decode row-alike settings as one batch, where the longer run's extra eos ids vanish in decoding
     eos = model.eos_ids()
     stacked = [k for k in settings if _rows_alike(settings[k])]
-    if not (STACK_DECODING and len(stacked) > 1 and eos and set(eos) <= set(model.tokenizer.all_special_ids)):
+    if not (STACK_DECODING and len(stacked) > 1 and eos and set(eos) <= set(getattr(model.tokenizer, "all_special_ids", ()))):
         stacked = []
     for idx, ids, mask in batches:
         lower = model.prefill(ids, mask, record_kv=generate, stop_layer=split, logits="none") if split else None
