@@ -327,6 +327,8 @@ def evaluate_settings(model, prompts: Sequence[str], settings: Mapping[K, Sequen
     low = {k: lowest_layer(model, h) for k, h in settings.items()}
     shared = [k for k in settings if low[k] > 0]
     split = min(low[k] for k in shared) if len(shared) > 1 else 0
+    if split >= model.cfg.n_layers:  # only hook-free settings: nothing to split (a split at the end is untested)
+        split = 0
     scores = {k: torch.zeros(len(prompts), dtype=torch.float64) for k in settings}
     completions: dict[K, list] = {k: [None] * len(prompts) for k in settings}
     # decode row-alike settings as one batch, where the longer run's extra eos ids vanish in decoding
