@@ -39,13 +39,13 @@ def test_cone_addition_equals_full_forward(tiny):
         hooks = addition_hooks(v, l, 1.5)
         full = tiny(ids, mask, fwd_hooks=hooks, logits="last")
         cone = tiny.prefill(ids, mask, fwd_hooks=hooks, logits="last", start_layer=l,
-                            resid_pre=cache[names[l]]).logits
+                            resid=cache[names[l]] if l else None).logits
         torch.testing.assert_close(cone, full, rtol=1e-5, atol=1e-5)
 
 
 def test_cone_needs_the_residual(tiny):
     ids, mask = random_batch(tiny, b=2, T=6, seed=5)
-    with pytest.raises(ValueError, match="resid_pre"):
+    with pytest.raises(ValueError, match="resid"):
         tiny.prefill(ids, mask, start_layer=1)
 
 

@@ -207,7 +207,8 @@ class HookedChatModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         logits: str = "all",
         start_layer: int = 0,
-        resid_pre: torch.Tensor | None = None,
+        stop_layer: int | None = None,
+        resid: torch.Tensor | None = None,
     ) -> Prefill:
         """The one prompt forward: embed ``input_ids`` [b, q], run every block, final norm and unembedding.
 
@@ -219,12 +220,21 @@ class HookedChatModel(nn.Module):
         ``position_ids`` [b, q] default to the mask's (left padding ignored). ``logits``: 'all' columns, the 'last'
         one, or 'none' (no final norm: ``resid`` is what a caller wants).
 
-        ``resid_pre`` [b, q, d] (the unedited ``blocks.{start_layer}.hook_resid_pre`` of these tokens,
-        e.g. from an earlier run's cache) starts the forward at block ``start_layer``: the embedding
-        and the blocks before it are skipped (the cone of an edit at ``start_layer`` or
-        later; their sites are not run, so hooks or cache names there see nothing)."""
+        ``stop_layer`` (with ``logits='none'``) ends the forward before that block: ``resid`` is then
+        what enters it, and ``kv`` holds the blocks run. ``start_layer`` with ``resid`` (what enters
+        that block, e.g. an earlier prefill's with that ``stop_layer``) runs only the blocks from it
+        on, so several edits at or above one layer share the computation below it; merging the two
+        prefills' ``kv`` gives every layer's, bit for bit those of one whole forward."""
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}.")
+        n_layers = self.cfg.n_layers
+        stop = n_layers if stop_layer is None else int(stop_layer)
+        if not 0 <= start_layer <= stop <= n_layers:
+            raise ValueError(f"Need 0 <= start_layer <= stop_layer <= {n_layers}, got {start_layer} and {stop}.")
+        if stop < n_layers and logits != "none":
+            raise ValueError("A forward that stops before the last block has no logits; pass logits='none'.")
+        if (resid is None) != (start_layer == 0):
+            raise ValueError("Give resid (what enters start_layer) exactly when start_layer > 0.")
         if attention_mask is None:  # every prefix and token column is real
             prefix = next(iter(kv_prefix.values()))[0].shape[2] if kv_prefix else 0
             attention_mask = torch.ones(input_ids.shape[0], prefix + input_ids.shape[1], dtype=input_ids.dtype,
@@ -236,15 +246,11 @@ class HookedChatModel(nn.Module):
             position_ids = default_position_ids(attention_mask)[:, k - q:]
         kv = KVPrefix(prefix=kv_prefix, record=record_kv) if kv_prefix is not None or record_kv else None
         a = self.adapter
-        if start_layer and resid_pre is None:
-            raise ValueError("start_layer > 0 needs resid_pre, the residual entering that block.")
-        if resid_pre is None:
-            dev = a.embed_tokens.weight.device
+        dev = a.embed_tokens.weight.device
+        if start_layer == 0:
             resid = run.site("hook_embed", None, a.embed(input_ids.to(dev)), cols.to(dev))
-        else:
-            resid = resid_pre
         resid = self.blocks(resid, run=run, cols=cols, position_ids=position_ids, key_valid=attention_mask.bool(), kv=kv,
-                            start_layer=start_layer)
+                            start_layer=start_layer, stop_layer=stop)
         out = None
         if logits != "none":
             at = slice(-1, None) if logits == "last" else slice(None)

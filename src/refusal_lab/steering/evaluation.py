@@ -13,18 +13,31 @@ its result.
   classifier loaded with :func:`refusal_lab.load_model`) whether each completion refuses, by comparing
   its next-token logits for a "yes" and a "no" answer.
 * :func:`evaluate_hooks` -> :class:`HookEvaluation`: per-prompt scores, completions, verdicts,
-  ``k`` / ``n`` / ``rate`` / ``ci95`` and labelled samples.
+  ``k`` / ``n`` / ``rate`` / ``ci95`` and labelled samples; :func:`evaluate_settings` runs several hook
+  settings on the same prompts at once (each batch tokenized once).
+
+The loop does no work twice: the score is taken from the generation's own prompt prefill (not a
+separate forward), settings whose edits all sit at or above one layer share the prompt computation
+below it (:func:`lowest_layer`), the settings that edit every row alike decode their completions
+as one batch (each setting's hooks on its own rows), finished rows leave the batch, and with the substring judge a row
+whose verdict is already settled (a refusal substring occurred) stops early unless its text is one
+of the ``full_texts`` shown as samples. Scores, verdicts, ``k`` and the shown completions are those
+of the plain loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
+from refusal_lab.models.edits import Add, ProjectOut
+from refusal_lab.models.generate import greedy_decode
+from refusal_lab.models.hooked import Prefill
 from refusal_lab.steering.batching import length_batches
+from refusal_lab.steering.interventions import SteerAdd
 from refusal_lab.stats import wilson_interval
 
 __all__ = [
@@ -35,7 +48,9 @@ __all__ = [
     "Judge",
     "SubstringJudge",
     "evaluate_hooks",
+    "evaluate_settings",
     "is_refusal",
+    "lowest_layer",
     "refusal_log_odds_score",
 ]
 
@@ -132,6 +147,7 @@ class HookEvaluation:
     scores: torch.Tensor  # float64 [n], the score of each prompt's last-column logits
     completions: list[str] | None = None  # None without generation
     refused: list[bool] | None = None
+    full_texts: int | None = None  # completions from this prompt index on may be cut once their verdict was settled
 
     @property
     def n(self) -> int:
@@ -165,6 +181,8 @@ class HookEvaluation:
         """The first ``limit`` judged completions: ``{**labels, prompt_key, "completion", "refused"}``."""
         if self.completions is None:
             return []
+        if self.full_texts is not None and min(limit, self.n) > self.full_texts:
+            raise ValueError(f"Only the first {self.full_texts} completions are whole; {limit} were asked for.")
         return [{**labels, prompt_key: p, "completion": c, "refused": r}
                 for p, c, r in list(zip(self.prompts, self.completions, self.refused))[:limit]]
 
@@ -179,10 +197,190 @@ def refusal_log_odds_score(model, refusal_ids: Sequence[int] | None = None) -> C
     return lambda logits: refusal_log_odds(logits, ids)
 
 
+def lowest_layer(model, fwd_hooks) -> int:
+    """The first block whose computation ``fwd_hooks`` can change: 0 with a ``hook_embed`` hook,
+    ``l`` for a site of block ``l``, ``n_layers`` without hooks (or only ``ln_final``). Settings
+    whose lowest layer is at least ``m`` compute blocks 0..m-1 of a prompt identically."""
+    low = model.cfg.n_layers
+    for name, _ in fwd_hooks:
+        layer, site = model.check_site(name)
+        if site == "hook_embed":
+            return 0
+        if layer is not None:
+            low = min(low, layer)
+    return low
+
+
+def _rows_alike(fwd_hooks) -> bool:
+    """Whether every hook edits every row alike (the package's additions and ablations without
+    ``batch=``), so finished rows may leave the batch."""
+    return all(isinstance(fn, (SteerAdd, Add, ProjectOut)) and fn.batch is None for _, fn in fwd_hooks)
+
+
+def _settled_stop(model, judge, idx: Sequence[int], full_texts: int | None):
+    """A :data:`~refusal_lab.models.generate.StopFn` ending rows whose substring verdict is settled
+    (a refusal substring already occurred in the decoded text), except prompts ``< full_texts``; None
+    when that cannot be done exactly: another judge, no ``full_texts``, a tokenizer that cleans up
+    spaces on decoding (a later token could undo a match) or eos ids that decoding keeps."""
+    tok = model.tokenizer
+    eos = model.eos_ids()
+    if (full_texts is None or type(judge) is not SubstringJudge or not eos
+            or getattr(tok, "clean_up_tokenization_spaces", True) is not False
+            or not set(eos) <= set(getattr(tok, "all_special_ids", ()))):
+        return None
+    subs = judge.substrings
+    later = [int(i) >= full_texts for i in idx]
+    if not any(later):
+        return None
+
+    def stop(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        rows = rows.tolist()
+        out = torch.zeros(len(rows), dtype=torch.bool)
+        ask = [k for k, r in enumerate(rows) if later[r]]
+        if ask:
+            texts = tok.batch_decode(tokens[ask].cpu(), skip_special_tokens=True)
+            for k, text in zip(ask, texts):
+                out[k] = is_refusal(text, subs)
+        return out
+
+    return stop
+
+
+class _OnRows:
+    """A hook applied to some rows of the batch only (the rest pass unchanged)."""
+
+    def __init__(self, fn, rows: torch.Tensor):
+        self.fn, self.rows = fn, rows
+
+    def __call__(self, act: torch.Tensor, hook):
+        rows = self.rows.to(act.device)
+        new = self.fn(act[rows], hook)
+        if new is None:
+            return None
+        out = act.clone()
+        out[rows] = new
+        return out
+
+
+def _decode_stacked(model, ids, mask, idx, keys, settings, firsts, judge, keep, max_new_tokens) -> dict:
+    """Greedy completions of several settings' rows decoded as one batch: setting j holds rows
+    j*b..j*b+b-1, each setting's hooks act on its rows only, finished rows leave. ``{key: tokens [b, new]}``."""
+    b = ids.shape[0]
+    n = len(keys)
+    layers = list(firsts[keys[0]].kv)
+    kv = {l: (torch.cat([firsts[k].kv[l][0] for k in keys]), torch.cat([firsts[k].kv[l][1] for k in keys]))
+          for l in layers}
+    first = Prefill(torch.cat([firsts[k].logits for k in keys]), None, None, kv)
+
+    def hooks_for(rows: torch.Tensor) -> list:
+        out = []
+        for j, k in enumerate(keys):
+            if settings[k]:
+                pos = ((rows >= j * b) & (rows < (j + 1) * b)).nonzero().flatten()
+                if pos.numel():
+                    out += [(name, _OnRows(fn, pos)) for name, fn in settings[k]]
+        return out
+
+    stops = [_settled_stop(model, judge, idx, keep[k]) for k in keys]
+
+    def stop(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(rows.shape[0], dtype=torch.bool)
+        owner = (rows // b).cpu()
+        for j, fn in enumerate(stops):
+            sel = (owner == j).nonzero().flatten()
+            if fn is not None and sel.numel():
+                out[sel] = fn(rows[sel.to(rows.device)] % b, tokens[sel.to(tokens.device)])
+        return out
+
+    gen = greedy_decode(model, ids.repeat(n, 1), mask.repeat(n, 1), max_new_tokens=max_new_tokens, fwd_hooks=hooks_for,
+                        prefill=first, drop_finished=True, stop=stop if any(f is not None for f in stops) else None)
+    return {k: gen.tokens[j * b:(j + 1) * b] for j, k in enumerate(keys)}
+
+
+STACK_DECODING = True
+"""Decode the row-alike settings of one batch together (one bigger batch per step)."""
+
+K = TypeVar("K", bound=Hashable)
+
+
+@torch.no_grad()
+def evaluate_settings(model, prompts: Sequence[str], settings: Mapping[K, Sequence], *, judge: Judge | None = None,
+                      score: Callable[[torch.Tensor], torch.Tensor] | None = None, max_new_tokens: int = 24,
+                      batch_size: int = 16, batches: Iterable[Batch] | None = None, bar=None,
+                      full_texts: int | Mapping[K, int] | None = None) -> dict[K, HookEvaluation]:
+    """:func:`evaluate_hooks` of each hook setting in ``settings`` (``{key: fwd_hooks}``) on the same
+    prompts: ``{key: HookEvaluation}``, each equal to its own :func:`evaluate_hooks` run.
+
+    Per batch, the settings whose lowest edited layer (:func:`lowest_layer`) is above 0 share one
+    prompt prefill of the blocks below the lowest of those layers. ``full_texts`` (one number or one
+    per key; None = all): how many leading prompts' completions must be whole (those shown as
+    samples); with the substring judge the others stop once a refusal substring occurred (their
+    verdicts cannot change; :attr:`HookEvaluation.full_texts` records it). ``bar.update(1)`` after
+    each batch of each setting."""
+    prompts = list(prompts)
+    score = score or refusal_log_odds_score(model)
+    judge = judge or SubstringJudge()
+    batches = list(batches) if batches is not None else list(length_batches(model, prompts, batch_size))
+    settings = {k: list(v) for k, v in settings.items()}
+    keep = {k: (full_texts.get(k) if isinstance(full_texts, Mapping) else full_texts) for k in settings}
+    generate = max_new_tokens > 0
+    low = {k: lowest_layer(model, h) for k, h in settings.items()}
+    shared = [k for k in settings if low[k] > 0]
+    split = min(low[k] for k in shared) if len(shared) > 1 else 0
+    if split >= model.cfg.n_layers:  # only hook-free settings: nothing to split (a split at the end is untested)
+        split = 0
+    scores = {k: torch.zeros(len(prompts), dtype=torch.float64) for k in settings}
+    completions: dict[K, list] = {k: [None] * len(prompts) for k in settings}
+    # decode row-alike settings as one batch, where the longer run's extra eos ids vanish in decoding
+    eos = model.eos_ids()
+    stacked = [k for k in settings if _rows_alike(settings[k])]
+    if not (STACK_DECODING and len(stacked) > 1 and eos and set(eos) <= set(getattr(model.tokenizer, "all_special_ids", ()))):
+        stacked = []
+    for idx, ids, mask in batches:
+        lower = model.prefill(ids, mask, record_kv=generate, stop_layer=split, logits="none") if split else None
+        firsts = {}
+        for key, hooks in settings.items():
+            if lower is not None and key in shared:
+                up = model.prefill(ids, mask, fwd_hooks=hooks, record_kv=generate, logits="last", start_layer=split,
+                                   resid=lower.resid)
+                first = Prefill(up.logits, up.resid, None, {**lower.kv, **up.kv})
+            else:
+                first = model.prefill(ids, mask, fwd_hooks=hooks, record_kv=generate, logits="last")
+            scores[key][idx] = score(first.logits).reshape(-1).to(torch.float64).cpu()
+            tokens = None
+            if generate and key in stacked:
+                firsts[key] = first
+            elif generate:
+                tokens = greedy_decode(model, ids, mask, max_new_tokens=max_new_tokens, fwd_hooks=hooks, prefill=first,
+                                       drop_finished=_rows_alike(hooks),
+                                       stop=_settled_stop(model, judge, idx, keep[key])).tokens
+            if tokens is not None:
+                for i, text in zip(idx, model.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)):
+                    completions[key][i] = text
+            if bar is not None and key not in firsts:
+                bar.update(1)
+        if firsts:
+            got = _decode_stacked(model, ids, mask, idx, list(firsts), settings, firsts, judge, keep, max_new_tokens)
+            for key, tokens in got.items():
+                for i, text in zip(idx, model.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)):
+                    completions[key][i] = text
+                if bar is not None:
+                    bar.update(1)
+    if not generate:
+        return {k: HookEvaluation(prompts, scores[k]) for k in settings}
+    out = {}
+    for k in settings:
+        refused = [bool(r) for r in judge(prompts, completions[k])]
+        cut = keep[k] if _settled_stop(model, judge, range(len(prompts)), keep[k]) is not None else None
+        out[k] = HookEvaluation(prompts, scores[k], completions[k], refused, cut)
+    return out
+
+
 @torch.no_grad()
 def evaluate_hooks(model, prompts: Sequence[str], fwd_hooks, *, judge: Judge | None = None,
                    score: Callable[[torch.Tensor], torch.Tensor] | None = None, max_new_tokens: int = 24,
-                   batch_size: int = 16, batches: Iterable[Batch] | None = None, bar=None) -> HookEvaluation:
+                   batch_size: int = 16, batches: Iterable[Batch] | None = None, bar=None,
+                   full_texts: int | None = None) -> HookEvaluation:
     """Run ``prompts`` under ``fwd_hooks``: ``score(last-column logits)`` per prompt and, with
     ``max_new_tokens > 0``, greedy completions (special tokens dropped) judged by ``judge``
     (:class:`SubstringJudge` by default) against ``prompts``.
@@ -190,24 +388,7 @@ def evaluate_hooks(model, prompts: Sequence[str], fwd_hooks, *, judge: Judge | N
     ``score`` defaults to :func:`refusal_log_odds_score`. ``batches`` are ``(indices, ids, mask)``
     triples covering the prompts (default: the prompts as chat turns, :func:`length_batches` of
     ``batch_size``); give them when the prompts are already tokenized (e.g. object prompts).
+    ``full_texts``: see :func:`evaluate_settings` (None: every completion whole).
     ``bar.update(1)`` after each batch."""
-    prompts = list(prompts)
-    score = score or refusal_log_odds_score(model)
-    if batches is None:
-        batches = length_batches(model, prompts, batch_size)
-    generate = max_new_tokens > 0
-    scores = torch.zeros(len(prompts), dtype=torch.float64)
-    completions: list[str | None] = [None] * len(prompts)
-    for idx, ids, mask in batches:
-        hooks = list(fwd_hooks)
-        scores[idx] = score(model(ids, mask, fwd_hooks=hooks, logits="last")).reshape(-1).to(torch.float64).cpu()
-        if generate:
-            new = model.generate(ids, mask, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
-            for i, text in zip(idx, model.tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)):
-                completions[i] = text
-        if bar is not None:
-            bar.update(1)
-    if not generate:
-        return HookEvaluation(prompts, scores)
-    refused = [bool(r) for r in (judge or SubstringJudge())(prompts, completions)]
-    return HookEvaluation(prompts, scores, completions, refused)
+    return evaluate_settings(model, prompts, {0: fwd_hooks}, judge=judge, score=score, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, batches=batches, bar=bar, full_texts=full_texts)[0]

@@ -20,7 +20,7 @@ Vectors are saved as safetensors under ``vectors/``. Each step shows one progres
 (``progress=False`` silences it). The direction is chosen by the package's one policy
 (:func:`refusal_lab.steering.selection.select_refusal_direction`, also behind
 ``refusal-lab abliterate --select``); the sweeps and the evaluation judge completions with the one
-generate-and-judge loop (:func:`refusal_lab.steering.evaluation.evaluate_hooks`).
+generate-and-judge loop (:func:`refusal_lab.steering.evaluation.evaluate_settings`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch
 
 from refusal_lab.prompts import build_instruction_prompts
 from refusal_lab.steering.batching import instruction_sample, n_batches, progress_bar
-from refusal_lab.steering.damage import completion_cross_entropy, edit_kl
-from refusal_lab.steering.evaluation import REFUSAL_SUBSTRINGS, Judge, SubstringJudge, evaluate_hooks
+from refusal_lab.steering.damage import edit_damage
+from refusal_lab.steering.evaluation import REFUSAL_SUBSTRINGS, Judge, SubstringJudge, evaluate_settings
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
 from refusal_lab.steering.selection import DirectionPolicy, select_refusal_direction
 from refusal_lab.steering.sweep import alpha_sweep, object_alpha_sweep, sweep_units
@@ -164,13 +164,15 @@ def steering_step(model, s: SteeringSettings, direction: dict, direction_vector:
                              position=heads_position if heads_position is not None else -1, batch_size=s.batch_size)
             vectors["heads"] = (hv, add_layer, f"{len(heads)} refusal heads' summed outputs at column {heads_position}, "
                                                f"added at blocks.{add_layer}.hook_resid_pre")
+        unsteered: dict = {}  # the alpha = 0 object runs, the same for every vector
         for name, (vec, at, desc) in vectors.items():
             bar.set_description(f"steering: {name} vector on objects")
             save_vector(f"objects_{name}", vec, {"model": model.cfg.model_name, "layer": at, "kind": name,
                                                  "description": desc})
             res = object_alpha_sweep(model, vec.to(model.dtype), at, object_alphas, object_batches, objects,
                                      metric_fn=metric_fn, harmful_mean=harmful_mean, harmless_mean=harmless_mean,
-                                     judge=s.judge, max_new_tokens=s.max_new_tokens, n_samples=s.n_samples, bar=bar)
+                                     judge=s.judge, max_new_tokens=s.max_new_tokens, n_samples=s.n_samples, bar=bar,
+                                     unsteered=unsteered)
             out["objects"][name] = {"description": desc, "layer": at, "norm": float(vec.norm()), **res}
     finally:
         bar.close()
@@ -196,26 +198,26 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
     settings = {"harmless_baseline": ("harmless", []), "harmless_added": ("harmless", add),
                 "harmful_baseline": ("harmful", []), "harmful_ablated": ("harmful", abl),
                 "harmful_subtracted": ("harmful", sub)}
-    damage_edits = (("ablation", abl), ("addition", add))
+    shown = ("harmless_added", "harmful_ablated", "harmful_baseline", "harmless_baseline")
+    n_shown = max(s.n_samples, 5)
+    damage_edits = {"ablation": abl, "addition": add}
     total = sum(n_batches(len(test[side]), s.batch_size) for side, _ in settings.values()) + 2 * len(damage_edits)
     bar = progress_bar(total, "evaluation", progress)
     kw = dict(judge=s.judge, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, bar=bar)
     try:
         runs = {}
-        for key, (side, hooks) in settings.items():
-            bar.set_description(f"evaluation: {key.replace('_', ' ')}")
-            runs[key] = evaluate_hooks(model, test[side], hooks, **kw)
+        for side in ("harmless", "harmful"):  # a side's settings at once: one tokenization, shared lower blocks
+            keys = [k for k, (sd, _) in settings.items() if sd == side]
+            bar.set_description(f"evaluation: {side} {', '.join(k.split('_', 1)[1] for k in keys)}")
+            runs.update(evaluate_settings(model, test[side], {k: settings[k][1] for k in keys},
+                                          full_texts={k: n_shown if k in shown else 0 for k in keys}, **kw))
         n_dmg = min(len(test["harmless"]), 16)
         ids, mask = build_instruction_prompts(model.tokenizer, test["harmless"][:n_dmg])
-        damage = {}
-        for name, hooks in damage_edits:
-            bar.set_description(f"evaluation: damage of the {name}")
-            ce = completion_cross_entropy(model, ids, mask, hooks, max_new_tokens=s.max_new_tokens,
-                                          batch_size=s.batch_size)
-            bar.update(1)
-            kl = edit_kl(model, ids, mask, hooks, batch_size=s.batch_size)
-            bar.update(1)
-            damage[name] = {"kl_harmless": kl, **ce, "n": n_dmg}
+        bar.set_description(f"evaluation: damage of the {', '.join(damage_edits)}")
+        damage = {name: {"kl_harmless": d["kl"], "ce_baseline": d["ce_baseline"], "ce_edited": d["ce_edited"],
+                         "n_tokens": d["n_tokens"], "n": n_dmg}
+                  for name, d in edit_damage(model, ids, mask, damage_edits, max_new_tokens=s.max_new_tokens,
+                                             batch_size=s.batch_size, bar=bar).items()}
     finally:
         bar.close()
 
@@ -226,7 +228,7 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
                 "refusal_score": r.score, "baseline_refusal_score": b.score, "intervention": what}
 
     samples = [sample for key in ("harmless_added", "harmful_ablated", "harmful_baseline", "harmless_baseline")
-               for sample in runs[key].samples(max(s.n_samples, 5), {"setting": key})]
+               for sample in runs[key].samples(n_shown, {"setting": key})]
     return {
         "split": "test", "judge": s.judge_name or type(s.judge).__name__, "max_new_tokens": s.max_new_tokens,
         "layer": layer, "alpha": alpha, "substrings": list(REFUSAL_SUBSTRINGS) if isinstance(s.judge, SubstringJudge) else None,

@@ -10,7 +10,8 @@ choose alpha on validation prompts.
   metric, normalised so that 0 = the harmless baseline and 1 = the harmful one (:func:`refusal_lab.metrics.normalise`),
   with standard errors, and the refusal fraction of their completions.
 
-Both run each setting through :func:`refusal_lab.steering.evaluation.evaluate_hooks` and take
+Both run their settings through :func:`refusal_lab.steering.evaluation.evaluate_settings` (every
+alpha of one side at once, sharing the blocks below the steered layer) and take
 ``bar``: anything with ``update(n)`` (a ``tqdm`` bar), advanced by one per batch of prompts;
 :func:`sweep_units` gives :func:`alpha_sweep`'s total, so a caller can run one bar over several sweeps.
 """
@@ -24,7 +25,7 @@ import torch
 
 from refusal_lab.metrics import normalise
 from refusal_lab.steering.batching import n_batches
-from refusal_lab.steering.evaluation import Judge, evaluate_hooks, refusal_log_odds_score
+from refusal_lab.steering.evaluation import HookEvaluation, Judge, evaluate_settings, refusal_log_odds_score
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
 from refusal_lab.stats import mean_se
 
@@ -57,14 +58,18 @@ def alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence[float]
     advances by one per batch (:func:`sweep_units` in all).
     """
     kw = dict(judge=judge, score=refusal_log_odds_score(model, refusal_ids), max_new_tokens=max_new_tokens,
-              batch_size=batch_size, bar=bar)
+              batch_size=batch_size, bar=bar, full_texts=n_samples)
+    alphas = [float(a) for a in alphas]
+    induce = evaluate_settings(model, harmless_instructions,
+                               {i: addition_hooks(vector, layer, a, positions) if a else [] for i, a in enumerate(alphas)},
+                               **kw)
+    harmful = {i: addition_hooks(vector, layer, -a, positions) if a else [] for i, a in enumerate(alphas)}
+    if ablate:
+        harmful["ablate"] = ablation_hooks(model, vector)
+    suppress = evaluate_settings(model, harmful_instructions, harmful, **kw)
     rows, samples = [], []
-    for alpha in alphas:
-        alpha = float(alpha)
-        ind = evaluate_hooks(model, harmless_instructions,
-                             addition_hooks(vector, layer, alpha, positions) if alpha else [], **kw)
-        sup = evaluate_hooks(model, harmful_instructions,
-                             addition_hooks(vector, layer, -alpha, positions) if alpha else [], **kw)
+    for i, alpha in enumerate(alphas):
+        ind, sup = induce[i], suppress[i]
         rows.append({"alpha": alpha,
                      "induce_refusal_rate": ind.rate, "induce_refusal_rate_ci95": ind.ci95, "induce_n": ind.n,
                      "suppress_refusal_rate": sup.rate, "suppress_refusal_rate_ci95": sup.ci95, "suppress_n": sup.n,
@@ -74,7 +79,7 @@ def alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence[float]
         samples += sup.samples(n_samples, {"setting": "suppress", "alpha": alpha})
     ablation = None
     if ablate:
-        abl = evaluate_hooks(model, harmful_instructions, ablation_hooks(model, vector), **kw)
+        abl = suppress["ablate"]
         ablation = {"refusal_rate": abl.rate, "refusal_rate_ci95": abl.ci95, "n": abl.n, "refusal_score": abl.score}
         samples += abl.samples(n_samples, {"setting": "ablate", "alpha": None})
     return {"rows": rows, "ablation": ablation, "samples": samples}
@@ -88,7 +93,8 @@ def _finite_or_none(x: float) -> float | None:
 def object_alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence[float],
                        object_batches: dict[str, tuple[torch.Tensor, torch.Tensor]], objects: dict[str, list[str]], *,
                        metric_fn: Callable[[torch.Tensor], torch.Tensor], harmful_mean: float, harmless_mean: float,
-                       judge: Judge | None = None, max_new_tokens: int = 16, n_samples: int = 3, bar=None) -> dict:
+                       judge: Judge | None = None, max_new_tokens: int = 16, n_samples: int = 3, bar=None,
+                       unsteered: dict[str, HookEvaluation] | None = None) -> dict:
     """+alpha * ``vector`` at ``blocks.{layer}.hook_resid_pre`` on the harmless object prompts,
     -alpha on the harmful ones (``object_batches[side]`` = ``(ids, mask)``, one row per object of
     ``objects[side]``, run as one batch): the refusal metric and the refusal rate per alpha.
@@ -99,21 +105,37 @@ def object_alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence
     SE / |harmful - harmless|, the baselines held fixed), ``{side}_n`` (objects), and with generation
     (``max_new_tokens > 0``) ``{side}_refusal_fraction`` with its Wilson interval
     ``{side}_refusal_fraction_ci95``. Returns ``{"rows", "samples"}``; ``bar.update(1)`` per
-    (alpha, side)."""
+    (alpha, side). ``unsteered``: a dict kept across sweeps of the same prompts and settings (e.g. two
+    vectors): the alpha = 0 evaluation of each side is computed once and read from it afterwards."""
     rows, samples = [], []
     gap = harmful_mean - harmless_mean
 
     def metric_of_logits(logits):
         return metric_fn(logits.float())
 
-    for alpha in alphas:
-        row = {"alpha": float(alpha)}
+    alphas = [float(a) for a in alphas]
+    runs = {}
+    for side, sign in (("harmless", 1.0), ("harmful", -1.0)):
+        ids, mask = object_batches[side]
+        cached = unsteered is not None and side in unsteered
+        settings = {i: addition_hooks(vector, layer, sign * a) if a else [] for i, a in enumerate(alphas)
+                    if a or not cached}
+        runs[side] = evaluate_settings(model, objects[side], settings, judge=judge, score=metric_of_logits,
+                                       max_new_tokens=max_new_tokens,
+                                       batches=[(list(range(ids.shape[0])), ids, mask)], bar=bar,
+                                       full_texts=n_samples)
+        for i, a in enumerate(alphas):
+            if not a:
+                if cached:
+                    runs[side][i] = unsteered[side]
+                    if bar is not None:
+                        bar.update(1)
+                elif unsteered is not None:
+                    unsteered[side] = runs[side][i]
+    for i, alpha in enumerate(alphas):
+        row = {"alpha": alpha}
         for side, sign in (("harmless", 1.0), ("harmful", -1.0)):
-            ids, mask = object_batches[side]
-            hooks = addition_hooks(vector, layer, sign * alpha) if alpha else []
-            ev = evaluate_hooks(model, objects[side], hooks, judge=judge, score=metric_of_logits,
-                                max_new_tokens=max_new_tokens, batches=[(list(range(ids.shape[0])), ids, mask)],
-                                bar=bar)
+            ev = runs[side][i]
             mean, se = mean_se(ev.scores)
             mean, se = float(mean), float(se)
             row[f"{side}_metric"] = mean
@@ -124,6 +146,6 @@ def object_alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence
             if ev.refused is not None:
                 row[f"{side}_refusal_fraction"] = ev.rate
                 row[f"{side}_refusal_fraction_ci95"] = ev.ci95
-                samples += ev.samples(n_samples, {"side": side, "alpha": float(alpha) * sign}, prompt_key="object")
+                samples += ev.samples(n_samples, {"side": side, "alpha": alpha * sign}, prompt_key="object")
         rows.append(row)
     return {"rows": rows, "samples": samples}
