@@ -87,5 +87,8 @@ def geometry_tables(g: dict) -> dict[str, pd.DataFrame]:
         per = h.get("_per_pair") or {}
         out["geometry_heads"] = pd.DataFrame([{"pair": i, **{k: v[i] for k, v in per.items()}}
                                               for i in range(h["n_pairs"])] if per else [])
-        out["geometry_head_writes"] = pd.DataFrame(h["writes"])
+        out["geometry_head_writes"] = pd.DataFrame(
+            [{k: v for k, v in w.items() if k != "difference_ci95"} | {"ci_low": (w["difference_ci95"] or [None])[0],
+                                                                       "ci_high": (w["difference_ci95"] or [None, None])[1]}
+             for w in h["writes"]])
     return out
