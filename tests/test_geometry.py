@@ -232,3 +232,80 @@ def test_resid_patch_layer_rule():
     assert geo.resid_patch_layer([(3, 0), (9, 1)], 4, 9, 7) == 6  # capped at layer - 1 (another column)
     assert geo.resid_patch_layer([(3, 0), (9, 1)], 9, 9, 7) == 7  # the last column itself: up to the layer
     assert geo.resid_patch_layer([(0, 0)], 4, 9, 0) == 0
+
+
+def synthetic_geometry(L: int = 4, with_heads: bool = True) -> dict:
+    """A geometry section as the step publishes it, with nulls where a run may have NaN."""
+    nan = None
+    heads = None
+    if with_heads:
+        s = {"mean": 0.5, "se": 0.1, "ci95": [0.3, 0.7], "n": 7}
+        heads = {"layer": 2, "readout": "blocks.2.hook_resid_pre, last column (8), projected on the unit direction",
+                 "heads": [{"layer": 0, "head": 1}], "heads_column": 4, "position": "post_obj", "resid_patch_layer": 1,
+                 "resid_patch_site": "blocks.1.hook_resid_pre", "n_pairs": 7, "harmful_mean": 1.0,
+                 "harmless_mean": 0.0, "heads_patched_mean": 0.5, "resid_patched_mean": 0.8, "gap": s,
+                 "heads_shift": s, "resid_shift": s, "ratio": 0.6, "ratio_ci95": [0.2, nan], "ratio_to_gap": 0.5,
+                 "ratio_to_gap_ci95": [0.1, 0.9],
+                 "writes": [{"layer": 0, "head": 1, "column": c, "index": i, "harmful_mean": 0.2, "harmless_mean": 0.1,
+                             "difference": 0.1, "difference_se": nan, "difference_ci95": [nan, nan], "n_pairs": 7}
+                            for c, i in (("last", 8), ("heads", 4))]}
+    eye = [[1.0 if i == j else 0.5 for j in range(L)] for i in range(L)]
+    eye[0] = [nan] * L
+    for row in eye:
+        row[0] = nan
+    return {
+        "direction": {"layer": 2, "position": -1, "norm": 3.0},
+        "separation": {"split": "test", "site": "hook_resid_pre", "column": -1, "layers": list(range(L)),
+                       "harmful_mean": [0.0, 1.0, 2.0, 3.0][:L], "harmful_sd": [nan, 0.1, 0.2, 0.3][:L],
+                       "harmless_mean": [0.0] * L, "harmless_sd": [0.1] * L, "gap": [nan, 1.0, 2.0, 3.0][:L],
+                       "gap_se": [nan, 0.1, 0.2, 0.3][:L], "gap_ci95": [[nan, nan]] + [[0.5, 1.5]] * (L - 1),
+                       "n_harmful": 5, "n_harmless": 5},
+        "cosines": {"column": -1, "layers": list(range(L)), "candidates": eye, "candidate_norms": [0.0] + [1.0] * (L - 1),
+                    "direction_vs_candidates": [nan] + [0.5] * (L - 1), "vectors": ["direction", "principal_1"],
+                    "vector_descriptions": ["r", "p1"], "vector_matrix": [[1.0, 0.9], [0.9, 1.0]]},
+        "subspace": {"definition": "top right-singular vectors", "layer": 2, "column": -1, "basis_split": "train",
+                     "n_basis": {"harmful": 6, "harmless": 6}, "split": "val", "explained": [0.6, 0.2],
+                     "baseline": {"mean": 1.0, "se": 0.2, "n": 4}, "direction": {"mean": -1.0, "se": 0.3, "n": 4},
+                     "rows": [{"k": k, "mean": -1.0 - k, "se": nan, "n": 4, "cos_direction": 0.9 if k == 1 else 0.0}
+                              for k in (1, 2)], "note": "lower = more refusal removed"},
+        "heads": heads, "heads_note": None if with_heads else "no refusal heads were selected", "findings": [],
+    }
+
+
+@pytest.mark.parametrize("with_heads", (True, False))
+def test_a_geometry_section_with_nulls_renders(with_heads, tmp_path):
+    from refusal_lab.report import render_report, write_figures
+    from refusal_lab.run.findings import geometry_findings
+    from refusal_lab.run.results import read_results
+    from tests.sample_results import sample_results
+
+    r = sample_results(n_layers=4, n_heads=2)
+    g = synthetic_geometry(4, with_heads)
+    g["findings"] = geometry_findings(g)
+    assert len(g["findings"]) == 4 and "at the direction's layer 2" in g["findings"][0]
+    assert "layers 2 have cosine >= 0.9" in g["findings"][1]  # 0.5 and the null (zero) candidate left out
+    assert "k=1 -1.00 ± n/a SE" in g["findings"][2]  # a null SE said so
+    assert ("ratio 0.60" in g["findings"][3]) if with_heads else ("not measured" in g["findings"][3])
+    r["geometry"] = g
+    read_results(r)
+    doc = render_report(r)
+    assert 'id="geometry"' in doc and 'href="#geometry"' in doc and "Could not draw" not in doc
+    assert ('id="geometry-heads"' in doc) and (("Not measured" in doc) != with_heads)
+    stems = {p.stem for p in write_figures(r, tmp_path)}
+    assert {"geometry_separation", "geometry_cosines", "geometry_vectors", "geometry_subspace"} <= stems
+    assert ("geometry_heads" in stems) == with_heads
+
+
+def test_a_malformed_geometry_section_is_refused():
+    from refusal_lab.run.results import ResultsError, read_results
+    from tests.sample_results import sample_results
+
+    r = sample_results(n_layers=4, n_heads=2)
+    r["geometry"] = synthetic_geometry(4)
+    del r["geometry"]["subspace"]["rows"]
+    with pytest.raises(ResultsError, match="geometry.subspace.rows"):
+        read_results(r)
+    r["geometry"] = synthetic_geometry(4)
+    r["geometry"]["separation"]["gap_ci95"][1] = [0.1]
+    with pytest.raises(ResultsError, match=r"gap_ci95\[1\]"):
+        read_results(r)
