@@ -28,7 +28,7 @@ def test_step_list_follows_the_config():
     full = [s.name for s in pipeline.step_list(RunConfig(grids=["resid_pre", "heads"], directions=["sufficiency", "necessity"]))]
     assert full == ["baseline", "sanity", "dla", "patch_resid_pre_sufficiency", "patch_heads_sufficiency",
                     "patch_resid_pre_necessity", "patch_heads_necessity", "attribution", "heads", "direction",
-                    "steering", "evaluation"]
+                    "steering", "evaluation", "geometry"]
 
 
 def test_a_new_step_is_one_function_and_one_line(tiny, tmp_path, monkeypatch):

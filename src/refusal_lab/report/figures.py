@@ -23,6 +23,7 @@ from matplotlib.patches import Rectangle
 from refusal_lab.artifacts import atomic_target
 from refusal_lab.report.common import iter_grids
 from refusal_lab.report.specs import INK, Chart, Heatmap, Lines, Panels, Series, Spec
+from refusal_lab.report.specs import geometry as geometry_specs
 from refusal_lab.report.specs import run as run_specs
 from refusal_lab.report.specs import steering as steering_specs
 from refusal_lab.run.results import Results, read_results
@@ -222,6 +223,8 @@ def run_specs_by_file(r: Results) -> list[tuple[str, Spec]]:
             out.append(("steering_objects", steering_specs.objects_panels(r)))
     if "evaluation" in r:
         out.append(("steering_evaluation", steering_specs.evaluation_chart(r["evaluation"])))
+    if "geometry" in r:
+        out += geometry_specs.geometry_specs(r["geometry"])
     return out
 
 

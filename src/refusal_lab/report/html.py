@@ -1,5 +1,6 @@
 """The self-contained HTML report of one run folder (``report.html``: plotly.js embedded once, no
-network access), assembled from the sections of :mod:`.sections` and :mod:`.steering_sections`."""
+network access), assembled from the sections of :mod:`.sections`, :mod:`.steering_sections` and
+:mod:`.geometry_sections`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_lab.artifacts import write_text
+from refusal_lab.report.geometry_sections import section_geometry
 from refusal_lab.report.interactive import Plots, plotly_js
 from refusal_lab.report.page import page
 from refusal_lab.report.sections import (
@@ -19,7 +21,7 @@ from refusal_lab.run.results import Results, read_results
 
 NAV = [("overview", "Overview"), ("findings", "Findings"), ("prompts", "Prompts"), ("baseline", "Baseline"),
        ("dla", "Logit attribution"), ("patching", "Patching"), ("heads", "Heads"), ("steering", "Steering"),
-       ("objects", "Objects"), ("run", "Run")]
+       ("geometry", "Geometry"), ("objects", "Objects"), ("run", "Run")]
 
 
 def render_report(results: Results | Mapping[str, Any], tables_: Sequence[str] = ()) -> str:
@@ -29,8 +31,8 @@ def render_report(results: Results | Mapping[str, Any], tables_: Sequence[str] =
     js = plotly_js()
     plots = Plots(enabled=js is not None)
     parts = [section_overview(r), section_prompts(r), section_baseline(r, plots), section_dla(r, plots),
-             section_patching(r, plots), section_heads(r, plots), section_steering(r, plots), section_objects(r),
-             section_run(r, tables_)]
+             section_patching(r, plots), section_heads(r, plots), section_steering(r, plots),
+             section_geometry(r, plots), section_objects(r), section_run(r, tables_)]
     if js is None:
         parts.insert(1, '<p class="muted">plotly is not installed: interactive figures are omitted '
                         "(install plotly, or see the PNG figures).</p>")

@@ -102,3 +102,74 @@ def steering_findings(r: dict) -> list[str]:
                        f"{top['harmless_normalised']:.2f} at alpha {top['alpha']:g}; subtracting it from harmful objects "
                        f"goes down to {low['harmful_normalised']:.2f} (1 = harmful baseline, 0 = harmless).")
     return out
+
+
+def _n(x, digits: int = 2) -> str:
+    """A number for a sentence; ``n/a`` where it is missing (null / NaN)."""
+    return "n/a" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _pm(m: dict) -> str:
+    """``1.23 ± 0.45 SE`` of a ``{mean, se}`` entry."""
+    return f"{_n(m['mean'])} ± {_n(m['se'])} SE"
+
+
+def geometry_findings(g: dict) -> list[str]:
+    """The geometry step's observations in words with their numbers, n and spread (``g``: its section)."""
+    out = []
+    s, c, sub, h = g["separation"], g["cosines"], g["subspace"], g.get("heads")
+    layer = g["direction"]["layer"]
+    gaps = [x if x is not None and x == x else float("-inf") for x in s["gap"]]
+    best = max(range(len(gaps)), key=gaps.__getitem__)
+    ci = fmt_ci(s["gap_ci95"][layer])
+    out.append(f"Along the refusal direction ({s['split']} instructions, n = {s['n_harmful']} harmful / "
+               f"{s['n_harmless']} harmless, {s['site']} at column {s['column']}), harmful and harmless prompts are "
+               f"{_n(s['gap'][layer])} ± {_n(s['gap_se'][layer])} SE apart at the direction's layer {layer}"
+               + (f" (95% CI {ci})" if ci else "") + f" (harmful {_n(s['harmful_mean'][layer])} ± "
+               f"{_n(s['harmful_sd'][layer])} sd, harmless {_n(s['harmless_mean'][layer])} ± "
+               f"{_n(s['harmless_sd'][layer])} sd); the gap is largest at layer {best} ({_n(s['gap'][best])} ± "
+               f"{_n(s['gap_se'][best])} SE).")
+    row = c["candidates"][layer]
+    close = [l for l, v in enumerate(row) if v is not None and v == v and v >= 0.9]
+    names = dict(zip(c["vectors"], range(len(c["vectors"]))))
+    pairs = [f"{n} {_n(c['vector_matrix'][0][i])}" for n, i in names.items() if n != "direction"]
+    out.append(f"The candidate directions of layers {_ranges(close)} have cosine >= 0.9 with the chosen one "
+               f"(layer {layer}, column {c['column']})" + (f"; r̂'s cosine with {', '.join(pairs)}" if pairs else "")
+               + ".")
+    rows = sub["rows"]
+    ks = ", ".join(f"k={x['k']} {_pm(x)}" for x in rows)
+    expl = sub["explained"][0] if sub["explained"] else None
+    out.append(f"k-dimensional check ({sub['split']} harmful instructions, n = {sub['direction']['n']}; mean refusal "
+               f"log-odds): unedited {_pm(sub['baseline'])}, r̂ ablated {_pm(sub['direction'])}, top-k principal "
+               f"subspace ablated {ks} (the first principal direction has cosine "
+               f"{_n(rows[0]['cos_direction'] if rows else None)} with r̂ and {_n(expl)} of the second moment).")
+    if h:
+        rc = h["ratio_ci95"]
+        top = max((w for w in h["writes"] if w["column"] == "last"),
+                  key=lambda w: abs(w["difference"]) if w["difference"] is not None and w["difference"] == w["difference"]
+                  else -1.0, default=None)
+        line = (f"Heads -> direction (object prompts, n = {h['n_pairs']} pairs, {h['readout']}): patching the "
+                f"{len(h['heads'])} refusal heads harmful -> harmless moves the projection by {_pm(h['heads_shift'])}; "
+                f"patching the whole residual stream at the heads' column ({h['resid_patch_site']}) moves it by "
+                f"{_pm(h['resid_shift'])}; ratio {_n(h['ratio'])}" + (f" (95% CI {fmt_ci(rc)})" if fmt_ci(rc) else "")
+                + f", against a full harmful - harmless gap of {_pm(h['gap'])}.")
+        if top is not None:
+            line += (f" The largest write along r̂ at the last position is head {top['layer']}.{top['head']}'s: "
+                     f"harmful {_n(top['harmful_mean'])}, harmless {_n(top['harmless_mean'])}, difference "
+                     f"{_n(top['difference'])} ± {_n(top['difference_se'])} SE.")
+        out.append(line)
+    elif g.get("heads_note"):
+        out.append(f"Heads -> direction: not measured ({g['heads_note']}).")
+    return out
+
+
+def _ranges(xs: list[int]) -> str:
+    """``3-5, 8`` for [3, 4, 5, 8]; ``none`` for []."""
+    if not xs:
+        return "none"
+    out, start = [], xs[0]
+    for a, b in zip(xs, xs[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(out)

@@ -25,7 +25,9 @@ from refusal_lab.run.folder import RunFolder, profile, seconds
 from refusal_lab.run.inputs import RunInputs
 from refusal_lab.run.results import SCHEMA_VERSION
 from refusal_lab.run.step import RunContext, Step
-from refusal_lab.run.steps import attribution, baseline, direction, dla, evaluation, heads, patch, sanity, steering
+from refusal_lab.run.steps import (
+    attribution, baseline, direction, dla, evaluation, geometry, heads, patch, sanity, steering,
+)
 from refusal_lab.run.tables import write_tables
 
 
@@ -41,6 +43,7 @@ def step_list(cfg: RunConfig) -> list[Step]:
         direction.STEP,      # the refusal direction on instruction train/val splits
         steering.STEP,       # alpha sweeps of the direction and the object/heads vectors
         evaluation.STEP,     # held-out test refusal rates, KL and CE damage
+        geometry.STEP,       # the direction's separation, cosines, k-dim subspace check, heads -> direction
     ]
     return [s for s in steps if s.enabled(cfg)]
 

@@ -243,6 +243,54 @@ Evaluation = TypedDict("Evaluation", {"split": str, "judge": str, "max_new_token
                                      "samples": list[EvaluationSample]})
 """Held-out test refusal rates (prompts never used for a choice), damage and sample completions."""
 
+# ---------------------------------------------------------------------------------------- geometry
+GeometryDirection = TypedDict("GeometryDirection", {"layer": int, "position": int, "norm": Real})
+"""Where the direction the geometry step measures sits, and its (un-normalised) norm."""
+GeometrySeparation = TypedDict("GeometrySeparation", {
+    "split": str, "site": str, "column": int, "layers": list[int], "harmful_mean": list[Real],
+    "harmful_sd": list[Real], "harmless_mean": list[Real], "harmless_sd": list[Real], "gap": list[Real],
+    "gap_se": list[Real], "gap_ci95": list[Interval], "n_harmful": int, "n_harmless": int})
+"""``hook_resid_pre · r̂`` at the direction's column, per layer: each side's mean and sd (ddof 1), the
+harmful - harmless gap with its Welch SE and two-sample bootstrap interval, and the prompts per side."""
+GeometryCosines = TypedDict("GeometryCosines", {
+    "column": int, "layers": list[int], "candidates": Matrix, "candidate_norms": list[Real],
+    "direction_vs_candidates": list[Real], "vectors": list[str], "vector_descriptions": list[str],
+    "vector_matrix": Matrix})
+"""Cosines of the per-layer candidate directions at the direction's column (L x L, null for a zero
+candidate), of r̂ with each candidate, and between the run's named vectors."""
+MeanSE = TypedDict("MeanSE", {"mean": Real, "se": Real, "n": int})
+"""A mean over prompts with its standard error and n."""
+SubspaceRow = TypedDict("SubspaceRow", {"k": int, "mean": Real, "se": Real, "n": int, "cos_direction": Real})
+"""Refusal log-odds of the harmful val prompts with the top-k principal subspace ablated; the k-th
+direction's cosine with r̂."""
+GeometrySubspace = TypedDict("GeometrySubspace", {
+    "definition": str, "layer": int, "column": int, "basis_split": str, "n_basis": SideCounts, "split": str,
+    "explained": list[Real], "baseline": MeanSE, "direction": MeanSE, "rows": list[SubspaceRow], "note": str})
+"""The k-dimensional check: subspace ablation (k = 1..K) beside the unedited prompts and r̂'s ablation."""
+Summary = TypedDict("Summary", {"mean": Real, "se": Real, "ci95": Interval, "n": int})
+"""A mean over pairs with its SE, bootstrap 95 % interval and n."""
+HeadRef = TypedDict("HeadRef", {"layer": int, "head": int})
+"""One attention head."""
+HeadWrite = TypedDict("HeadWrite", {
+    "layer": int, "head": int, "column": str, "index": int, "harmful_mean": Real, "harmless_mean": Real,
+    "difference": Real, "difference_se": Real, "difference_ci95": Interval, "n_pairs": int})
+"""A head's own residual write at a column (``last`` or ``heads``) projected on r̂, per side, and the
+paired difference."""
+GeometryHeads = TypedDict("GeometryHeads", {
+    "layer": int, "readout": str, "heads": list[HeadRef], "heads_column": int, "position": Union[str, int, None],
+    "resid_patch_layer": int, "resid_patch_site": str, "n_pairs": int, "harmful_mean": Real,
+    "harmless_mean": Real, "heads_patched_mean": Real, "resid_patched_mean": Real, "gap": Summary,
+    "heads_shift": Summary, "resid_shift": Summary, "ratio": Real, "ratio_ci95": Interval, "ratio_to_gap": Real,
+    "ratio_to_gap_ci95": Interval, "writes": list[HeadWrite]})
+"""Heads -> direction on the object prompts: the readout's shift by the refusal heads' patch and by the
+whole residual patch at the heads' column, their ratio, and each head's write along r̂."""
+Geometry = TypedDict("Geometry", {
+    "direction": GeometryDirection, "separation": GeometrySeparation, "cosines": GeometryCosines,
+    "subspace": GeometrySubspace, "heads": Union[GeometryHeads, None], "heads_note": Union[str, None],
+    "findings": list[str]})
+"""The geometry of the refusal direction (separation, cosines, the k-dimensional check, heads); its
+findings in words."""
+
 # -------------------------------------------------------------------------------------- distributed
 Shard = TypedDict("Shard", {"worker": int, "node": str, "pid": int, "device": str, "threads": int, "seconds": float})
 """One worker's share of a distributed grid (and a key named by ``shard_by`` holding its range)."""
@@ -263,7 +311,8 @@ Results = TypedDict("Results", {
     "positions": list[Position], "baseline": Baseline, "dla": Dla, "sanity": Sanity, "patching": Patching,
     "timings": dict[str, float], "findings": list[str], "heads": NotRequired[Heads],
     "direction": NotRequired[Direction], "steering": NotRequired[Steering], "evaluation": NotRequired[Evaluation],
-    "distributed": NotRequired[dict[str, DistributedStep]], "profile": NotRequired[dict[str, StepProfile]]})
+    "geometry": NotRequired[Geometry], "distributed": NotRequired[dict[str, DistributedStep]],
+    "profile": NotRequired[dict[str, StepProfile]]})
 """``results.json``. ``config`` is the run's config as given (its schema is the run config's own);
 ``timings`` maps each step (and ``total``) to seconds; ``findings`` are the headline sentences."""
 

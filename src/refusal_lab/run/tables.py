@@ -60,3 +60,35 @@ def write_tables(ctx: RunContext, patching: dict) -> None:
     if heads and heads.get("ranked"):
         write_csv(t / "heads.csv", pd.DataFrame(heads["selected"] or heads["ranked"]))
     write_csv(t / "patching_summary.csv", patching_summary(patching))
+    if "geometry" in ctx.records:
+        for name, frame in geometry_tables(ctx.records["geometry"]).items():
+            write_csv(t / f"{name}.csv", frame)
+
+
+def geometry_tables(g: dict) -> dict[str, pd.DataFrame]:
+    """The geometry step's tables: ``geometry_separation`` (one row per instruction x layer: its
+    projection on r̂), ``geometry_subspace`` (one row per ablation: unedited, r̂, k = 1..K) and, when
+    heads were selected, ``geometry_heads`` (one row per pair: the readout clean, heads-patched and
+    residual-patched) and ``geometry_head_writes`` (one row per head x column)."""
+    s = g["separation"]
+    proj = s.get("_projections") or {}
+    out = {"geometry_separation": pd.DataFrame(
+        [{"split": s["split"], "side": side, "prompt": i, "layer": l, "column": s["column"], "projection": v}
+         for side, rows in proj.items() for i, row in enumerate(rows) for l, v in zip(s["layers"], row)],
+        columns=["split", "side", "prompt", "layer", "column", "projection"])}
+    sub = g["subspace"]
+    rows = [{"ablation": key, "k": None, "mean": sub[key]["mean"], "se": sub[key]["se"], "n": sub[key]["n"],
+             "cos_direction": None, "explained": None} for key in ("baseline", "direction")]
+    rows += [{"ablation": f"top-{r['k']} subspace", "k": r["k"], "mean": r["mean"], "se": r["se"], "n": r["n"],
+              "cos_direction": r["cos_direction"], "explained": sub["explained"][r["k"] - 1]} for r in sub["rows"]]
+    out["geometry_subspace"] = pd.DataFrame(rows)
+    h = g.get("heads")
+    if h:
+        per = h.get("_per_pair") or {}
+        out["geometry_heads"] = pd.DataFrame([{"pair": i, **{k: v[i] for k, v in per.items()}}
+                                              for i in range(h["n_pairs"])] if per else [])
+        out["geometry_head_writes"] = pd.DataFrame(
+            [{k: v for k, v in w.items() if k != "difference_ci95"} | {"ci_low": (w["difference_ci95"] or [None])[0],
+                                                                       "ci_high": (w["difference_ci95"] or [None, None])[1]}
+             for w in h["writes"]])
+    return out

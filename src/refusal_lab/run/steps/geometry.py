@@ -1,0 +1,137 @@
+"""``geometry``: what the refusal direction is, beyond its steering effect — its separation of
+harmful from harmless test instructions at every layer, its cosines with the other layers'
+candidates and with the replication's two vectors, whether a k-dimensional subspace ablates more
+refusal than the one direction, and how much of it the refusal heads move and write
+(computations in :mod:`refusal_lab.steering.geometry`; this module wires them to the run).
+
+Cost: a few batched forwards (test prompts once, train prompts up to the direction's layer, the
+harmful val prompts K + 2 times, the object prompts four times), a few per cent of the steering steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from refusal_lab.metrics import default_refusal_token_ids
+from refusal_lab.prompts import build_instruction_prompts
+from refusal_lab.run.folder import public
+from refusal_lab.run.step import RunContext, Step
+from refusal_lab.run.steps.direction import enabled
+from refusal_lab.steering import geometry as geo
+from refusal_lab.steering.batching import instruction_sample, n_batches, progress_bar
+from refusal_lab.steering.interventions import unit
+
+K = 5
+"""The largest subspace dimension ablated (k = 1..K)."""
+BATCH = 32
+"""Prompts per forward."""
+VECTOR_NAMES = {"direction": "refusal direction r (instructions, difference in means)",
+                "objects_difference": "object-prompt difference vector (steering step)",
+                "objects_heads": "refusal heads' summed-output vector (steering step)",
+                "principal_1": "first principal direction of the differences (subspace check)"}
+"""The vectors whose pairwise cosines are reported, and what each is."""
+
+
+def compute(ctx: RunContext) -> dict:
+    model, cfg, d = ctx.model, ctx.cfg, ctx.records["direction"]
+    layer, position = d["layer"], d["position"]
+    r = ctx.folder.load_vector("direction").to(torch.float64)
+    cands = ctx.folder.load_vector("direction_candidates").to(torch.float64)  # [L, P, d]
+    L = model.cfg.n_layers
+    tok = model.tokenizer
+    test = instruction_sample("test", cfg.steering_n_test, cfg.seed)
+    train = instruction_sample("train", cfg.steering_n_train, cfg.seed)
+    val = instruction_sample("val", cfg.steering_n_val, cfg.seed)
+    enc = {(split, side): build_instruction_prompts(tok, v[side]) for split, v in
+           (("test", test), ("train", train), ("val", val)) for side in ("harmful", "harmless")}
+    heads = ctx.records.get("heads") or {}
+    selected = [(x["layer"], x["head"]) for x in heads.get("selected") or []]
+    total = (sum(n_batches(len(test[s]), BATCH) + n_batches(len(train[s]), BATCH) for s in ("harmful", "harmless"))
+             + K + 2 + (1 if selected else 0))
+    bar = progress_bar(total, "geometry: separation", ctx.progress)
+    try:
+        # 1. separation of the test prompts along r̂ at every layer (the direction's column)
+        sites = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+        acts = {}
+        for side in ("harmful", "harmless"):
+            acts[side] = geo.column_activations(model, *enc["test", side], sites, position, BATCH)
+            bar.update(n_batches(len(test[side]), BATCH))
+        curve = geo.separation_curve(acts["harmful"], acts["harmless"], r, seed=cfg.seed)
+        proj = curve.pop("projections")
+        separation = {"split": "test", "site": "hook_resid_pre", "column": position, "layers": list(range(L)),
+                      **curve, "_projections": {k: v.tolist() for k, v in proj.items()}}
+
+        # 2. cosines: the candidates at the direction's column, and the run's vectors
+        j = list(d["positions"]).index(position)
+        col_cands = cands[:, j]
+        vectors = {"direction": r}
+        for name in (ctx.records.get("steering") or {}).get("objects") or {}:
+            vectors[f"objects_{name}"] = ctx.folder.load_vector(f"objects_{name}").to(torch.float64)
+
+        # 3. the k-dimensional check: principal directions of the train differences, ablated on val
+        bar.set_description("geometry: subspace")
+        train_acts = {}
+        for side in ("harmful", "harmless"):
+            train_acts[side] = geo.column_activations(model, *enc["train", side], [sites[layer]], position, BATCH)[:, 0]
+            bar.update(n_batches(len(train[side]), BATCH))
+        basis, explained = geo.difference_basis(train_acts["harmful"], train_acts["harmless"], K)
+        ctx.folder.save_vector("geometry_basis", basis, {"model": model.cfg.model_name, "layer": layer,
+                                                         "position": position, "site": "hook_resid_pre",
+                                                         "kind": "orthonormal basis [k, d]",
+                                                         "definition": geo.BASIS_DEFINITION})
+        vectors["principal_1"] = basis[0]
+        refusal_ids = default_refusal_token_ids(tok)
+        byp = geo.subspace_bypass(model, *enc["val", "harmful"], basis, r, refusal_ids, batch_size=16, bar=bar)
+        subspace = {"definition": geo.BASIS_DEFINITION.replace("{layer}", str(layer)), "layer": layer,
+                    "column": position, "basis_split": "train", "n_basis": {s: len(train[s]) for s in train},
+                    "split": "val", "explained": explained.tolist(), "baseline": byp["baseline"],
+                    "direction": byp["direction"], "rows": byp["rows"],
+                    "note": "mean refusal log-odds of the harmful val prompts with the span of the first k principal "
+                            "directions projected out of every residual write (lower = more refusal removed), beside "
+                            "the unedited prompts and the one-direction ablation of r̂"}
+
+        # 4. heads -> direction (object prompts, the heads' patch harmful -> harmless)
+        heads_out = None
+        if selected:
+            bar.set_description("geometry: heads")
+            b = ctx.inputs.batches
+            res = geo.heads_to_direction(model, (b["harmful"].ids, b["harmful"].mask),
+                                         (b["harmless"].ids, b["harmless"].mask), selected, heads["cols"][0], r,
+                                         layer, seed=cfg.seed)
+            per = res.pop("per_pair")
+            heads_out = {**res, "position": heads.get("position"), "_per_pair": {k: v.tolist() for k, v in per.items()}}
+            bar.update(1)
+    finally:
+        bar.close()
+    names = list(vectors)
+    return {
+        "direction": {"layer": layer, "position": position, "norm": float(r.norm())},
+        "separation": separation,
+        "cosines": {"column": position, "layers": list(range(L)),
+                    "candidates": geo.cosine_matrix(col_cands).tolist(),
+                    "candidate_norms": col_cands.norm(dim=-1).tolist(),
+                    "direction_vs_candidates": geo.cosine_matrix(torch.cat([unit(r)[None], col_cands]))[0, 1:].tolist(),
+                    "vectors": names, "vector_descriptions": [VECTOR_NAMES[n] for n in names],
+                    "vector_matrix": geo.cosine_matrix(torch.stack([vectors[n] for n in names])).tolist()},
+        "subspace": subspace,
+        "heads": heads_out,
+        "heads_note": None if selected else ("no refusal heads were selected" if heads else "the heads step did not run"),
+    }
+
+
+def strip(x):
+    """``x`` without the private (``_``) keys at any depth: what results.json publishes."""
+    if isinstance(x, dict):
+        return {k: strip(v) for k, v in x.items() if not k.startswith("_")}
+    return x
+
+
+def publish(ctx: RunContext) -> dict:
+    from refusal_lab.run.findings import geometry_findings
+
+    g = strip(public(ctx.records["geometry"]))
+    g["findings"] = geometry_findings(g)
+    return {"geometry": g}
+
+
+STEP = Step("geometry", compute, publish, enabled)

@@ -1,0 +1,322 @@
+"""The geometry of the refusal direction: how far it separates harmful from harmless activations at
+every layer, how it lines up with its sibling candidates and with the replication's vectors, whether
+one dimension is enough, and how much of it the refusal heads write.
+
+All projections are in float64 on the unit direction ``r̂`` (:func:`~refusal_lab.steering.interventions.unit`).
+
+* :func:`column_activations`: per-prompt activations at one column of chosen sites (float64).
+* :func:`separation_curve`: ``resid_pre · r̂`` at every layer per side: mean, sd, n, and the
+  harmful − harmless gap with its Welch SE and a two-sample bootstrap interval.
+* :func:`cosine_matrix`: pairwise cosines of vectors (NaN for a zero vector).
+* :func:`difference_basis`: the top-k principal directions of the harmful/harmless differences.
+* :class:`ProjectOutSubspace` / :func:`subspace_ablation_hooks`: ablation of a k-dim orthonormal
+  basis from every residual write (k = 1 is :func:`ablation_hooks` exactly).
+* :func:`subspace_bypass`: refusal log-odds of harmful prompts under each subspace ablation.
+* :func:`heads_to_direction`: the shift of ``resid_pre · r̂`` by the refusal heads' patch beside a
+  patch of the whole residual at the heads' column, and each head's own write projected on ``r̂``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from refusal_lab.errors import SiteError
+from refusal_lab.metrics import refusal_log_odds
+from refusal_lab.models.edits import Patch, positional
+from refusal_lab.models.hooked import HookPoint
+from refusal_lab.patching.heads import head_patch_hooks
+from refusal_lab.stats import summary
+from refusal_lab.steering.batching import tensor_batches
+from refusal_lab.steering.interventions import ablation_hooks, unit
+
+__all__ = ["ProjectOutSubspace", "column_activations", "cosine_matrix", "difference_basis", "heads_to_direction",
+           "residual_write_sites", "separation_curve", "subspace_ablation_hooks", "subspace_bypass",
+           "two_sample_gap"]
+
+N_BOOT = 2000
+"""Bootstrap resamples of every interval here."""
+BASIS_DEFINITION = (
+    "top right-singular vectors of the uncentred rows {harmful_i - mean(harmless)} and {mean(harmful) - "
+    "harmless_j} of blocks.{layer}.hook_resid_pre at the direction's column on train instructions: their mean is "
+    "the difference in means r, their second moment r r^T + (Cov_harmful + Cov_harmless) / 2, so the first "
+    "direction is close to r̂ and the next ones are the largest within-class spreads")
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once every wanted site has been read."""
+
+
+@torch.no_grad()
+def column_activations(model, ids: torch.Tensor, mask: torch.Tensor | None, sites: Sequence[str], column: int,
+                       batch_size: int = 32, fwd_hooks: Sequence = ()) -> torch.Tensor:
+    """Each prompt's activation at ``column`` (negative: from the end) of every site: float64
+    ``[n, len(sites), d]`` on the CPU. The forward stops after the last site it needs."""
+    sites = list(sites)
+    for s in sites:
+        model.check_site(s)
+    T = ids.shape[1]
+    col = column + T if column < 0 else column
+    if not 0 <= col < T:
+        raise SiteError(f"Column {column} is outside the prompt columns 0..{T - 1}.")
+    order = model.hook_names()
+    last = max(sites, key=order.index)
+    out = []
+    for b_ids, b_mask in tensor_batches(ids, mask, batch_size, model.device):
+        got: dict[str, torch.Tensor] = {}
+
+        def make(name):
+            def read(act, hook):
+                got[name] = act[:, col].detach().to(torch.float64).cpu()
+                if name == last:
+                    raise _Stop
+            return read
+
+        try:
+            model(b_ids, b_mask, fwd_hooks=[*fwd_hooks, *[(s, make(s)) for s in sites]], logits="last")
+        except _Stop:
+            pass
+        out.append(torch.stack([got[s] for s in sites], 1))
+    return torch.cat(out)
+
+
+def two_sample_gap(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> dict:
+    """mean(a) − mean(b) over axis 0 of two independent samples ``[n_a, ...]``, ``[n_b, ...]``: ``gap``,
+    ``se`` (Welch: sqrt(sd_a²/n_a + sd_b²/n_b)) and ``ci95`` (percentile bootstrap, each side resampled
+    on its own, seeded; the same resample for every cell), as float64 tensors of the trailing shape."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    na, nb = a.shape[0], b.shape[0]
+    gap = a.mean(0) - b.mean(0)
+    nan = torch.full_like(gap, float("nan"))
+    se = (a.var(0) / na + b.var(0) / nb).sqrt() if na > 1 and nb > 1 else nan
+    g = torch.Generator().manual_seed(seed)
+    ia = torch.randint(0, na, (N_BOOT, na), generator=g)
+    ib = torch.randint(0, nb, (N_BOOT, nb), generator=g)
+    boot = a.reshape(na, -1)[ia].mean(1) - b.reshape(nb, -1)[ib].mean(1)  # [N_BOOT, cells]
+    q = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+    return {"gap": gap, "se": se, "ci95": (q[0].reshape(gap.shape), q[1].reshape(gap.shape))}
+
+
+def _sd(x: torch.Tensor) -> torch.Tensor:
+    return x.std(0, unbiased=True) if x.shape[0] > 1 else torch.full_like(x[0], float("nan"))
+
+
+def separation_curve(harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.Tensor, seed: int = 0) -> dict:
+    """Projections on ``r̂`` of per-prompt activations ``[n, L, d]`` of each side (from
+    :func:`column_activations` over every layer's ``hook_resid_pre``), per layer: ``harmful_mean``,
+    ``harmful_sd``, ``harmless_mean``, ``harmless_sd`` (ddof 1), ``gap`` (harmful − harmless),
+    ``gap_se`` (Welch), ``gap_ci95`` ([low, high] per layer, bootstrap), ``n_harmful``, ``n_harmless``;
+    and the per-prompt projections ``[n, L]`` under ``projections`` (not JSON)."""
+    r = unit(direction)
+    ph, ps = harmful.to(torch.float64) @ r, harmless.to(torch.float64) @ r  # [n, L]
+    g = two_sample_gap(ph, ps, seed)
+    return {"harmful_mean": ph.mean(0).tolist(), "harmful_sd": _sd(ph).tolist(),
+            "harmless_mean": ps.mean(0).tolist(), "harmless_sd": _sd(ps).tolist(),
+            "gap": g["gap"].tolist(), "gap_se": g["se"].tolist(),
+            "gap_ci95": [[float(lo), float(hi)] for lo, hi in zip(*g["ci95"])],
+            "n_harmful": int(ph.shape[0]), "n_harmless": int(ps.shape[0]),
+            "projections": {"harmful": ph, "harmless": ps}}
+
+
+def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarities of the rows of ``vectors`` ``[m, d]`` in float64 ``[m, m]``; rows
+    and columns of a zero (or non-finite) vector are NaN."""
+    v = torch.as_tensor(vectors, dtype=torch.float64)
+    n = v.norm(dim=-1)
+    ok = torch.isfinite(n) & (n > 0)
+    u = torch.where(ok[:, None], v / torch.where(ok, n, 1.0)[:, None], torch.zeros_like(v))
+    c = (u @ u.T).clamp(-1.0, 1.0)
+    c[~ok, :] = float("nan")
+    c[:, ~ok] = float("nan")
+    return c
+
+
+def difference_basis(harmful: torch.Tensor, harmless: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(basis [k, d], explained [k])``: the top-``k`` principal directions of the harmful/harmless
+    differences (:data:`BASIS_DEFINITION`) of per-prompt activations ``[n_h, d]``, ``[n_s, d]``, in
+    float64, orthonormal, each signed to point along the difference in means; ``explained`` is each
+    direction's share of the rows' total second moment (squared singular values / their sum)."""
+    h, s = torch.as_tensor(harmful, dtype=torch.float64), torch.as_tensor(harmless, dtype=torch.float64)
+    rows = torch.cat([h - s.mean(0), h.mean(0) - s])
+    _, sv, vh = torch.linalg.svd(rows, full_matrices=False)
+    k = min(int(k), vh.shape[0])
+    basis = vh[:k].clone()
+    r = h.mean(0) - s.mean(0)
+    sign = torch.where(basis @ r < 0, -1.0, 1.0).to(torch.float64)
+    basis = basis * sign[:, None]
+    energy = sv.square()
+    return basis, (energy[:k] / energy.sum()).clone()
+
+
+def residual_write_sites(model) -> list[str]:
+    """Every write to the residual stream: ``hook_embed`` and each layer's ``hook_attn_out`` and
+    ``hook_mlp_out`` (the sites :func:`ablation_hooks` edits)."""
+    names = ["hook_embed"]
+    for l in range(model.cfg.n_layers):
+        names += [f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mlp_out"]
+    return names
+
+
+@dataclass
+class ProjectOutSubspace:
+    """Remove the span of an orthonormal ``basis`` ``[k, d]`` from every row and column: one
+    :class:`~refusal_lab.models.edits.ProjectOut` step per basis vector, in float32 (modified
+    Gram-Schmidt: for an orthonormal basis the steps compose to ``x − B^T B x``), so ``k = 1`` is
+    the directional ablation's own arithmetic, bit for bit."""
+
+    basis: torch.Tensor
+
+    def __call__(self, act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        positional(hook)
+        x = act.float()
+        for b in self.basis:
+            r = b.to(x.device, torch.float32)
+            r = r / r.norm()
+            x = x - (x @ r)[..., None] * r
+        return x.to(act.dtype)
+
+
+def subspace_ablation_hooks(model, basis: torch.Tensor) -> list[tuple[str, ProjectOutSubspace]]:
+    """Ablation of the span of ``basis`` ``[k, d]`` (orthonormal rows, e.g. :func:`difference_basis`)
+    from every residual write (:func:`residual_write_sites`)."""
+    b = torch.as_tensor(basis).detach()
+    if b.ndim != 2 or b.shape[1] != model.cfg.d_model or b.shape[0] == 0:
+        raise SiteError(f"The basis must be [k >= 1, d_model = {model.cfg.d_model}], got {tuple(b.shape)}.")
+    edit = ProjectOutSubspace(b.to(torch.float32))
+    return [(n, edit) for n in residual_write_sites(model)]
+
+
+@torch.no_grad()
+def _log_odds(model, ids, mask, hooks, refusal_ids, batch_size) -> torch.Tensor:
+    out = [refusal_log_odds(model(i, m, fwd_hooks=list(hooks), logits="last"), refusal_ids).cpu()
+           for i, m in tensor_batches(ids, mask, batch_size, model.device)]
+    return torch.cat(out)
+
+
+def _mean_se_n(x: torch.Tensor) -> dict:
+    x = torch.as_tensor(x, dtype=torch.float64)
+    n = int(x.numel())
+    se = float(x.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
+    return {"mean": float(x.mean()), "se": float(se), "n": n}
+
+
+def subspace_bypass(model, ids: torch.Tensor, mask: torch.Tensor | None, basis: torch.Tensor,
+                    direction: torch.Tensor, refusal_ids: Sequence[int], batch_size: int = 16,
+                    bar=None) -> dict:
+    """Mean refusal log-odds (with SE and n) of the prompts ``(ids, mask)`` unedited (``baseline``),
+    under directional ablation of ``direction`` (``direction``) and under ablation of the span of the
+    first k rows of ``basis`` for every k (``rows``: ``k``, ``mean``, ``se``, ``n``, ``cos_direction``:
+    cosine of the k-th basis vector with ``r̂``). ``bar`` advances by one per setting."""
+    r = unit(direction)
+    settings = [("baseline", []), ("direction", ablation_hooks(model, direction))]
+    settings += [(k, subspace_ablation_hooks(model, basis[:k])) for k in range(1, basis.shape[0] + 1)]
+    out: dict = {"rows": []}
+    for key, hooks in settings:
+        v = _mean_se_n(_log_odds(model, ids, mask, hooks, refusal_ids, batch_size))
+        if isinstance(key, int):
+            out["rows"].append({"k": key, **v, "cos_direction": float(basis[key - 1].to(torch.float64) @ r)})
+        else:
+            out[key] = v
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def _ratio_ci(num: torch.Tensor, den: torch.Tensor, seed: int) -> list[float]:
+    """Percentile bootstrap interval over pairs of mean(num) / mean(den) (the same resample of both)."""
+    n = num.shape[0]
+    if n < 2:
+        v = float(num.mean() / den.mean())
+        return [v, v]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (N_BOOT, n), generator=g)
+    ratio = num[idx].mean(1) / den[idx].mean(1)
+    ratio = ratio[torch.isfinite(ratio)]
+    if ratio.numel() == 0:
+        return [float("nan"), float("nan")]
+    q = torch.quantile(ratio, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return [float(q[0]), float(q[1])]
+
+
+def resid_patch_layer(heads: Sequence[tuple[int, int]], heads_column: int, last_column: int, layer: int) -> int:
+    """The layer whose ``hook_resid_pre`` at the heads' column the whole-residual patch replaces:
+    right after the last selected head (``max head layer + 1``), but early enough to reach the
+    readout at ``layer``'s last column — at most ``layer`` when the heads' column is the last one,
+    else at most ``layer − 1`` (another column reaches the last one only through a later layer's
+    attention)."""
+    cap = layer if heads_column == last_column else layer - 1
+    return max(0, min(max(l for l, _ in heads) + 1, cap))
+
+
+@torch.no_grad()
+def heads_to_direction(model, harmful: tuple[torch.Tensor, torch.Tensor], harmless: tuple[torch.Tensor, torch.Tensor],
+                       heads: Sequence[tuple[int, int]], heads_column: int, direction: torch.Tensor, layer: int,
+                       seed: int = 0) -> dict:
+    """How much of ``r̂`` at ``blocks.{layer}.hook_resid_pre`` (last column) the refusal heads move.
+
+    Pairs: harmful prompt i with harmless prompt i (one batch per side; same length). Readout:
+    ``resid_pre[layer][:, -1] · r̂``. ``heads_patch``: the harmless prompts with every head of
+    ``heads`` patched from the harmful run at ``heads_column`` (``attn.hook_z``, as the ``heads``
+    step patches); ``resid_patch``: with the whole ``hook_resid_pre`` at the heads' column of
+    :func:`resid_patch_layer` patched instead. Each shift (patched − clean harmless, per pair) and
+    the full gap (harmful − harmless, per pair) as ``{mean, se, ci95, n}``; ``ratio`` = mean heads
+    shift / mean residual shift with a bootstrap interval over pairs; ``ratio_to_gap`` likewise.
+    ``writes``: each head's own output (:meth:`head_results`, after Gemma's post-norm: what it adds to
+    the residual) at the last column and at the heads' column, projected on ``r̂`` — harmful and
+    harmless means and their paired difference with SE."""
+    heads = [(int(l), model.check_head(h)) for l, h in heads]
+    if not heads:
+        raise SiteError("Give at least one (layer, head) pair.")
+    r = unit(direction)
+    (h_ids, _), (s_ids, s_mask) = harmful, harmless
+    if h_ids.shape != s_ids.shape:
+        raise SiteError(f"Paired prompts need equal shapes, got {tuple(h_ids.shape)} and {tuple(s_ids.shape)}.")
+    T = h_ids.shape[1]
+    last, hcol = T - 1, heads_column + T if heads_column < 0 else heads_column
+    lp = resid_patch_layer(heads, hcol, last, layer)
+    readout = f"blocks.{layer}.hook_resid_pre"
+    head_layers = sorted({l for l, _ in heads})
+    names = {readout, f"blocks.{lp}.hook_resid_pre"} | {f"blocks.{l}.attn.{s}" for l in head_layers
+                                                         for s in ("hook_z", "hook_result")}
+    dev = model.device
+    caches = {side: model.run_with_cache(i.to(dev), m.to(dev), names=lambda n: n in names, logits="none")[1]
+              for side, (i, m) in (("harmful", harmful), ("harmless", harmless))}
+
+    def read(cache) -> torch.Tensor:
+        return cache[readout][:, last].to(torch.float64).cpu() @ r
+
+    ph, ps = read(caches["harmful"]), read(caches["harmless"])
+    s_ids, s_mask = s_ids.to(dev), s_mask.to(dev)
+    hooks = head_patch_hooks(caches["harmful"], heads, [hcol])
+    p_heads = read(model.run_with_cache(s_ids, s_mask, names=[readout], fwd_hooks=hooks, logits="none")[1])
+    src = caches["harmful"][f"blocks.{lp}.hook_resid_pre"][:, hcol : hcol + 1]
+    resid_hook = [(f"blocks.{lp}.hook_resid_pre", Patch.block(src, [hcol]))]
+    p_resid = read(model.run_with_cache(s_ids, s_mask, names=[readout], fwd_hooks=resid_hook, logits="none")[1])
+    d_heads, d_resid, gap = p_heads - ps, p_resid - ps, ph - ps
+    writes = []
+    for l, h in heads:
+        res = {side: model.head_results(c, l)[:, :, h].to(torch.float64).cpu() @ r for side, c in caches.items()}
+        for where, c in (("last", last), ("heads", hcol)):
+            a, b = res["harmful"][:, c], res["harmless"][:, c]
+            diff = summary(a - b, seed=seed)
+            writes.append({"layer": l, "head": h, "column": where, "index": c, "harmful_mean": float(a.mean()),
+                           "harmless_mean": float(b.mean()), "difference": diff["mean"], "difference_se": diff["se"],
+                           "difference_ci95": diff["ci95"], "n_pairs": diff["n"]})
+    return {
+        "layer": layer, "readout": f"{readout}, last column ({last}), projected on the unit direction",
+        "heads": [{"layer": l, "head": h} for l, h in heads], "heads_column": hcol, "resid_patch_layer": lp,
+        "resid_patch_site": f"blocks.{lp}.hook_resid_pre", "n_pairs": int(ph.shape[0]),
+        "harmful_mean": float(ph.mean()), "harmless_mean": float(ps.mean()),
+        "heads_patched_mean": float(p_heads.mean()), "resid_patched_mean": float(p_resid.mean()),
+        "gap": summary(gap, seed=seed), "heads_shift": summary(d_heads, seed=seed),
+        "resid_shift": summary(d_resid, seed=seed),
+        "ratio": float(d_heads.mean() / d_resid.mean()) if float(d_resid.mean()) != 0 else float("nan"),
+        "ratio_ci95": _ratio_ci(d_heads, d_resid, seed),
+        "ratio_to_gap": float(d_heads.mean() / gap.mean()) if float(gap.mean()) != 0 else float("nan"),
+        "ratio_to_gap_ci95": _ratio_ci(d_heads, gap, seed),
+        "writes": writes,
+        "per_pair": {"harmful": ph, "harmless": ps, "heads_patched": p_heads, "resid_patched": p_resid},
+    }
+

@@ -1,0 +1,113 @@
+"""The run's ``geometry`` step on tiny Qwen2 and Gemma 2 chat models: its section validates, its
+numbers equal hand computations from the run's own saved vectors and ``run_with_cache``, its
+r̂ ablation equals the direction step's bypass, a second run reads the record back, and the report
+and figures render it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from refusal_lab.models.loading import load_model
+from refusal_lab.prompts import build_instruction_prompts
+from refusal_lab.run import pipeline
+from refusal_lab.run.config import RunConfig
+from refusal_lab.run.results import read_results
+from refusal_lab.steering import geometry as geo
+from refusal_lab.steering.batching import instruction_sample
+from refusal_lab.steering.interventions import unit
+from refusal_lab.steering.vectors import load_vector
+from tests.helpers_tiny_chat import SMALL_STEERING, make_tiny_chat_model
+
+CFG = dict(grids=["resid_pre", "heads"], attribution=False, generate_tokens=0, threshold=-1.0, **SMALL_STEERING)
+"""Every head selected (threshold -1), so heads -> direction always runs."""
+
+
+@pytest.fixture(scope="module", params=("qwen2", "gemma2"))
+def run(request, tmp_path_factory):
+    folder = make_tiny_chat_model(tmp_path_factory.mktemp("model"), request.param)
+    model = load_model(str(folder), device="cpu")
+    cfg = RunConfig(model=str(folder), **CFG)
+    out = tmp_path_factory.mktemp("run")
+    pipeline.Pipeline(model, cfg, out, progress=False).run()
+    return model, cfg, out, json.loads((out / "results.json").read_text())
+
+
+def test_the_section_validates_and_renders(run):
+    _, _, out, r = run
+    g = read_results(out)["geometry"]
+    L = r["model"]["n_layers"]
+    assert len(g["separation"]["gap"]) == L and len(g["cosines"]["candidates"]) == L
+    assert g["separation"]["split"] == "test" and g["separation"]["n_harmful"] == SMALL_STEERING["steering_n_test"]
+    assert [x["k"] for x in g["subspace"]["rows"]] == [1, 2, 3, 4, 5]
+    assert g["heads"] is not None and len(g["heads"]["heads"]) == len(r["heads"]["selected"])
+    assert g["cosines"]["vectors"] == ["direction", "objects_difference", "objects_heads", "principal_1"]
+    assert len(g["findings"]) == 4 and all("n = " in g["findings"][i] for i in (0, 2, 3))
+    assert "_projections" not in g["separation"] and "_per_pair" not in g["heads"]
+    assert "geometry" in r["timings"]
+    for stem in ("separation", "cosines", "vectors", "subspace", "heads"):
+        assert (out / "figures" / f"geometry_{stem}.png").stat().st_size > 0
+    for name in ("separation", "subspace", "heads", "head_writes"):
+        assert (out / "tables" / f"geometry_{name}.csv").is_file()
+    html = (out / "report.html").read_text()
+    assert 'id="geometry"' in html and "Is one dimension enough?" in html and g["findings"][0][:30] in html
+    assert (out / "vectors" / "geometry_basis.safetensors").is_file()
+
+
+def test_separation_equals_a_hand_projection_of_the_test_prompts(run):
+    model, cfg, out, r = run
+    g, d = r["geometry"], r["direction"]
+    rhat = unit(load_vector(out / "vectors" / "direction.safetensors")[0])
+    test = instruction_sample("test", cfg.steering_n_test, cfg.seed)
+    for side in ("harmful", "harmless"):
+        ids, mask = build_instruction_prompts(model.tokenizer, test[side])
+        _, cache = model.run_with_cache(ids, mask, names=lambda n: n.endswith("hook_resid_pre"), logits="none")
+        for l in range(model.cfg.n_layers):
+            p = cache[f"blocks.{l}.hook_resid_pre"][:, d["position"]].to(torch.float64) @ rhat
+            assert math.isclose(g["separation"][f"{side}_mean"][l], float(p.mean()), rel_tol=1e-6, abs_tol=1e-6)
+            assert math.isclose(g["separation"][f"{side}_sd"][l], float(p.std()), rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_ablating_rhat_reproduces_the_direction_steps_bypass(run):
+    _, _, _, r = run
+    sub, d = r["geometry"]["subspace"], r["direction"]
+    assert math.isclose(sub["direction"]["mean"], d["bypass"], rel_tol=1e-5, abs_tol=1e-6)
+    assert math.isclose(sub["baseline"]["mean"], d["baseline"]["harmful_val_log_odds"], rel_tol=1e-5, abs_tol=1e-6)
+    assert sub["direction"]["n"] == d["n_val"]["harmful"]
+
+
+def test_cosines_equal_the_saved_vectors(run):
+    _, _, out, r = run
+    c, d = r["geometry"]["cosines"], r["direction"]
+    cands = load_vector(out / "vectors" / "direction_candidates.safetensors")[0].to(torch.float64)
+    col = cands[:, d["positions"].index(d["position"])]
+    for i in range(col.shape[0]):
+        for j in range(col.shape[0]):
+            ni, nj = float(col[i].norm()), float(col[j].norm())
+            if ni == 0 or nj == 0:
+                assert c["candidates"][i][j] is None
+            else:
+                assert math.isclose(c["candidates"][i][j], float(col[i] @ col[j]) / (ni * nj), abs_tol=1e-9)
+    vec = {n: load_vector(out / "vectors" / f"{n}.safetensors")[0].to(torch.float64)
+           for n in ("direction", "objects_difference", "objects_heads")}
+    vec["principal_1"] = load_vector(out / "vectors" / "geometry_basis.safetensors")[0][0]
+    for i, a in enumerate(c["vectors"]):
+        for j, b in enumerate(c["vectors"]):
+            ref = float(vec[a] @ vec[b]) / float(vec[a].norm() * vec[b].norm())
+            assert math.isclose(c["vector_matrix"][i][j], ref, abs_tol=1e-9), (a, b)
+
+
+def test_a_second_run_reads_the_record_back(run, monkeypatch):
+    model, cfg, out, r = run
+
+    def boom(*a, **k):
+        raise AssertionError("the geometry step was recomputed")
+
+    monkeypatch.setattr(geo, "separation_curve", boom)
+    monkeypatch.setattr(geo, "heads_to_direction", boom)
+    pipeline.Pipeline(model, cfg, out, progress=False).run()
+    again = json.loads((out / "results.json").read_text())
+    assert again["geometry"] == r["geometry"]
