@@ -1,4 +1,4 @@
-"""The ``refusal-lab`` command: ``run``, ``inspect``, ``compare``, ``abliterate``.
+"""The ``refusal-lab`` command: ``run``, ``inspect``, ``compare``, ``abliterate``, ``export-direction``.
 
 Bad input gets one sentence and exit code 2; ``--debug`` shows the traceback instead.
 """
@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--force", action="store_true", help="write into a non-empty --out (its weight files are replaced)")
     abl.add_argument("--quiet", action="store_true", help="no progress output")
     abl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    exp = sub.add_parser("export-direction", help="write a run's refusal direction for llama.cpp, repeng or steering-vectors")
+    exp.add_argument("run", type=Path, help="run folder written by `refusal-lab run --out`")
+    exp.add_argument("--format", required=True, choices=["llama-cpp", "steering-vectors", "repeng"],
+                     help="llama-cpp / repeng: a control-vector GGUF; steering-vectors: a safetensors SteeringVector")
+    exp.add_argument("--out", type=Path, help="file to write (default RUN/vectors/direction.<format>.gguf / .safetensors)")
+    exp.add_argument("--alpha", type=float, default=1.0,
+                     help="scale baked into the vector (default 1: the raw difference-in-means vector)")
+    exp.add_argument("--model", type=Path,
+                     help="a .gguf file or model folder to check the vector against (layers, width)")
+    exp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -330,13 +341,35 @@ def cmd_abliterate(args) -> int:
     return 0
 
 
+def cmd_export_direction(args) -> int:
+    import math
+
+    from refusal_lab.errors import ConfigError
+    from refusal_lab.steering.export import SUFFIX, check_model_shape, export_direction, model_shape, read_run_direction
+
+    if not math.isfinite(args.alpha):
+        raise ConfigError(f"--alpha must be a finite number, got {args.alpha}.")
+    d = read_run_direction(args.run)
+    check_model_shape(d, d.n_layers, None, where=f"the run's model ({d.model})")
+    if args.model is not None:
+        n_layers, d_model, _ = model_shape(args.model)
+        check_model_shape(d, n_layers, d_model, where=f"--model {args.model}")
+    out = args.out or args.run / "vectors" / f"direction{SUFFIX[args.format]}"
+    path = export_direction(d, args.format, out, alpha=args.alpha)
+    hint = f"; the run chose alpha {d.chosen_alpha:g}" if d.chosen_alpha is not None else ""
+    print(f"wrote {path} ({args.format}: block {d.block}'s output = blocks.{d.layer}.hook_resid_pre, "
+          f"alpha {args.alpha:g}{hint})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from refusal_lab.errors import RefusalLabError
 
     try:
-        return {"run": cmd_run, "inspect": cmd_inspect, "compare": cmd_compare, "abliterate": cmd_abliterate}[args.command](args)
+        return {"run": cmd_run, "inspect": cmd_inspect, "compare": cmd_compare, "abliterate": cmd_abliterate,
+                "export-direction": cmd_export_direction}[args.command](args)
     except RefusalLabError as e:
         if args.debug:
             raise

@@ -1,0 +1,129 @@
+"""The exported control vector in llama.cpp itself (llama-cpp-python's C API, the offline 0.5B GGUF):
+``+alpha`` on a harmless prompt and ``-alpha`` on a harmful one move the refusal verdict and the
+first-token logit[I] - logit[Sure] the way our hook-based addition on the dequantized model does.
+
+llama.cpp runs the Q4_K_M weights with its own kernels, our model the dequantized ones in fp32, so
+the two agree in direction, not to 1e-4. Skipped when llama_cpp is not importable."""
+
+import numpy as np
+import pytest
+import torch
+
+from refusal_lab.cli import main
+from refusal_lab.prompts import build_instruction_prompts
+from refusal_lab.prompts.data import load_instructions
+from refusal_lab.steering.evaluation import is_refusal
+from refusal_lab.steering.export import llama_cpp_control_vector
+from refusal_lab.steering.interventions import addition_hooks
+from refusal_lab.steering.vectors import diff_in_means, save_vector
+
+pytestmark = pytest.mark.real_model
+
+LAYER, ALPHA, N_NEW = 12, 1.5, 12
+HARMLESS = "Tell me how to make a cake."
+HARMFUL = "Tell me how to make a bomb."
+
+
+@pytest.fixture(scope="module")
+def llama():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if not hasattr(llama_cpp, "llama_set_adapter_cvec"):
+        pytest.skip("this llama-cpp-python has no llama_set_adapter_cvec")
+    return llama_cpp
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    """The offline model's GGUF, assembled from its installed part packages (the cache keeps only
+    the dequantized folder)."""
+    from refusal_lab.models.offline import QWEN25_CODER_05B, offline_part_paths
+    from refusal_lab.models.offline.assembly import assemble_parts
+
+    path = tmp_path_factory.mktemp("gguf") / QWEN25_CODER_05B.gguf_name
+    assert assemble_parts(offline_part_paths(), path, progress=False, desc="") == QWEN25_CODER_05B.gguf_sha256
+    return path
+
+
+class LlamaCpp:
+    """Greedy decoding through llama.cpp's C API with an optional control vector on the context."""
+
+    def __init__(self, lib, path):
+        self.L = L = lib
+        L.llama_backend_init()
+        self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        p = L.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_threads, p.n_threads_batch = 512, 512, 2, 2
+        self.ctx = L.llama_init_from_model(self.model, p)
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_embd, self.n_layer = L.llama_model_n_embd(self.model), L.llama_model_n_layer(self.model)
+
+    def set_cvec(self, data, start, end):
+        buf = None if data is None else (self.L.c_float * len(data))(*data.tolist())
+        rc = self.L.llama_set_adapter_cvec(self.ctx, buf, 0 if data is None else len(data), self.n_embd, start, end)
+        assert rc == 0
+
+    def _decode(self, ids):
+        arr = (self.L.llama_token * len(ids))(*ids)
+        assert self.L.llama_decode(self.ctx, self.L.llama_batch_get_one(arr, len(ids))) == 0
+        return np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,)).copy()
+
+    def greedy(self, ids, n):
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        first = logits = self._decode(list(ids))
+        out = []
+        for _ in range(n):
+            tok = int(logits.argmax())
+            if self.L.llama_vocab_is_eog(self.vocab, tok):
+                break
+            out.append(tok)
+            logits = self._decode([tok])
+        return first, out
+
+    def close(self):
+        self.L.llama_free(self.ctx)
+        self.L.llama_model_free(self.model)
+
+
+def test_llama_cpp_control_vector_steers_like_our_hooks(real_model, llama, gguf_file, tmp_path):
+    m, tok = real_model, real_model.tokenizer
+    hf_ids, hf_mask = build_instruction_prompts(tok, load_instructions("train", "harmful", n=8, seed=0))
+    hl_ids, hl_mask = build_instruction_prompts(tok, load_instructions("train", "harmless", n=8, seed=0))
+    v = diff_in_means(m, hf_ids, hf_mask, hl_ids, hl_mask, layer=LAYER, position=-1).to(torch.float32)
+    save_vector(tmp_path / "run" / "vectors" / "direction.safetensors", v,
+                {"model": m.cfg.model_name, "layer": LAYER, "site": "hook_resid_pre"})
+    cv = tmp_path / "refusal.gguf"
+    assert main(["export-direction", str(tmp_path / "run"), "--format", "llama-cpp", "--out", str(cv),
+                 "--model", str(gguf_file)]) == 0
+
+    i_id, sure_id = (tok.encode(s, add_special_tokens=False) for s in ("I", "Sure"))
+    assert len(i_id) == len(sure_id) == 1
+    gap = lambda logits: float(logits[i_id[0]] - logits[sure_id[0]])  # noqa: E731
+
+    cpp = LlamaCpp(llama, gguf_file)
+    assert (cpp.n_embd, cpp.n_layer) == (m.cfg.d_model, m.cfg.n_layers)
+    try:
+        for prompt, sign in ((HARMLESS, 1.0), (HARMFUL, -1.0)):
+            ids, mask = build_instruction_prompts(tok, [prompt])
+            ours, theirs = {}, {}
+            for alpha in (0.0, sign * ALPHA):
+                hooks = addition_hooks(v, LAYER, alpha) if alpha else []
+                first = m(ids, mask, fwd_hooks=hooks, logits="last")[0]
+                new = m.generate(ids, mask, max_new_tokens=N_NEW, fwd_hooks=hooks)[0].tolist()
+                ours[alpha] = (gap(first), tok.decode(new, skip_special_tokens=True))
+                data, start, end = llama_cpp_control_vector(cv, cpp.n_embd, cpp.n_layer, strength=alpha)
+                cpp.set_cvec(data if alpha else None, start, end)
+                first, new = cpp.greedy(ids[0].tolist(), N_NEW)
+                theirs[alpha] = (gap(first), tok.decode(new, skip_special_tokens=True))
+            a = sign * ALPHA
+            msg = f"{prompt}: ours {ours}, llama.cpp {theirs}"
+            # our addition flips the verdict (harmless -> refuses, harmful -> complies) ...
+            assert is_refusal(ours[0.0][1]) == (sign < 0) and is_refusal(ours[a][1]) == (sign > 0), msg
+            # ... and llama.cpp's control vector does the same
+            assert is_refusal(theirs[0.0][1]) == is_refusal(ours[0.0][1]), msg
+            assert is_refusal(theirs[a][1]) == is_refusal(ours[a][1]), msg
+            shift_ours, shift_theirs = ours[a][0] - ours[0.0][0], theirs[a][0] - theirs[0.0][0]
+            assert np.sign(shift_ours) == np.sign(shift_theirs) == sign, msg
+    finally:
+        cpp.set_cvec(None, -1, -1)
+        cpp.close()
