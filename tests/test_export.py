@@ -193,6 +193,15 @@ def test_bad_inputs(tmp_path, capsys):
     assert "mixes two runs" in _fails(capsys, ["export-direction", str(mixed), "--format", "repeng"])
 
 
+def test_abliterate_gguf_needs_a_gguf_model(tmp_path, capsys):
+    folder = tmp_path / "hf"
+    tiny_config("qwen2").save_pretrained(folder)
+    err = _fails(capsys, ["abliterate", "--model", str(folder), "--gguf", "--out", str(tmp_path / "out")])
+    assert "--gguf needs a model that came from a GGUF" in err
+    assert "does not exist" in _fails(capsys, ["abliterate", "--model", str(tmp_path / "no.gguf"), "--gguf",
+                                               "--out", str(tmp_path / "out")])
+
+
 def test_llama_cpp_buffer_checks_the_model(tmp_path):
     from refusal_lab.steering.export import write_control_vector_gguf
     from refusal_lab.errors import ConfigError

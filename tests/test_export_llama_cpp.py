@@ -127,3 +127,24 @@ def test_llama_cpp_control_vector_steers_like_our_hooks(real_model, llama, gguf_
     finally:
         cpp.set_cvec(None, -1, -1)
         cpp.close()
+
+
+@pytest.mark.slow
+def test_abliterate_gguf_loads_in_llama_cpp_and_refuses_less(real_model, llama, gguf_file, tmp_path):
+    """``abliterate --gguf``: llama.cpp loads OUT/model.gguf, and on the harmful prompt it stops
+    refusing and its first-token logit[I] - logit[Sure] drops, where the original GGUF refuses."""
+    out = tmp_path / "abl"
+    assert main(["abliterate", "--layer", str(LAYER), "--n-train", "8", "--gguf", "--out", str(out), "--quiet"]) == 0
+    tok = real_model.tokenizer
+    ids = build_instruction_prompts(tok, [HARMFUL])[0][0].tolist()
+    i_id, sure_id = (tok.encode(s, add_special_tokens=False)[0] for s in ("I", "Sure"))
+    seen = {}
+    for name, path in (("original", gguf_file), ("abliterated", out / "model.gguf")):
+        cpp = LlamaCpp(llama, path)
+        try:
+            first, new = cpp.greedy(ids, N_NEW)
+        finally:
+            cpp.close()
+        seen[name] = (float(first[i_id] - first[sure_id]), tok.decode(new, skip_special_tokens=True))
+    assert is_refusal(seen["original"][1]) and not is_refusal(seen["abliterated"][1]), seen
+    assert seen["abliterated"][0] < seen["original"][0], seen

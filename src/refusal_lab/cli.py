@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--n-val", type=int,
                      help="harmful and harmless val instructions each for --select (default 16, as in run)")
     abl.add_argument("--force", action="store_true", help="write into a non-empty --out (its weight files are replaced)")
+    abl.add_argument("--gguf", action="store_true",
+                     help="also write OUT/model.gguf for llama.cpp (models from a GGUF: the offline ones or --model X.gguf)")
     abl.add_argument("--quiet", action="store_true", help="no progress output")
     abl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
@@ -293,6 +295,11 @@ def cmd_abliterate(args) -> int:
         raise ConfigError(f"--out {out} is a file; give a folder for the orthogonalised model.")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise ConfigError(f"--out {out} is not empty; give an empty or new folder, or --force to write into it.")
+    gguf_source = None
+    if args.gguf:  # before the (slow) load: only a model that came from a GGUF has one to copy from
+        from refusal_lab.steering.export import source_gguf_of
+
+        gguf_source = source_gguf_of(args.model)
     vector = meta = None
     if args.direction is not None:
         from refusal_lab.steering.vectors import load_vector
@@ -336,9 +343,35 @@ def cmd_abliterate(args) -> int:
 
     with progress_bars(not args.quiet):  # transformers' own bars while saving, as while loading
         write_abliteration(out, model, vector, report, info)
+    if gguf_source is not None:
+        _write_gguf(gguf_source, out, model, say)
     print(f"wrote {out} (exact: {str(report.exact).lower()}; "
           f"layer {info.get('layer')}, position {info.get('position')})")
     return 0
+
+
+def _write_gguf(source, out: Path, model, say) -> None:
+    """OUT/model.gguf from the GGUF the model came from (an offline model's is re-assembled from its parts)."""
+    import tempfile
+
+    from refusal_lab.steering.export import write_abliterated_gguf
+
+    kind, where = source
+    say(f"writing {out / 'model.gguf'}...")
+    if kind == "file":
+        write_abliterated_gguf(where, out / "model.gguf", model)
+        return
+    from refusal_lab.models.offline import offline_part_paths
+    from refusal_lab.models.offline.assembly import assemble_parts
+
+    with tempfile.TemporaryDirectory(dir=out, prefix=".gguf-") as tmp:
+        path = Path(tmp) / where.gguf_name
+        if assemble_parts(offline_part_paths(where), path, progress=False, desc=where.name) != where.gguf_sha256:
+            from refusal_lab.errors import ModelLoadError
+
+            raise ModelLoadError(f"The parts of {where.name} do not assemble to its GGUF; reinstall them with: "
+                                 f"{where.reinstall_hint}")
+        write_abliterated_gguf(path, out / "model.gguf", model)
 
 
 def cmd_export_direction(args) -> int:

@@ -286,3 +286,85 @@ def export_direction(d: RunDirection, fmt: str, out: str | Path, alpha: float = 
     if fmt == "steering-vectors":
         return write_steering_vectors(out, d, alpha)
     return write_control_vector_gguf(out, d, alpha, fmt=fmt)
+
+
+# ------------------------------------------------------------------ the abliterated model as GGUF
+
+def source_gguf_of(model_arg: str | None):
+    """How ``--gguf`` finds the GGUF the model was converted from: ``("file", path)`` for a
+    ``.gguf`` file, ``("offline", OfflineModel)`` for an offline model (re-assembled from its
+    parts, as the cache keeps only the dequantized folder); ConfigError for any other model."""
+    from refusal_lab.models.offline import get_offline_model
+
+    if model_arg is not None and str(model_arg).lower().endswith(".gguf"):
+        path = Path(model_arg).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--model {model_arg} does not exist.")
+        return "file", path
+    if model_arg is None or not Path(str(model_arg)).expanduser().exists():
+        found = get_offline_model(model_arg)
+        if found is not None:
+            return "offline", found
+    raise ConfigError(f"--gguf needs a model that came from a GGUF file (the offline default, an offline model's name "
+                      f"or --model FILE.gguf), not {model_arg}; convert the saved folder with llama.cpp's "
+                      "convert_hf_to_gguf.py instead.")
+
+
+def write_abliterated_gguf(source: str | Path, out: str | Path, model, dtype: str = "f16") -> Path:
+    """The orthogonalised ``model`` as a GGUF llama.cpp loads: the metadata (tokenizer, chat
+    template, hyper-parameters) and every tensor abliteration leaves alone are copied byte for byte
+    from ``source`` (the GGUF the model was dequantized from, so they keep its quantization); the
+    edited ones (``token_embd``, every ``attn_output`` and ``ffn_down``, and ``output`` once the
+    tied head is untied) are written in ``dtype`` (f16 or f32) under the names llama.cpp's loader
+    uses (gguf's own HF -> GGUF name map, the reverse of transformers' GGUF loader)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    arch = reader.get_field("general.architecture").contents()
+    archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in archs:
+        raise ConfigError(f"{source} has architecture {arch!r}, which the gguf package cannot name tensors for.")
+    a = model.adapter
+    edited_modules = [a.embed_tokens, a.lm_head]
+    for l in range(a.n_layers):
+        edited_modules += [a.o_proj(l), a.mlp(l).down_proj]
+    edited_ids = {id(p) for mod in edited_modules for p in mod.parameters(recurse=False)}
+    names = gguf.get_tensor_name_map(archs[arch], a.n_layers)
+    np_dtype = {"f16": np.float16, "f32": np.float32}[dtype]
+    new: dict[str, np.ndarray] = {}
+    for hf_name, p in model.hf_model.named_parameters(remove_duplicate=False):
+        if id(p) not in edited_ids:
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ConfigError(f"No GGUF tensor name for {hf_name} ({arch}); --gguf cannot write this model.")
+        new[name] = p.detach().to("cpu", torch.float32).numpy().astype(np_dtype)
+    old = {t.name: t for t in reader.tensors}
+    for name, arr in new.items():
+        if name in old and tuple(int(n) for n in old[name].shape[::-1]) != arr.shape:
+            raise ConfigError(f"{name} has shape {tuple(old[name].shape[::-1])} in {source} but {arr.shape} in the "
+                              "model; the GGUF is not the one the model came from.")
+
+    def write(tmp: str) -> None:
+        w = gguf.GGUFWriter(tmp, arch)
+        for field in reader.fields.values():
+            if field.name == "general.architecture" or field.name.startswith("GGUF."):
+                continue
+            kind = field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+        order = [t.name for t in reader.tensors] + [n for n in new if n not in old]
+        for name in order:
+            if name in new:
+                w.add_tensor_info(name, new[name].shape, new[name].dtype, new[name].nbytes)
+            else:
+                t = old[name]
+                w.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name in order:
+            w.write_tensor_data(new[name] if name in new else old[name].data)
+        w.close()
+
+    return _atomic(Path(out), write)
