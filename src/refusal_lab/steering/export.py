@@ -23,8 +23,6 @@ difference-in-means vector); each tool scales it again at apply time.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,16 +164,12 @@ def _check_out(path: Path) -> None:
 
 
 def _atomic(path: Path, write) -> Path:
+    from refusal_lab.artifacts import atomic_target
+
     path = Path(path)
     _check_out(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
