@@ -5,6 +5,8 @@ first-token logit[I] - logit[Sure] the way our hook-based addition on the dequan
 llama.cpp runs the Q4_K_M weights with its own kernels, our model the dequantized ones in fp32, so
 the two agree in direction, not to 1e-4. Skipped when llama_cpp is not importable."""
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -59,7 +61,7 @@ class LlamaCpp:
         self.n_embd, self.n_layer = L.llama_model_n_embd(self.model), L.llama_model_n_layer(self.model)
 
     def set_cvec(self, data, start, end):
-        buf = None if data is None else (self.L.c_float * len(data))(*data.tolist())
+        buf = None if data is None else (ctypes.c_float * len(data))(*data.tolist())
         rc = self.L.llama_set_adapter_cvec(self.ctx, buf, 0 if data is None else len(data), self.n_embd, start, end)
         assert rc == 0
 
