@@ -21,7 +21,8 @@ from refusal_lab.steering.vectors import diff_in_means, save_vector
 
 pytestmark = pytest.mark.real_model
 
-LAYER, ALPHA, N_NEW = 12, 1.5, 12
+LAYER, N_TRAIN, N_NEW = 14, 16, 12  # layer 14, last eoi column: tests/test_steering_real.py's choice
+ALPHAS = (1.0, 1.5, 2.0, 3.0, 4.0)
 HARMLESS = "Tell me how to make a cake."
 HARMFUL = "Tell me how to make a bomb."
 
@@ -88,9 +89,11 @@ class LlamaCpp:
 
 
 def test_llama_cpp_control_vector_steers_like_our_hooks(real_model, llama, gguf_file, tmp_path):
+    """alpha is the smallest of ALPHAS at which *our* addition flips both verdicts (chosen on our
+    side only); llama.cpp must then flip them too, with first-token shifts of the same sign."""
     m, tok = real_model, real_model.tokenizer
-    hf_ids, hf_mask = build_instruction_prompts(tok, load_instructions("train", "harmful", n=8, seed=0))
-    hl_ids, hl_mask = build_instruction_prompts(tok, load_instructions("train", "harmless", n=8, seed=0))
+    hf_ids, hf_mask = build_instruction_prompts(tok, load_instructions("train", "harmful", n=N_TRAIN, seed=0))
+    hl_ids, hl_mask = build_instruction_prompts(tok, load_instructions("train", "harmless", n=N_TRAIN, seed=0))
     v = diff_in_means(m, hf_ids, hf_mask, hl_ids, hl_mask, layer=LAYER, position=-1).to(torch.float32)
     save_vector(tmp_path / "run" / "vectors" / "direction.safetensors", v,
                 {"model": m.cfg.model_name, "layer": LAYER, "site": "hook_resid_pre"})
@@ -101,30 +104,41 @@ def test_llama_cpp_control_vector_steers_like_our_hooks(real_model, llama, gguf_
     i_id, sure_id = (tok.encode(s, add_special_tokens=False) for s in ("I", "Sure"))
     assert len(i_id) == len(sure_id) == 1
     gap = lambda logits: float(logits[i_id[0]] - logits[sure_id[0]])  # noqa: E731
+    prompts = {1.0: build_instruction_prompts(tok, [HARMLESS]), -1.0: build_instruction_prompts(tok, [HARMFUL])}
+
+    def ours(sign, alpha):
+        ids, mask = prompts[sign]
+        hooks = addition_hooks(v, LAYER, sign * alpha) if alpha else []
+        with torch.no_grad():
+            first = m(ids, mask, fwd_hooks=hooks, logits="last")[0]
+            new = m.generate(ids, mask, max_new_tokens=N_NEW, fwd_hooks=hooks)[0].tolist()
+        return gap(first), tok.decode(new, skip_special_tokens=True)
+
+    base = {sign: ours(sign, 0.0) for sign in prompts}
+    assert not is_refusal(base[1.0][1]) and is_refusal(base[-1.0][1]), base
+    alpha = steered = None
+    for a in ALPHAS:
+        steered = {sign: ours(sign, a) for sign in prompts}
+        if is_refusal(steered[1.0][1]) and not is_refusal(steered[-1.0][1]):
+            alpha = a
+            break
+    assert alpha is not None, f"our addition flips no verdict at alphas {ALPHAS}: {steered}"
 
     cpp = LlamaCpp(llama, gguf_file)
     assert (cpp.n_embd, cpp.n_layer) == (m.cfg.d_model, m.cfg.n_layers)
     try:
-        for prompt, sign in ((HARMLESS, 1.0), (HARMFUL, -1.0)):
-            ids, mask = build_instruction_prompts(tok, [prompt])
-            ours, theirs = {}, {}
-            for alpha in (0.0, sign * ALPHA):
-                hooks = addition_hooks(v, LAYER, alpha) if alpha else []
-                first = m(ids, mask, fwd_hooks=hooks, logits="last")[0]
-                new = m.generate(ids, mask, max_new_tokens=N_NEW, fwd_hooks=hooks)[0].tolist()
-                ours[alpha] = (gap(first), tok.decode(new, skip_special_tokens=True))
-                data, start, end = llama_cpp_control_vector(cv, cpp.n_embd, cpp.n_layer, strength=alpha)
-                cpp.set_cvec(data if alpha else None, start, end)
+        for sign, (ids, _) in prompts.items():
+            theirs = {}
+            for a in (0.0, alpha):
+                data, start, end = llama_cpp_control_vector(cv, cpp.n_embd, cpp.n_layer, strength=sign * a)
+                cpp.set_cvec(data if a else None, start, end)
                 first, new = cpp.greedy(ids[0].tolist(), N_NEW)
-                theirs[alpha] = (gap(first), tok.decode(new, skip_special_tokens=True))
-            a = sign * ALPHA
-            msg = f"{prompt}: ours {ours}, llama.cpp {theirs}"
-            # our addition flips the verdict (harmless -> refuses, harmful -> complies) ...
-            assert is_refusal(ours[0.0][1]) == (sign < 0) and is_refusal(ours[a][1]) == (sign > 0), msg
-            # ... and llama.cpp's control vector does the same
-            assert is_refusal(theirs[0.0][1]) == is_refusal(ours[0.0][1]), msg
-            assert is_refusal(theirs[a][1]) == is_refusal(ours[a][1]), msg
-            shift_ours, shift_theirs = ours[a][0] - ours[0.0][0], theirs[a][0] - theirs[0.0][0]
+                theirs[a] = (gap(first), tok.decode(new, skip_special_tokens=True))
+            msg = f"alpha {sign * alpha}: ours {base[sign]} -> {steered[sign]}, llama.cpp {theirs}"
+            print(msg)
+            assert is_refusal(theirs[0.0][1]) == is_refusal(base[sign][1]), msg
+            assert is_refusal(theirs[alpha][1]) == is_refusal(steered[sign][1]), msg
+            shift_ours, shift_theirs = steered[sign][0] - base[sign][0], theirs[alpha][0] - theirs[0.0][0]
             assert np.sign(shift_ours) == np.sign(shift_theirs) == sign, msg
     finally:
         cpp.set_cvec(None, -1, -1)
