@@ -214,3 +214,47 @@ def test_llama_cpp_buffer_checks_the_model(tmp_path):
         llama_cpp_control_vector(path, n_embd=8, n_layer=2)
     with pytest.raises(ConfigError, match="n_embd is 16"):
         llama_cpp_control_vector(path, n_embd=16, n_layer=4)
+
+
+def test_abliterated_gguf_copies_the_source_and_writes_the_edits(tmp_path):
+    """write_abliterated_gguf on a tiny qwen2 whose 'source GGUF' we write from its own weights:
+    untouched tensors and metadata come through byte for byte, the edited ones are the
+    orthogonalised weights (f16), and the untied head is added as output.weight."""
+    import gguf
+
+    from refusal_lab.steering.abliterate import orthogonalize_weights
+    from refusal_lab.steering.export import write_abliterated_gguf
+
+    hf = tiny_model("qwen2", tie_word_embeddings=True)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 3)
+    src = tmp_path / "src.gguf"
+    w = gguf.GGUFWriter(str(src), "qwen2")
+    w.add_block_count(3)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    for n, p in hf.named_parameters():  # tied: lm_head.weight is not listed separately
+        w.add_tensor(names.get_name(n, try_suffixes=(".weight", ".bias")), p.detach().numpy().copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    model = HookedChatModel(hf)
+    head = hf.lm_head.weight.detach().clone()
+    orthogonalize_weights(model, torch.randn(64, generator=torch.Generator().manual_seed(5)))
+    out = write_abliterated_gguf(src, tmp_path / "abl.gguf", model)
+    a, b = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
+    assert b.get_field("tokenizer.ggml.model").contents() == "gpt2" and b.get_field("qwen2.block_count").contents() == 3
+    old, new = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(new) == set(old) | {"output.weight"}
+    edited = {"token_embd.weight", "output.weight"} | {f"blk.{l}.{k}.weight" for l in range(3)
+                                                       for k in ("attn_output", "ffn_down")}
+    state = dict(hf.named_parameters())
+    for name, t in new.items():
+        if name not in edited:
+            assert t.tensor_type == old[name].tensor_type
+            np.testing.assert_array_equal(t.data, old[name].data)
+    np.testing.assert_allclose(new["output.weight"].data, head.numpy(), atol=1e-3)
+    np.testing.assert_allclose(new["token_embd.weight"].data, state["model.embed_tokens.weight"].numpy(), atol=1e-3)
+    np.testing.assert_allclose(new["blk.1.ffn_down.weight"].data, state["model.layers.1.mlp.down_proj.weight"].numpy(),
+                               atol=1e-3)
+    assert new["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert not np.allclose(new["blk.1.ffn_down.weight"].data, old["blk.1.ffn_down.weight"].data, atol=1e-3)
