@@ -385,8 +385,12 @@ def cmd_export_direction(args) -> int:
     d = read_run_direction(args.run)
     check_model_shape(d, d.n_layers, None, where=f"the run's model ({d.model})")
     if args.model is not None:
-        n_layers, d_model, _ = model_shape(args.model)
+        import dataclasses
+
+        n_layers, d_model, model_type = model_shape(args.model)
         check_model_shape(d, n_layers, d_model, where=f"--model {args.model}")
+        if d.model_type is None:  # no results.json: the hint comes from the model checked against
+            d = dataclasses.replace(d, model_type=model_type)
     out = args.out or args.run / "vectors" / f"direction{SUFFIX[args.format]}"
     path = export_direction(d, args.format, out, alpha=args.alpha)
     hint = f"; the run chose alpha {d.chosen_alpha:g}" if d.chosen_alpha is not None else ""
