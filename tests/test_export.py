@@ -95,12 +95,15 @@ def test_repeng_applies_our_addition(tmp_path, model_type):
     with torch.no_grad():
         ours = _ours(hf, v, LAYER, ALPHA, ids)
         ours_neg = _ours(hf, v, LAYER, -ALPHA, ids)
+        # repeng masks padding from position_ids and reshapes them to [b, T]: give them per row
+        # (transformers 5 passes a broadcast [1, T] otherwise)
+        pos = torch.arange(ids.shape[1]).expand_as(ids)
         cm = repeng.ControlModel(hf, layer_ids=[LAYER - 1])
         try:
             cm.set_control(cv, coeff=ALPHA)
-            theirs = cm(input_ids=ids).logits
+            theirs = cm(input_ids=ids, position_ids=pos).logits
             cm.set_control(cv, coeff=-ALPHA)
-            theirs_neg = cm(input_ids=ids).logits
+            theirs_neg = cm(input_ids=ids, position_ids=pos).logits
         finally:
             cm.unwrap()
     assert (ours - HookedChatModel(hf)(ids, torch.ones_like(ids))).abs().max() > 0.05

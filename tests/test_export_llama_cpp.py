@@ -103,7 +103,10 @@ def test_llama_cpp_control_vector_steers_like_our_hooks(real_model, llama, gguf_
 
     i_id, sure_id = (tok.encode(s, add_special_tokens=False) for s in ("I", "Sure"))
     assert len(i_id) == len(sure_id) == 1
-    gap = lambda logits: float(logits[i_id[0]] - logits[sure_id[0]])  # noqa: E731
+    def gap(logits):
+        """(logit[I] - logit[Sure], log P(I)): "I" opens this model's refusals ("I'm sorry, ...")."""
+        logits = torch.as_tensor(logits, dtype=torch.float32)
+        return float(logits[i_id[0]] - logits[sure_id[0]]), float(logits.log_softmax(-1)[i_id[0]])
     prompts = {1.0: build_instruction_prompts(tok, [HARMLESS]), -1.0: build_instruction_prompts(tok, [HARMFUL])}
 
     def ours(sign, alpha):
@@ -138,8 +141,11 @@ def test_llama_cpp_control_vector_steers_like_our_hooks(real_model, llama, gguf_
             print(msg)
             assert is_refusal(theirs[0.0][1]) == is_refusal(base[sign][1]), msg
             assert is_refusal(theirs[alpha][1]) == is_refusal(steered[sign][1]), msg
-            shift_ours, shift_theirs = steered[sign][0] - base[sign][0], theirs[alpha][0] - theirs[0.0][0]
-            assert np.sign(shift_ours) == np.sign(shift_theirs) == sign, msg
+            for k in (0, 1):  # the logit gap's shift, the shift of log P(I)
+                shift_ours = steered[sign][0][k] - base[sign][0][k]
+                shift_theirs = theirs[alpha][0][k] - theirs[0.0][0][k]
+                assert np.sign(shift_ours) == np.sign(shift_theirs), msg
+            assert np.sign(shift_ours) == sign, msg  # log P(I) moves the way the vector pushes
     finally:
         cpp.set_cvec(None, -1, -1)
         cpp.close()
@@ -148,12 +154,12 @@ def test_llama_cpp_control_vector_steers_like_our_hooks(real_model, llama, gguf_
 @pytest.mark.slow
 def test_abliterate_gguf_loads_in_llama_cpp_and_refuses_less(real_model, llama, gguf_file, tmp_path):
     """``abliterate --gguf``: llama.cpp loads OUT/model.gguf, and on the harmful prompt it stops
-    refusing and its first-token logit[I] - logit[Sure] drops, where the original GGUF refuses."""
+    refusing and its first-token log P(I) drops, where the original GGUF refuses."""
     out = tmp_path / "abl"
-    assert main(["abliterate", "--layer", str(LAYER), "--n-train", "8", "--gguf", "--out", str(out), "--quiet"]) == 0
+    assert main(["abliterate", "--layer", str(LAYER), "--n-train", "16", "--gguf", "--out", str(out), "--quiet"]) == 0
     tok = real_model.tokenizer
     ids = build_instruction_prompts(tok, [HARMFUL])[0][0].tolist()
-    i_id, sure_id = (tok.encode(s, add_special_tokens=False)[0] for s in ("I", "Sure"))
+    i_id = tok.encode("I", add_special_tokens=False)[0]
     seen = {}
     for name, path in (("original", gguf_file), ("abliterated", out / "model.gguf")):
         cpp = LlamaCpp(llama, path)
@@ -161,6 +167,6 @@ def test_abliterate_gguf_loads_in_llama_cpp_and_refuses_less(real_model, llama, 
             first, new = cpp.greedy(ids, N_NEW)
         finally:
             cpp.close()
-        seen[name] = (float(first[i_id] - first[sure_id]), tok.decode(new, skip_special_tokens=True))
+        seen[name] = (float(torch.as_tensor(first).log_softmax(-1)[i_id]), tok.decode(new, skip_special_tokens=True))
     assert is_refusal(seen["original"][1]) and not is_refusal(seen["abliterated"][1]), seen
     assert seen["abliterated"][0] < seen["original"][0], seen
