@@ -166,6 +166,12 @@ def _fails(capsys, argv):
     return err
 
 
+def _config_json(folder, **fields):
+    """A model folder as far as --model reads it: config.json only."""
+    folder.mkdir(parents=True)
+    write_json(folder / "config.json", {"model_type": "qwen2", **fields})
+
+
 def test_bad_inputs(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -177,10 +183,10 @@ def test_bad_inputs(tmp_path, capsys):
         main(["export-direction", str(run), "--format", "onnx"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
     small = tmp_path / "small"
-    tiny_config("qwen2", num_hidden_layers=1).save_pretrained(small)
+    _config_json(small, num_hidden_layers=1, hidden_size=64)
     assert "has 1 layers" in _fails(capsys, ["export-direction", str(run), "--format", "llama-cpp", "--model", str(small)])
     wide = tmp_path / "wide"
-    tiny_config("qwen2", hidden_size=96).save_pretrained(wide)
+    _config_json(wide, num_hidden_layers=3, hidden_size=96)
     assert "d_model 96" in _fails(capsys, ["export-direction", str(run), "--format", "repeng", "--model", str(wide)])
     assert "neither" in _fails(capsys, ["export-direction", str(run), "--format", "repeng", "--model", str(tmp_path / "x")])
     assert "is a folder" in _fails(capsys, ["export-direction", str(run), "--format", "repeng", "--out", str(tmp_path)])
