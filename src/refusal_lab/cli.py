@@ -1,4 +1,4 @@
-"""The ``refusal-lab`` command: ``run``, ``inspect``, ``compare``, ``abliterate``.
+"""The ``refusal-lab`` command: ``run``, ``inspect``, ``compare``, ``abliterate``, ``export-direction``.
 
 Bad input gets one sentence and exit code 2; ``--debug`` shows the traceback instead.
 """
@@ -84,8 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--n-val", type=int,
                      help="harmful and harmless val instructions each for --select (default 16, as in run)")
     abl.add_argument("--force", action="store_true", help="write into a non-empty --out (its weight files are replaced)")
+    abl.add_argument("--gguf", action="store_true",
+                     help="also write OUT/model.gguf for llama.cpp (models from a GGUF: the offline ones or --model X.gguf)")
     abl.add_argument("--quiet", action="store_true", help="no progress output")
     abl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    exp = sub.add_parser("export-direction", help="write a run's refusal direction for llama.cpp, repeng or steering-vectors")
+    exp.add_argument("run", type=Path, help="run folder written by `refusal-lab run --out`")
+    exp.add_argument("--format", required=True, choices=["llama-cpp", "steering-vectors", "repeng"],
+                     help="llama-cpp / repeng: a control-vector GGUF; steering-vectors: a safetensors SteeringVector")
+    exp.add_argument("--out", type=Path, help="file to write (default RUN/vectors/direction.<format>.gguf / .safetensors)")
+    exp.add_argument("--alpha", type=float, default=1.0,
+                     help="scale baked into the vector (default 1: the raw difference-in-means vector)")
+    exp.add_argument("--model", type=Path,
+                     help="a .gguf file or model folder to check the vector against (layers, width)")
+    exp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -295,6 +308,11 @@ def cmd_abliterate(args) -> int:
         raise ConfigError(f"--out {out} is a file; give a folder for the orthogonalised model.")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise ConfigError(f"--out {out} is not empty; give an empty or new folder, or --force to write into it.")
+    gguf_source = None
+    if args.gguf:  # before the (slow) load: only a model that came from a GGUF has one to copy from
+        from refusal_lab.steering.export import source_gguf_of
+
+        gguf_source = source_gguf_of(args.model)
     vector = meta = None
     if args.direction is not None:
         from refusal_lab.steering.vectors import load_vector
@@ -338,8 +356,59 @@ def cmd_abliterate(args) -> int:
 
     with progress_bars(not args.quiet):  # transformers' own bars while saving, as while loading
         write_abliteration(out, model, vector, report, info)
+    if gguf_source is not None:
+        _write_gguf(gguf_source, out, model, say)
     print(f"wrote {out} (exact: {str(report.exact).lower()}; "
           f"layer {info.get('layer')}, position {info.get('position')})")
+    return 0
+
+
+def _write_gguf(source, out: Path, model, say) -> None:
+    """OUT/model.gguf from the GGUF the model came from (an offline model's is re-assembled from its parts)."""
+    import tempfile
+
+    from refusal_lab.steering.export import write_abliterated_gguf
+
+    kind, where = source
+    say(f"writing {out / 'model.gguf'}...")
+    if kind == "file":
+        write_abliterated_gguf(where, out / "model.gguf", model)
+        return
+    from refusal_lab.models.offline import offline_part_paths
+    from refusal_lab.models.offline.assembly import assemble_parts
+
+    with tempfile.TemporaryDirectory(dir=out, prefix=".gguf-") as tmp:
+        path = Path(tmp) / where.gguf_name
+        if assemble_parts(offline_part_paths(where), path, progress=False, desc=where.name) != where.gguf_sha256:
+            from refusal_lab.errors import ModelLoadError
+
+            raise ModelLoadError(f"The parts of {where.name} do not assemble to its GGUF; reinstall them with: "
+                                 f"{where.reinstall_hint}")
+        write_abliterated_gguf(path, out / "model.gguf", model)
+
+
+def cmd_export_direction(args) -> int:
+    import math
+
+    from refusal_lab.errors import ConfigError
+    from refusal_lab.steering.export import SUFFIX, check_model_shape, export_direction, model_shape, read_run_direction
+
+    if not math.isfinite(args.alpha):
+        raise ConfigError(f"--alpha must be a finite number, got {args.alpha}.")
+    d = read_run_direction(args.run)
+    check_model_shape(d, d.n_layers, None, where=f"the run's model ({d.model})")
+    if args.model is not None:
+        import dataclasses
+
+        n_layers, d_model, model_type = model_shape(args.model)
+        check_model_shape(d, n_layers, d_model, where=f"--model {args.model}")
+        if d.model_type is None:  # no results.json: the hint comes from the model checked against
+            d = dataclasses.replace(d, model_type=model_type)
+    out = args.out or args.run / "vectors" / f"direction{SUFFIX[args.format]}"
+    path = export_direction(d, args.format, out, alpha=args.alpha)
+    hint = f"; the run chose alpha {d.chosen_alpha:g}" if d.chosen_alpha is not None else ""
+    print(f"wrote {path} ({args.format}: block {d.block}'s output = blocks.{d.layer}.hook_resid_pre, "
+          f"alpha {args.alpha:g}{hint})")
     return 0
 
 
@@ -349,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     from refusal_lab.errors import RefusalLabError
 
     try:
-        return {"run": cmd_run, "inspect": cmd_inspect, "compare": cmd_compare, "abliterate": cmd_abliterate}[args.command](args)
+        return {"run": cmd_run, "inspect": cmd_inspect, "compare": cmd_compare, "abliterate": cmd_abliterate,
+                "export-direction": cmd_export_direction}[args.command](args)
     except RefusalLabError as e:
         if args.debug:
             raise
