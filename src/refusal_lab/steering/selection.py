@@ -130,7 +130,7 @@ def _cone_last_logits(model, ids, mask, hooks, layer: int, resid: list[dict], ba
     """:func:`_last_logits` of an edit at ``layer`` or later, started from the cached residual at
     ``layer`` (the same batches as the cache): the blocks before it are not recomputed."""
     out = [model.prefill(i, m, fwd_hooks=list(hooks), logits="last", start_layer=layer,
-                         resid=r[layer]).logits.to(torch.float64)
+                         resid=r[layer] if layer else None).logits.to(torch.float64)
            for (i, m), r in zip(tensor_batches(ids, mask, batch_size, model.device), resid)]
     return torch.cat(out)
 
