@@ -56,7 +56,7 @@ def test_mostly_positive_refusal_set_keeps_something(tiny):
 def test_all_filtered_raises_clear_error(tiny):
     with pytest.raises(RefusalLabError, match=r"kl_max") as e:
         select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)),
-                         policy=DirectionPolicy(kl_max=0.0, on_empty="raise"))
+                         policy=DirectionPolicy(kl_max=0.0, on_empty="raise", exhaustive=True))
     msg = str(e.value)
     n = tiny.cfg.n_layers * len(POS)
     assert f"All {n} candidate directions" in msg and "max_layer_frac" in msg
@@ -68,7 +68,7 @@ def test_all_filtered_fallback_best(tiny):
     below the layer limit, with the reason."""
     L = tiny.cfg.n_layers
     res = select_direction(tiny, *_splits(tiny), positions=POS, refusal_ids=list(range(100)),
-                           policy=DirectionPolicy(kl_max=1e-12, max_layer_frac=0.7))
+                           policy=DirectionPolicy(kl_max=1e-12, max_layer_frac=0.7, exhaustive=True))
     assert not any(r["kept"] for r in res.table)
     assert res.fallback and f"All {L * len(POS)} candidate directions" in res.fallback
     usable = [r for r in res.table if r["layer"] < 0.7 * L]

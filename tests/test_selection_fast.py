@@ -244,3 +244,17 @@ def test_shared_prefix_without_a_common_beginning(tiny):
     sp = SharedPrefix.split(ids, mask, batch_size=8)
     with torch.no_grad():
         torch.testing.assert_close(sp.last_logits(tiny), tiny(ids, mask, logits="last"), rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_fallback_relaxes_among_the_top_k(tiny):
+    """Nothing passes (kl_max ~ 0): the top_k mode scores kl and induce of its k candidates only and
+    the policy's fallback chooses among them; the exhaustive mode says whether that agrees."""
+    splits = _splits(tiny)
+    kw = dict(kl_max=1e-12, max_layer_frac=1.0, top_k=2)
+    res = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw))
+    scored = [r for r in res.table if not math.isnan(r["bypass"])]
+    assert len(scored) == 2 and all(not math.isnan(r["kl"]) for r in scored)
+    assert res.fallback and "All 2 candidate directions" in res.fallback
+    assert res.bypass == min(r["bypass"] for r in scored)
+    ex = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw, exhaustive=True))
+    assert ex.agreement["top_k_agrees"] == ((ex.layer, ex.position) == (res.layer, res.position))

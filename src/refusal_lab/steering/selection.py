@@ -359,18 +359,10 @@ def select_direction(
             score_bypass(k)
             bar.update(1)
         order = sorted(to_score, key=lambda k: rows[k]["bypass"])
-        for k in order:
+        for k in order:  # none passing: every top_k candidate gets kl and induce (the fallback picks among them)
             score_rest(k)
             if passes(k):
                 break
-        else:  # no top_k candidate passes: score every other eligible one (then the fallback is exhaustive's)
-            rest = [k for k in eligible if k not in set(to_score)]
-            bar.total = len(to_score) + len(rest)
-            bar.refresh()
-            for k in rest:
-                score_bypass(k)
-                score_rest(k)
-                bar.update(1)
     bar.close()
 
     scored_keys = {k for k, r in rows.items() if r["bypass"] == r["bypass"]}
@@ -395,7 +387,10 @@ def select_direction(
             reason = "; ".join(reasons) or "kept"
         table.append(row | {"kept": reason == "kept", "reason": reason})
 
-    best, fallback, stage = choose_candidate(table, kl_max, layer_limit, base_hl_induce, policy.on_empty)
+    # the policy, applied to the candidates scored (all of them when exhaustive; the top_k otherwise,
+    # so a fallback relaxes the filters among the top_k)
+    scored_rows = [r for r in table if policy.exhaustive or r["kl"] == r["kl"]]
+    best, fallback, stage = choose_candidate(scored_rows, kl_max, layer_limit, base_hl_induce, policy.on_empty)
     j = positions.index(best["position"])
     scored = [r for r in table if r["bypass"] == r["bypass"] and r["bypass_estimate"] == r["bypass_estimate"]
               and r["layer"] < layer_limit]
@@ -410,10 +405,11 @@ def select_direction(
         "chosen_estimate_rank": rank,
         "chosen_in_top_k": None if rank is None else rank <= policy.top_k,
     }
-    if policy.exhaustive:  # would the top_k mode have chosen the same? (it scores all when none of its k passes)
-        top = {k for k in by_estimate[:policy.top_k]}
-        kept_top = [k for k in top if table[k[0] * P + k[1]]["kept"]]
-        agreement["top_k_agrees"] = bool(agreement["chosen_in_top_k"]) or not kept_top
+    if policy.exhaustive:  # would the top_k mode have chosen the same? (the policy among the top_k, by bypass)
+        top = [table[l * P + j] for l, j in by_estimate[:policy.top_k]]
+        kept_top = sorted((r for r in top if r["kept"]), key=lambda r: r["bypass"])
+        fast = kept_top[0] if kept_top else choose_candidate(top, kl_max, layer_limit, base_hl_induce)[0] if top else None
+        agreement["top_k_agrees"] = fast is not None and (fast["layer"], fast["position"]) == (best["layer"], best["position"])
     return SelectionResult(direction=cands[best["layer"], j].clone(), layer=best["layer"], position=best["position"],
                            bypass=best["bypass"], induce=best["induce"], kl=best["kl"], table=table,
                            candidates=cands, positions=positions, fallback=fallback,
