@@ -399,7 +399,7 @@ def select_direction(
         "mode": "exhaustive" if policy.exhaustive else "top_k",
         "top_k": policy.top_k, "n_candidates": L * P, "n_eligible": len(eligible),
         "n_scored": {"bypass": len(scored_keys), "kl_induce": sum(1 for r in table if r["kl"] == r["kl"])},
-        "n_forwards": _n_forwards(table, hf_ids.shape[0], hl_ids.shape[0], batch_size, L),
+        "n_forwards": _n_forwards(table, hf_ids.shape[0], hl_ids.shape[0], L, cone=policy.exhaustive),
         "spearman_estimate_exact": _spearman([r["bypass_estimate"] for r in scored], [r["bypass"] for r in scored]),
         "n_spearman": len(scored),
         "chosen_estimate_rank": rank,
@@ -417,13 +417,14 @@ def select_direction(
                            filters=applied_filters(stage, kl_max, max_layer_frac, base_hl_induce), agreement=agreement)
 
 
-def _n_forwards(table: list[dict], n_harmful: int, n_harmless: int, batch_size: int, n_layers: int) -> dict:
-    """How much model work the scoring took, in prompt-forwards (one prompt through every layer):
-    the ablated forwards of bypass and kl, the induce cones counted by the layers they ran."""
+def _n_forwards(table: list[dict], n_harmful: int, n_harmless: int, n_layers: int, cone: bool) -> dict:
+    """How much model work the scoring took, in whole-prompt forwards (one prompt through every
+    layer; the top_k mode's shared chat-template beginning, which saves more, is not counted): the
+    ablated forwards of bypass and kl, and induce (with ``cone``, counted by the layers it ran)."""
     bypass = sum(1 for r in table if r["bypass"] == r["bypass"]) * n_harmful
     kl_rows = [r for r in table if r["kl"] == r["kl"]]
     kl = len(kl_rows) * n_harmless
-    induce = sum((n_layers - r["layer"]) / n_layers for r in kl_rows) * n_harmless
+    induce = sum((n_layers - r["layer"]) / n_layers if cone else 1.0 for r in kl_rows) * n_harmless
     return {"bypass": bypass, "kl": kl, "induce": round(induce, 2), "estimate": 3 * n_harmful,
             "total": round(bypass + kl + induce + 3 * n_harmful, 2)}
 
