@@ -191,7 +191,7 @@ def test_run_steering_sections(run_dir, tiny_dir):
 def test_second_identical_run_recomputes_nothing(run_dir, tiny_dir, monkeypatch):
     before = read_results(run_dir)
     mtimes = step_mtimes(run_dir)
-    assert len(mtimes) == len(GRIDS) + 7  # + baseline, dla, attribution, heads, direction, steering, evaluation
+    assert len(mtimes) == len(GRIDS) + 8  # + baseline, dla, attribution, heads, direction, steering, evaluation, geometry
 
     import refusal_lab.run.steps.patch as patch_step
     import refusal_lab.steering.pipeline as pipeline

@@ -177,12 +177,13 @@ def test_select_runs_the_real_selection_with_the_run_fallback(folders, tmp_path,
                "--out", str(out)])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
-    assert "direction: scoring candidates" in cap.err and "/15 [" in cap.err  # 3 layers x 5 eoi columns
-    assert "(4+4 train, 3+3 val prompts)" in cap.err and "note: All 15 candidate directions" in cap.err
+    # 3 layers x 5 eoi columns, less layer 0's zero differences: the 10 the top-k mode scores
+    assert "direction: scoring candidates" in cap.err and "/10 [" in cap.err
+    assert "(4+4 train, 3+3 val prompts)" in cap.err and "note: All 10 candidate directions" in cap.err
     info = json.loads((out / "abliteration.json").read_text())
     assert "select_direction" in info["method"] and "selection on val: 3 + 3" in info["dataset"]
     sel = info["selection"]
-    assert sel["fallback"].startswith("All 15 candidate directions were filtered out")
+    assert sel["fallback"].startswith("All 10 candidate directions were filtered out")
     assert sel["filters"]["stage"] in ("induce_relaxed", "layer_only")
 
     model = load_model(str(folders["qwen2"]), dtype="float32", device="cpu", progress=False)
