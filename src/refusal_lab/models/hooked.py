@@ -53,7 +53,8 @@ from refusal_lab.models.forward import KV, KVPrefix, default_position_ids, run_b
 from refusal_lab.models.generate import greedy_generate
 from refusal_lab.models.sites import BLOCK_SITES, ActivationCache, HookFn, HookPoint, HookRun, parse_site
 
-__all__ = ["ActivationCache", "BLOCK_SITES", "HookFn", "HookPoint", "HookedChatModel", "ModelConfig", "Prefill"]
+__all__ = ["ActivationCache", "BLOCK_SITES", "HookFn", "HookPoint", "HookedChatModel", "ModelConfig", "Prefill",
+           "gradient_hooks"]
 
 CacheNames = Iterable[str] | str | Callable[[str], bool] | bool
 
@@ -320,3 +321,20 @@ class HookedChatModel(nn.Module):
     def W_U(self) -> torch.Tensor:
         """[d_model, d_vocab] unembedding, TL orientation."""
         return self.adapter.lm_head.weight.T
+
+
+def gradient_hooks(sites) -> tuple[list[tuple[str, HookFn]], dict[str, torch.Tensor]]:
+    """Hooks that start the autograd graph at ``hook_embed`` and keep every site of ``sites`` with
+    its gradient retained, and the dict they fill (name -> activation; after ``backward`` each
+    activation's ``.grad`` is the gradient of the metric w.r.t. an additive change at that site)."""
+    acts: dict[str, torch.Tensor] = {}
+
+    def start_graph(x, hook):
+        return x.detach().requires_grad_(True)
+
+    def keep(x, hook):
+        x.retain_grad()
+        acts[hook.name] = x
+        return None
+
+    return [("hook_embed", start_graph)] + [(s, keep) for s in sites], acts

@@ -24,7 +24,7 @@ import torch
 from scipy.stats import spearmanr
 
 from refusal_lab.models.forward import default_position_ids
-from refusal_lab.models.hooked import ActivationCache, HookedChatModel
+from refusal_lab.models.hooked import ActivationCache, HookedChatModel, gradient_hooks
 from refusal_lab.patching.engine import GRID_SITES, Batch, GridSpec, NormedMetric
 from refusal_lab.patching.qk_fix import AttentionRecord, qk_fix_correction, recording
 
@@ -56,22 +56,13 @@ def receiver_gradients_qk(
 
 
 def _receiver_pass(model, receiver, sites, metric, attention: bool):
-    acts: dict[str, torch.Tensor] = {}
     resid: dict[int, torch.Tensor] = {}
-
-    def start_graph(x, hook):
-        return x.detach().requires_grad_(True)
-
-    def keep(x, hook):
-        x.retain_grad()
-        acts[hook.name] = x
-        return None
 
     def keep_resid(x, hook):
         resid[hook.layer] = x.detach()
         return None
 
-    hooks = [("hook_embed", start_graph)] + [(s, keep) for s in sorted(sites)]
+    hooks, acts = gradient_hooks(sorted(sites))
     if attention:
         hooks += [(f"blocks.{l}.hook_resid_pre", keep_resid) for l in range(model.cfg.n_layers)]
     ctx = recording(model) if attention else contextlib.nullcontext()

@@ -32,6 +32,7 @@ import torch
 
 from refusal_lab.errors import ConfigError, RefusalLabError
 from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
+from refusal_lab.models.hooked import gradient_hooks
 from refusal_lab.models.shared_prefix import SharedPrefix
 from refusal_lab.prompts import build_instruction_prompts, eoi_tokens
 from refusal_lab.steering.batching import instruction_sample, progress_bar, tensor_batches
@@ -167,17 +168,7 @@ def first_order_bypass(model, ids, mask, directions: torch.Tensor, refusal_ids: 
     delta = torch.zeros(U.shape[0], dtype=torch.float64)
     total, n = 0.0, 0
     for i, m in tensor_batches(ids, mask, batch_size, model.device):
-        acts: dict[str, torch.Tensor] = {}
-
-        def start_graph(x, hook):
-            return x.detach().requires_grad_(True)
-
-        def keep(x, hook):
-            x.retain_grad()
-            acts[hook.name] = x
-            return None
-
-        hooks = [("hook_embed", start_graph)] + [(name, keep) for name in sites]
+        hooks, acts = gradient_hooks(sites)
         with torch.enable_grad():
             logits = model.prefill(i, m, fwd_hooks=hooks, logits="last").logits
             values = refusal_log_odds(logits, refusal_ids)
