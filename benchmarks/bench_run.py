@@ -155,8 +155,11 @@ def print_reference(r: dict) -> None:
     print(f"| wall time of the selection | {f['wall_s']:.1f} s | {e['wall_s']:.1f} s | {e['wall_s'] / f['wall_s']:.1f}× |")
     if fw:
         print(f"| model work (prompt-forwards) | {fw:.0f} | {ew:.0f} | {ew / fw:.1f}× |")
-    print(f"| candidates scored exactly (bypass / kl+induce) | {fs.get('n_scored', {}).get('bypass')} / "
-          f"{fs.get('n_scored', {}).get('kl_induce')} | {es['n_scored']['bypass']} / {es['n_scored']['kl_induce']} | |")
+    def scored(s):
+        n = s.get("n_scored", {})
+        return f"{n.get('bypass')} / {n.get('induce')} / {n.get('kl')}"
+
+    print(f"| candidates scored exactly (bypass / induce / kl) | {scored(fs)} | {scored(es)} | |")
     print(f"| chosen (layer, column) | ({f['layer']}, {f['position']}) | ({e['layer']}, {e['position']}) | "
           f"{'same' if r['same_choice'] else 'DIFFERENT'} |")
     print(f"\nestimate vs exact bypass over the {es['n_spearman']} eligible candidates: Spearman ρ = "

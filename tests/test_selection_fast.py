@@ -162,7 +162,7 @@ def test_exhaustive_reproduces_the_papers_loop(tiny, kl_max):
 
 def test_top_k_covering_every_candidate_chooses_as_exhaustive(tiny):
     """With top_k >= the eligible candidates, the fast mode scores each one's bypass and chooses what
-    the exhaustive mode chooses; kl/induce only until the first candidate (by bypass) passes."""
+    the exhaustive mode chooses; kl only until the first candidate (by bypass) passes."""
     splits = _splits(tiny)
     kw = dict(kl_max=5.0, max_layer_frac=0.7)
     ex = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw, exhaustive=True))
@@ -173,7 +173,9 @@ def test_top_k_covering_every_candidate_chooses_as_exhaustive(tiny):
     assert fast.induce == pytest.approx(ex.induce, abs=1e-5)
     L = tiny.cfg.n_layers
     for f, e in zip(fast.table, ex.table):
-        assert f["bypass_estimate"] == e["bypass_estimate"] or (math.isnan(f["bypass_estimate"]) and math.isnan(e["bypass_estimate"]))
+        # (the candidates' means too: equal to rounding)
+        assert f["bypass_estimate"] == pytest.approx(e["bypass_estimate"], rel=1e-5, abs=1e-6) or (
+            math.isnan(f["bypass_estimate"]) and math.isnan(e["bypass_estimate"]))
         if f["layer"] >= 0.7 * L:  # dropped by the layer filter: listed, not scored
             assert math.isnan(f["bypass"]) and not f["kept"] and "not scored" in f["reason"] or f["reason"] == "zero direction"
         elif f["reason"] != "zero direction":
@@ -182,6 +184,20 @@ def test_top_k_covering_every_candidate_chooses_as_exhaustive(tiny):
                 assert f["kl"] == pytest.approx(e["kl"], abs=1e-5) and f["kept"] == e["kept"]
     kept_fast = [r for r in fast.table if r["kept"]]
     assert len(kept_fast) <= 1 and all(r["bypass"] == fast.bypass for r in kept_fast)
+
+
+@pytest.mark.parametrize("kl_max", [5.0, 0.05, 1e-3, 1e-12])
+def test_lazy_kl_chooses_as_the_policy_on_every_score(tiny, kl_max):
+    """KL scored only where it can decide (each stage walked in bypass order) chooses what the policy
+    chooses with every candidate's every score, at whichever stage the filters leave."""
+    splits = _splits(tiny)
+    kw = dict(kl_max=kl_max, max_layer_frac=1.0)
+    ex = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw, exhaustive=True))
+    fast = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw, top_k=99))
+    assert (fast.layer, fast.position, fast.stage) == (ex.layer, ex.position, ex.stage)
+    assert ex.agreement["top_k_agrees"] is True
+    n_kl = fast.agreement["n_scored"]["kl"]
+    assert n_kl <= fast.agreement["n_scored"]["induce"] == fast.agreement["n_scored"]["bypass"]
 
 
 def test_top_k_scores_only_the_top_k(tiny):
@@ -236,6 +252,44 @@ def test_shared_prefix_equals_whole_forward(tiny):
                                    rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def test_shared_prefix_cone_equals_whole_forward(tiny):
+    """An addition at layer l run only from l (the unedited residuals there recorded once, prefix and
+    batches) gives the whole forward's last-column logits, at every layer; so does the recording
+    run itself, unedited."""
+    from refusal_lab.models.shared_prefix import SharedPrefix
+
+    ids, mask = _prefixed_batch(tiny)
+    sp = SharedPrefix.split(ids, mask, batch_size=2)
+    L = tiny.cfg.n_layers
+    base, cone = sp.record(tiny, range(L))
+    torch.testing.assert_close(base, tiny(ids, mask, logits="last"), rtol=1e-5, atol=1e-5)
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    for l in range(L):
+        hooks = addition_hooks(v, l, 1.5)
+        torch.testing.assert_close(sp.last_logits(tiny, hooks, cone=cone, start_layer=l),
+                                   tiny(ids, mask, fwd_hooks=hooks, logits="last"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cone"):
+        sp.last_logits(tiny, [], start_layer=1)
+
+
+@torch.no_grad()
+def test_shared_prefix_mean_resid_equals_diff_in_means_inputs(tiny):
+    """The prefix-sharing mean of resid_pre at columns counted from each row's end equals the whole
+    forward's (mean_activations), every layer, with a column inside the common prefix too."""
+    from refusal_lab.models.shared_prefix import SharedPrefix
+    from refusal_lab.steering.vectors import mean_activations
+
+    ids, mask = _prefixed_batch(tiny)
+    sp = SharedPrefix.split(ids, mask, batch_size=2)
+    L = tiny.cfg.n_layers
+    pos = [-3, -2, -1]  # the shortest row has 2 own tokens: -3 lies in the prefix
+    ref = mean_activations(tiny, ids, mask, [f"blocks.{l}.hook_resid_pre" for l in range(L)], pos, batch_size=2)
+    torch.testing.assert_close(sp.mean_resid(tiny, range(L), pos), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="negative"):
+        sp.mean_resid(tiny, [0], [0])
+
+
 def test_shared_prefix_without_a_common_beginning(tiny):
     from refusal_lab.models.shared_prefix import SharedPrefix
 
@@ -253,7 +307,10 @@ def test_top_k_fallback_relaxes_among_the_top_k(tiny):
     kw = dict(kl_max=1e-12, max_layer_frac=1.0, top_k=2)
     res = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw))
     scored = [r for r in res.table if not math.isnan(r["bypass"])]
-    assert len(scored) == 2 and all(not math.isnan(r["kl"]) for r in scored)
+    assert len(scored) == 2 and all(not math.isnan(r["induce"]) for r in scored)
+    # kl only where a stage's induce filter passed (it failed there: nothing passes kl_max ~ 0)
+    low = min(0.0, res.baseline["harmless"])
+    assert all(math.isnan(r["kl"]) == (not r["induce"] > low) for r in scored)
     assert res.fallback and "All 2 candidate directions" in res.fallback
     assert res.bypass == min(r["bypass"] for r in scored)
     ex = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw, exhaustive=True))

@@ -10,6 +10,11 @@ stay contiguous (sliding windows count columns), reading each row's logits at it
 Positions and key distances are those of the whole left-padded prompt, so the result equals the
 whole forward to rounding (tested per architecture). Edits that pick columns by index see other
 column numbers, and ``ln_final`` sites are not run: only column-independent residual edits belong here.
+
+:meth:`SharedPrefix.record` also keeps the unedited residual entering chosen layers (prefix and
+every batch) with the prefix's keys and values, so that an edit at layer ``l`` or later runs only
+blocks ``l..`` (:meth:`SharedPrefix.last_logits` with ``cone``): the blocks below an edit compute
+what the unedited run computed, prefix included.
 """
 
 from __future__ import annotations
@@ -19,7 +24,18 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SharedPrefix"]
+__all__ = ["Cone", "SharedPrefix"]
+
+
+@dataclass
+class Cone:
+    """The unedited run's residuals entering ``layers``: the prefix's [1, P, d] and each batch's
+    [b, S, d] (a cone edit's blocks start from them; the blocks below are not run at all, so their
+    keys and values are not needed either)."""
+
+    layers: tuple[int, ...]
+    prefix_resid: dict[int, torch.Tensor]
+    resid: list[dict[int, torch.Tensor]]
 
 
 @dataclass
@@ -66,22 +82,80 @@ class SharedPrefix:
     def prefix_len(self) -> int:
         return int(self.prefix.shape[1])
 
-    def last_logits(self, model, fwd_hooks: Sequence = ()) -> torch.Tensor:
+    def last_logits(self, model, fwd_hooks: Sequence = (), *, cone: Cone | None = None,
+                    start_layer: int = 0) -> torch.Tensor:
         """Last-column logits [n, vocab] of every row under ``fwd_hooks`` (column-independent edits
-        only): the prefix once, then each batch on its keys and values."""
-        hooks = list(fwd_hooks)
-        if self.prefix_len == 0:
-            kv = None
-        else:
-            kv = model.prefill(self.prefix, fwd_hooks=hooks, record_kv=True, logits="none").kv
-        a = model.adapter
-        out = []
+        only): the prefix once, then each batch on its keys and values. With ``cone`` (from
+        :meth:`record`) and ``start_layer`` one of its layers, only blocks ``start_layer..`` run,
+        from the unedited residuals there: right for edits at that layer or later."""
+        return self._run(model, list(fwd_hooks), cone=cone, start_layer=start_layer)[0]
+
+    @torch.no_grad()
+    def mean_resid(self, model, layers: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Mean over rows of ``blocks.{l}.hook_resid_pre`` at each row's column ``p`` (negative:
+        from its last token, as in a left-padded batch), unedited: float64 [len(layers), len(positions), d].
+        A column inside the common prefix takes the prefix's value (the same in every row)."""
+        layers, positions = [int(l) for l in layers], [int(q) for q in positions]
+        if any(q >= 0 for q in positions):
+            raise ValueError("mean_resid takes columns counted from each row's end (negative positions).")
+        names = [f"blocks.{l}.hook_resid_pre" for l in layers]
+        stop = max(layers) + 1
+        P, kv, pre_res = self.prefix_len, None, None
+        if P:
+            pre = model.prefill(self.prefix, record_kv=True, logits="none", names=names, stop_layer=stop)
+            kv = pre.kv
+            pre_res = torch.stack([pre.cache[n][0] for n in names]).to(torch.float64).cpu()  # [L, P, d]
+        total = torch.zeros(len(layers), len(positions), model.cfg.d_model, dtype=torch.float64)
         for _, sid, smask, last in self.batches:
             b = sid.shape[0]
             prefix = None if kv is None else {l: (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
                                               for l, (k, v) in kv.items()}
-            resid = model.prefill(sid, smask, fwd_hooks=hooks, kv_prefix=prefix, logits="none").resid
+            run = model.prefill(sid, smask, kv_prefix=prefix, logits="none", names=names, stop_layer=stop)
+            acts = torch.stack([run.cache[n] for n in names]).to(torch.float64).cpu()  # [L, b, S, d]
+            for j, q in enumerate(positions):
+                col = last.cpu() + 1 + q  # the row's column in its suffix (< 0: inside the prefix)
+                for r in range(b):
+                    c = int(col[r])
+                    if c >= 0:
+                        total[:, j] += acts[:, r, c]
+                    elif P + c >= 0:
+                        total[:, j] += pre_res[:, P + c]
+                    else:
+                        raise ValueError(f"Position {q} is before the start of row {r}'s prompt.")
+        return total / self.n
+
+    def record(self, model, layers: Sequence[int]) -> tuple[torch.Tensor, Cone]:
+        """The unedited last-column logits [n, vocab] and the :class:`Cone` of ``layers``."""
+        return self._run(model, [], record=tuple(sorted(set(int(l) for l in layers))))
+
+    def _run(self, model, hooks: list, *, cone: Cone | None = None, start_layer: int = 0,
+             record: tuple[int, ...] | None = None):
+        if start_layer and (cone is None or start_layer not in cone.layers):
+            raise ValueError(f"start_layer {start_layer} needs a cone recorded at that layer.")
+        names = [f"blocks.{l}.hook_resid_pre" for l in record] if record else None
+        start = {} if not start_layer else {"start_layer": start_layer}
+        kv, prefix_resid = None, {}
+        if self.prefix_len:
+            pre = model.prefill(self.prefix, fwd_hooks=hooks, record_kv=True, logits="none", names=names,
+                                **start, **({"resid": cone.prefix_resid[start_layer]} if start_layer else {}))
+            kv = pre.kv  # the blocks run: those from start_layer on
+            if record:
+                prefix_resid = {l: pre.cache[n] for l, n in zip(record, names)}
+        a = model.adapter
+        out, resid_cache = [], []
+        for bi, (_, sid, smask, last) in enumerate(self.batches):
+            b = sid.shape[0]
+            prefix = None if kv is None else {l: (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
+                                              for l, (k, v) in kv.items()}
+            run = model.prefill(sid, smask, fwd_hooks=hooks, kv_prefix=prefix, logits="none", names=names,
+                                **start, **({"resid": cone.resid[bi][start_layer]} if start_layer else {}))
+            if record:
+                resid_cache.append({l: run.cache[n] for l, n in zip(record, names)})
+            resid = run.resid
             final = resid[torch.arange(b, device=resid.device), last.to(resid.device)]
             final = final.to(a.final_norm.weight.device)
             out.append(a.final_logits(a.final_norm(final).to(a.lm_head.weight.device)))
-        return torch.cat(out)
+        logits = torch.cat(out)
+        if record is None:
+            return logits, None
+        return logits, Cone(record, prefix_resid, resid_cache)

@@ -280,8 +280,12 @@ def select_direction(
     refusal_ids = list(refusal_ids)
     L, P = model.cfg.n_layers, len(positions)
     layer_limit = max_layer_frac * L
-    cands = diff_in_means_all_layers(model, *harmful_train, *harmless_train, positions=positions,
-                                     batch_size=batch_size)  # [L, P, d]
+    if policy.exhaustive:  # [L, P, d]
+        cands = diff_in_means_all_layers(model, *harmful_train, *harmless_train, positions=positions,
+                                         batch_size=batch_size)
+    else:  # the same means, each side's common chat-template beginning run once
+        cands = (SharedPrefix.split(*harmful_train, batch_size, model.device).mean_resid(model, range(L), positions)
+                 - SharedPrefix.split(*harmless_train, batch_size, model.device).mean_resid(model, range(L), positions))
     hf_ids, hf_mask = harmful_val
     hl_ids, hl_mask = harmless_val
     # what every candidate compares against, computed once: the unedited harmless logits and the
@@ -290,10 +294,12 @@ def select_direction(
     if policy.exhaustive:  # the paper's forwards: whole prompts; the addition in its cone
         cone_layers = list(range(L))
         base_hl_logits, hl_resid = _last_logits_and_resid(model, hl_ids, hl_mask, cone_layers, batch_size)
-    else:  # every scored forward runs the prompts' common beginning (the chat template's) once
+    else:  # every scored forward runs the prompts' common beginning (the chat template's) once; the
+        # addition in its cone from the unedited residuals of the layers that can be chosen
         shared_hf = SharedPrefix.split(hf_ids, hf_mask, batch_size, model.device)
         shared_hl = SharedPrefix.split(hl_ids, hl_mask, batch_size, model.device)
-        base_hl_logits = _to64(shared_hl.last_logits(model))
+        base_hl_logits, hl_cone = shared_hl.record(model, [l for l in range(1, L) if l < layer_limit])
+        base_hl_logits = _to64(base_hl_logits)
     base_hl_induce = float(refusal_log_odds(base_hl_logits, refusal_ids).mean())  # harmless val, unsteered
     estimates, base_hf_bypass = first_order_bypass(model, hf_ids, hf_mask, cands.reshape(L * P, -1), refusal_ids,
                                                    batch_size)
@@ -322,7 +328,7 @@ def select_direction(
 
     def harmless(hooks, cone_layer=None):
         if not policy.exhaustive:
-            return _to64(shared_hl.last_logits(model, hooks))
+            return _to64(shared_hl.last_logits(model, hooks, cone=hl_cone, start_layer=cone_layer or 0))
         if cone_layer is not None:
             return _cone_last_logits(model, hl_ids, hl_mask, hooks, cone_layer, hl_resid, batch_size)
         return _last_logits(model, hl_ids, hl_mask, hooks, batch_size)
@@ -330,30 +336,40 @@ def select_direction(
     def score_bypass(k):
         rows[k]["bypass"] = mean_log_odds(harmful(ablation_hooks(model, cands[k])))
 
-    def score_rest(k):
-        l, _ = k
-        r = cands[k]
-        rows[k]["kl"] = float(next_token_kl(base_hl_logits, harmless(ablation_hooks(model, r))).mean())
+    def score_kl(k):
+        rows[k]["kl"] = float(next_token_kl(base_hl_logits, harmless(ablation_hooks(model, cands[k]))).mean())
+
+    def score_induce(k):
+        l, r = k[0], cands[k]
         rows[k]["induce"] = mean_log_odds(harmless(addition_hooks(r.to(model.dtype), l, policy.induce_alpha), l))
 
-    def passes(k) -> bool:
-        r = rows[k]
-        return r["kl"] < kl_max and r["induce"] > 0 and k[0] < layer_limit
+    def score_rest(k):
+        score_kl(k)
+        score_induce(k)
 
     if policy.exhaustive:  # every candidate, every score (the paper's procedure)
         for k in to_score:
             score_bypass(k)
             score_rest(k)
             bar.update(1)
-    else:  # exact bypass of the top_k by estimate; kl and induce lazily, in exact-bypass order
+    else:  # exact bypass and induce (in its cone) of the top_k by estimate; kl only where it decides
         for k in to_score:
             score_bypass(k)
+            score_induce(k)
             bar.update(1)
         order = sorted(to_score, key=lambda k: rows[k]["bypass"])
-        for k in order:  # none passing: every top_k candidate gets kl and induce (the fallback picks among them)
-            score_rest(k)
-            if passes(k):
-                break
+        # choose_candidate's stages among the top_k, walking each in exact-bypass order: the first
+        # candidate of a stage with kl < kl_max is that stage's choice, so kl is scored only for
+        # candidates whose induce passes the stage's filter, up to the first that also passes kl
+        for induce_min in (0.0, base_hl_induce):
+            for k in (k for k in order if rows[k]["induce"] > induce_min):
+                if rows[k]["kl"] != rows[k]["kl"]:
+                    score_kl(k)
+                if rows[k]["kl"] < kl_max:
+                    break
+            else:
+                continue
+            break
     bar.close()
 
     scored_keys = {k for k, r in rows.items() if r["bypass"] == r["bypass"]}
@@ -366,8 +382,11 @@ def select_direction(
         elif k not in scored_keys:
             reason = (f"layer {l} >= max_layer_frac*L = {layer_limit:g} (not scored)" if l >= layer_limit
                       else f"not scored: bypass estimate rank {by_estimate.index(k) + 1} > top_k {policy.top_k}")
-        elif row["kl"] != row["kl"]:
+        elif row["induce"] != row["induce"]:
             reason = "not scored further: exact bypass above the chosen candidate's"
+        elif row["kl"] != row["kl"]:
+            reason = (f"induce {row['induce']:.4g}; not scored for KL, which could not change the choice "
+                      "(induce below the filter, or a candidate of lower bypass passed)")
         else:
             if not row["kl"] < kl_max:
                 reasons.append(f"kl {row['kl']:.4g} >= kl_max {kl_max:g}")
@@ -380,7 +399,7 @@ def select_direction(
 
     # the policy, applied to the candidates scored (all of them when exhaustive; the top_k otherwise,
     # so a fallback relaxes the filters among the top_k)
-    scored_rows = [r for r in table if policy.exhaustive or r["kl"] == r["kl"]]
+    scored_rows = [r for r in table if policy.exhaustive or r["induce"] == r["induce"]]
     best, fallback, stage = choose_candidate(scored_rows, kl_max, layer_limit, base_hl_induce, policy.on_empty)
     j = positions.index(best["position"])
     scored = [r for r in table if r["bypass"] == r["bypass"] and r["bypass_estimate"] == r["bypass_estimate"]
@@ -389,8 +408,9 @@ def select_direction(
     agreement = {
         "mode": "exhaustive" if policy.exhaustive else "top_k",
         "top_k": policy.top_k, "n_candidates": L * P, "n_eligible": len(eligible),
-        "n_scored": {"bypass": len(scored_keys), "kl_induce": sum(1 for r in table if r["kl"] == r["kl"])},
-        "n_forwards": _n_forwards(table, hf_ids.shape[0], hl_ids.shape[0], L, cone=policy.exhaustive),
+        "n_scored": {"bypass": len(scored_keys), "induce": sum(1 for r in table if r["induce"] == r["induce"]),
+                     "kl": sum(1 for r in table if r["kl"] == r["kl"])},
+        "n_forwards": _n_forwards(table, hf_ids.shape[0], hl_ids.shape[0], L),
         "spearman_estimate_exact": _spearman([r["bypass_estimate"] for r in scored], [r["bypass"] for r in scored]),
         "n_spearman": len(scored),
         "chosen_estimate_rank": rank,
@@ -408,14 +428,13 @@ def select_direction(
                            filters=applied_filters(stage, kl_max, max_layer_frac, base_hl_induce), agreement=agreement)
 
 
-def _n_forwards(table: list[dict], n_harmful: int, n_harmless: int, n_layers: int, cone: bool) -> dict:
+def _n_forwards(table: list[dict], n_harmful: int, n_harmless: int, n_layers: int) -> dict:
     """How much model work the scoring took, in whole-prompt forwards (one prompt through every
     layer; the top_k mode's shared chat-template beginning, which saves more, is not counted): the
-    ablated forwards of bypass and kl, and induce (with ``cone``, counted by the layers it ran)."""
+    ablated forwards of bypass and kl, and induce counted by the layers its cone ran."""
     bypass = sum(1 for r in table if r["bypass"] == r["bypass"]) * n_harmful
-    kl_rows = [r for r in table if r["kl"] == r["kl"]]
-    kl = len(kl_rows) * n_harmless
-    induce = sum((n_layers - r["layer"]) / n_layers if cone else 1.0 for r in kl_rows) * n_harmless
+    kl = sum(1 for r in table if r["kl"] == r["kl"]) * n_harmless
+    induce = sum((n_layers - r["layer"]) / n_layers for r in table if r["induce"] == r["induce"]) * n_harmless
     return {"bypass": bypass, "kl": kl, "induce": round(induce, 2), "estimate": 3 * n_harmful,
             "total": round(bypass + kl + induce + 3 * n_harmful, 2)}
 
