@@ -12,9 +12,9 @@ whole forward to rounding (tested per architecture). Edits that pick columns by 
 column numbers, and ``ln_final`` sites are not run: only column-independent residual edits belong here.
 
 :meth:`SharedPrefix.record` also keeps the unedited residual entering chosen layers (prefix and
-every batch) with the prefix's keys and values, so that an edit at layer ``l`` or later runs only
-blocks ``l..`` (:meth:`SharedPrefix.last_logits` with ``cone``): the blocks below an edit compute
-what the unedited run computed, prefix included.
+every batch), so that an edit at layer ``l`` or later runs only blocks ``l..``
+(:meth:`SharedPrefix.last_logits` with ``cone``): the blocks below an edit compute what the unedited
+run computed, prefix included, and the blocks run need only their own keys and values.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Cone", "SharedPrefix"]
+
+
+def _repeat(kv: dict | None, b: int) -> dict | None:
+    """The one-row prefix's keys and values as ``b`` rows (views, no copy)."""
+    return None if kv is None else {l: (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for l, (k, v) in kv.items()}
 
 
 @dataclass
@@ -108,9 +113,7 @@ class SharedPrefix:
         total = torch.zeros(len(layers), len(positions), model.cfg.d_model, dtype=torch.float64)
         for _, sid, smask, last in self.batches:
             b = sid.shape[0]
-            prefix = None if kv is None else {l: (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
-                                              for l, (k, v) in kv.items()}
-            run = model.prefill(sid, smask, kv_prefix=prefix, logits="none", names=names, stop_layer=stop)
+            run = model.prefill(sid, smask, kv_prefix=_repeat(kv, b), logits="none", names=names, stop_layer=stop)
             acts = torch.stack([run.cache[n] for n in names]).to(torch.float64).cpu()  # [L, b, S, d]
             for j, q in enumerate(positions):
                 col = last.cpu() + 1 + q  # the row's column in its suffix (< 0: inside the prefix)
@@ -133,11 +136,10 @@ class SharedPrefix:
         if start_layer and (cone is None or start_layer not in cone.layers):
             raise ValueError(f"start_layer {start_layer} needs a cone recorded at that layer.")
         names = [f"blocks.{l}.hook_resid_pre" for l in record] if record else None
-        start = {} if not start_layer else {"start_layer": start_layer}
         kv, prefix_resid = None, {}
         if self.prefix_len:
             pre = model.prefill(self.prefix, fwd_hooks=hooks, record_kv=True, logits="none", names=names,
-                                **start, **({"resid": cone.prefix_resid[start_layer]} if start_layer else {}))
+                                start_layer=start_layer, resid=cone.prefix_resid[start_layer] if start_layer else None)
             kv = pre.kv  # the blocks run: those from start_layer on
             if record:
                 prefix_resid = {l: pre.cache[n] for l, n in zip(record, names)}
@@ -145,10 +147,8 @@ class SharedPrefix:
         out, resid_cache = [], []
         for bi, (_, sid, smask, last) in enumerate(self.batches):
             b = sid.shape[0]
-            prefix = None if kv is None else {l: (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
-                                              for l, (k, v) in kv.items()}
-            run = model.prefill(sid, smask, fwd_hooks=hooks, kv_prefix=prefix, logits="none", names=names,
-                                **start, **({"resid": cone.resid[bi][start_layer]} if start_layer else {}))
+            run = model.prefill(sid, smask, fwd_hooks=hooks, kv_prefix=_repeat(kv, b), logits="none", names=names,
+                                start_layer=start_layer, resid=cone.resid[bi][start_layer] if start_layer else None)
             if record:
                 resid_cache.append({l: run.cache[n] for l, n in zip(record, names)})
             resid = run.resid

@@ -358,18 +358,20 @@ def select_direction(
             score_induce(k)
             bar.update(1)
         order = sorted(to_score, key=lambda k: rows[k]["bypass"])
-        # choose_candidate's stages among the top_k, walking each in exact-bypass order: the first
-        # candidate of a stage with kl < kl_max is that stage's choice, so kl is scored only for
-        # candidates whose induce passes the stage's filter, up to the first that also passes kl
-        for induce_min in (0.0, base_hl_induce):
-            for k in (k for k in order if rows[k]["induce"] > induce_min):
-                if rows[k]["kl"] != rows[k]["kl"]:
-                    score_kl(k)
-                if rows[k]["kl"] < kl_max:
-                    break
-            else:
-                continue
-            break
+
+        def stage_found(induce_min) -> bool:
+            """Walk a stage of choose_candidate in exact-bypass order: its first candidate with
+            induce > induce_min and kl < kl_max is its choice, so kl is scored up to that one only."""
+            for k in order:
+                if rows[k]["induce"] > induce_min:
+                    if rows[k]["kl"] != rows[k]["kl"]:
+                        score_kl(k)
+                    if rows[k]["kl"] < kl_max:
+                        return True
+            return False
+
+        if not stage_found(0.0):  # configured, then induce relaxed; the layer-only stage needs no kl
+            stage_found(base_hl_induce)
     bar.close()
 
     scored_keys = {k for k, r in rows.items() if r["bypass"] == r["bypass"]}
