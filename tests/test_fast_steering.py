@@ -5,7 +5,8 @@
 * a prefill split at a layer and continued from it = one whole prefill, bit for bit (logits, keys/values);
 * :func:`evaluate_settings` (scores from the generation's prefill, shared lower blocks, rows
   leaving the batch, the substring judge's early stop) = the plain loop (a scoring forward, then
-  ``model.generate`` with every row kept), per setting;
+  ``model.generate`` with every row kept), per setting; with the batch's common beginning run once
+  per setting, to 1e-5 (scores) and token for token;
 * :func:`edit_damage` = :func:`edit_kl` and :func:`completion_cross_entropy` per edit (1e-5).
 """
 
@@ -193,6 +194,7 @@ def test_evaluate_settings_equals_the_plain_loop(chat, stack, monkeypatch):
     import refusal_lab.steering.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "STACK_DECODING", stack)
+    monkeypatch.setattr(evaluation, "SHARE_PREFIX", False)  # bit for bit; the shared beginning is tested below
     settings = settings_of(chat)
     n = 6
     ref = {k: plain_loop(chat, INSTRUCTIONS, h, SubstringJudge(), n, 3) for k, h in settings.items()}
@@ -211,6 +213,7 @@ def test_settled_verdicts_stop_early_but_verdicts_and_shown_texts_stay(chat, sta
     import refusal_lab.steering.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "STACK_DECODING", stack)
+    monkeypatch.setattr(evaluation, "SHARE_PREFIX", False)
     settings = settings_of(chat)
     n = 8
     probe = plain_loop(chat, INSTRUCTIONS, [], SubstringJudge(), n, 4)[1]
@@ -239,6 +242,44 @@ def test_settled_verdicts_stop_early_but_verdicts_and_shown_texts_stay(chat, sta
     other = evaluate_settings(chat, INSTRUCTIONS, {"none": []}, judge=lambda i, c: judge(i, c), max_new_tokens=n,
                               batch_size=4, full_texts=0)["none"]
     assert other.completions == ref["none"][1] and other.full_texts is None
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_shared_beginning_equals_the_plain_loop_to_rounding(chat, stack, monkeypatch):
+    """The prompts' common beginning run once per setting (column-free edits only) = the plain loop:
+    scores to 1e-5 (float32, other batch shapes), the same completions and verdicts."""
+    import refusal_lab.steering.evaluation as evaluation
+    from refusal_lab.steering.batching import length_batches
+
+    monkeypatch.setattr(evaluation, "STACK_DECODING", stack)
+    settings = {k: v for k, v in settings_of(chat).items() if k != "ln"}  # "generated" counts columns: not shared
+    n = 6
+    calls = []
+    real = evaluation.greedy_decode
+
+    def spy(model, ids, mask, **kw):
+        calls.append(mask.clone())
+        return real(model, ids, mask, **kw)
+
+    monkeypatch.setattr(evaluation, "greedy_decode", spy)
+    fast = evaluate_settings(chat, INSTRUCTIONS, settings, max_new_tokens=n, batch_size=3)
+    window = any((w := chat.adapter.sliding_window(l)) is not None and w < 64 for l in range(chat.cfg.n_layers))
+    # the beginning did move before the padding (a batch whose mask is not left-padded any more)
+    moved = any(not bool((m.cummax(1).values == m).all()) for m in calls)
+    assert moved == (not window), (moved, window)
+    for k, hooks in settings.items():
+        scores, completions, refused = plain_loop(chat, INSTRUCTIONS, hooks, SubstringJudge(), n, 3)
+        torch.testing.assert_close(fast[k].scores, scores, rtol=0, atol=1e-5, msg=k)
+        assert fast[k].completions == completions, k
+        assert fast[k].refused == refused, k
+    # a setting that counts columns turns the sharing off for its batches: then bit for bit as before
+    mixed = settings | {"ln": settings_of(chat)["ln"]}
+    on = evaluate_settings(chat, INSTRUCTIONS, mixed, max_new_tokens=n, batch_size=3)
+    monkeypatch.setattr(evaluation, "SHARE_PREFIX", False)
+    off = evaluate_settings(chat, INSTRUCTIONS, mixed, max_new_tokens=n, batch_size=3)
+    for k in mixed:
+        assert torch.equal(on[k].scores, off[k].scores) and on[k].completions == off[k].completions, k
+    assert len(list(length_batches(chat, INSTRUCTIONS, 3))) > 1
 
 
 def test_edit_damage_equals_edit_kl_and_cross_entropy(model):

@@ -18,11 +18,14 @@ its result.
 
 The loop does no work twice: the score is taken from the generation's own prompt prefill (not a
 separate forward), settings whose edits all sit at or above one layer share the prompt computation
-below it (:func:`lowest_layer`), the settings that edit every row alike decode their completions
+below it (:func:`lowest_layer`), the beginning that every prompt of a batch shares (the chat
+template's system turn and the user turn's opening) runs once per setting as a one-row prompt when
+every edit treats all columns alike (:data:`SHARE_PREFIX`; scores then equal to rounding, not bit for
+bit), the settings that edit every row alike decode their completions
 as one batch (each setting's hooks on its own rows), finished rows leave the batch, and with the substring judge a row
 whose verdict is already settled (a refusal substring occurred) stops early unless its text is one
-of the ``full_texts`` shown as samples. Scores, verdicts, ``k`` and the shown completions are those
-of the plain loop.
+of the ``full_texts`` shown as samples. Scores (to rounding where a beginning is shared), verdicts,
+``k`` and the shown completions are those of the plain loop.
 """
 
 from __future__ import annotations
@@ -297,8 +300,93 @@ def _decode_stacked(model, ids, mask, idx, keys, settings, firsts, judge, keep, 
     return {k: gen.tokens[j * b:(j + 1) * b] for j, k in enumerate(keys)}
 
 
+def _column_free(fwd_hooks) -> bool:
+    """Whether every hook edits every row and every column alike (the package's additions at all
+    columns and ablations, without ``batch=``), so that its edit of a column does not depend on the
+    column's number or on the other rows."""
+    for _, fn in fwd_hooks:
+        if not isinstance(fn, (SteerAdd, Add, ProjectOut)) or fn.batch is not None or fn.positions is not None:
+            return False
+        if isinstance(fn, SteerAdd) and (fn.generated or fn.start is not None):
+            return False
+    return True
+
+
+def _shared_start(model, ids: torch.Tensor, mask: torch.Tensor, settings: Iterable[Sequence], horizon: int) -> int:
+    """How many leading real tokens every row of a left-padded batch has in common (at most every
+    row's length - 1, so each keeps a token of its own), when that beginning may be computed once
+    for all rows: every setting's edits are :func:`_column_free` and no sliding window is shorter
+    than ``horizon`` (prompt columns plus new tokens; moving the padding behind the beginning
+    lengthens column distances, which only a window could see). 0 when it may not."""
+    if not all(_column_free(h) for h in settings):
+        return 0
+    if any((w := model.adapter.sliding_window(l)) is not None and w < horizon for l in range(model.cfg.n_layers)):
+        return 0
+    T = ids.shape[1]
+    n = mask.sum(1).tolist()
+    if any(not bool(mask[r, T - int(k):].all()) for r, k in enumerate(n)):  # not left-padded
+        return 0
+    m = int(min(n)) - 1
+    if m <= 0:
+        return 0
+    first = ids[0, T - int(n[0]): T - int(n[0]) + m]
+    same = torch.ones(m, dtype=torch.bool, device=ids.device)
+    for r, k in enumerate(n[1:], 1):
+        same &= ids[r, T - int(k): T - int(k) + m] == first
+    return int(same.long().cumprod(0).sum())
+
+
+def _prefix_first(ids: torch.Tensor, mask: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The left-padded batch laid out as [common beginning (P)] [padding] [each row's own tokens]:
+    own tokens keep their columns, positions (from the mask) stay those of the whole prompt."""
+    T = ids.shape[1]
+    out_ids, out_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for r, k in enumerate(mask.sum(1).tolist()):
+        s = T - int(k)
+        out_ids[r, :P], out_mask[r, :P] = ids[r, s:s + P], 1
+        out_ids[r, s + P:], out_mask[r, s + P:] = ids[r, s + P:], 1
+    return out_ids, out_mask
+
+
+def _rows(kv: dict | None, b: int) -> dict | None:
+    """One row's keys and values as ``b`` rows (views)."""
+    return None if kv is None else {l: (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for l, (k, v) in kv.items()}
+
+
+def _prompt_prefills(model, ids, mask, settings: Mapping, shared: Sequence, split: int, record_kv: bool, P: int):
+    """``(key, Prefill)`` per setting: the batch's prompt prefill under that setting's hooks
+    (last-column logits; with ``record_kv`` the keys and values of all its columns), one at a time.
+
+    The ``shared`` settings (their edits at or above ``split``) start from one unedited prefill of
+    the blocks below ``split``. With ``P`` (a batch laid out by :func:`_prefix_first`), the first
+    ``P`` columns, the same tokens in every row, run once as a one-row prompt and the rest of every
+    row continues on their keys and values (equal to the whole prefill to rounding)."""
+    b = ids.shape[0]
+    head, tail = (ids[:1, :P], ids[:, P:]) if P else (None, ids)
+    head_lower = model.prefill(head, record_kv=True, stop_layer=split, logits="none") if P and split else None
+    lower = None
+    if split:
+        lower = model.prefill(tail, mask, kv_prefix=_rows(head_lower.kv, b) if P else None, record_kv=record_kv,
+                              stop_layer=split, logits="none")
+    for key, hooks in settings.items():
+        start = split if lower is not None and key in shared else 0
+        kv = None
+        if P:
+            kv = model.prefill(head, fwd_hooks=hooks, record_kv=True, logits="none", start_layer=start,
+                               resid=head_lower.resid if start else None).kv  # the blocks from start on
+        if start:
+            up = model.prefill(tail, mask, fwd_hooks=hooks, kv_prefix=_rows(kv, b), record_kv=record_kv,
+                               logits="last", start_layer=start, resid=lower.resid)
+            yield key, Prefill(up.logits, up.resid, None, {**lower.kv, **up.kv})
+        else:
+            yield key, model.prefill(tail, mask, fwd_hooks=hooks, kv_prefix=_rows(kv, b), record_kv=record_kv,
+                                     logits="last")
+
+
 STACK_DECODING = True
 """Decode the row-alike settings of one batch together (one bigger batch per step)."""
+SHARE_PREFIX = True
+"""Run the beginning every prompt of a batch shares once per setting (:func:`_shared_start`)."""
 
 K = TypeVar("K", bound=Hashable)
 
@@ -337,15 +425,12 @@ def evaluate_settings(model, prompts: Sequence[str], settings: Mapping[K, Sequen
     if not (STACK_DECODING and len(stacked) > 1 and eos and set(eos) <= set(getattr(model.tokenizer, "all_special_ids", ()))):
         stacked = []
     for idx, ids, mask in batches:
-        lower = model.prefill(ids, mask, record_kv=generate, stop_layer=split, logits="none") if split else None
+        P = _shared_start(model, ids, mask, settings.values(), ids.shape[1] + max(max_new_tokens, 0)) if SHARE_PREFIX else 0
+        if P:
+            ids, mask = _prefix_first(ids, mask, P)
         firsts = {}
-        for key, hooks in settings.items():
-            if lower is not None and key in shared:
-                up = model.prefill(ids, mask, fwd_hooks=hooks, record_kv=generate, logits="last", start_layer=split,
-                                   resid=lower.resid)
-                first = Prefill(up.logits, up.resid, None, {**lower.kv, **up.kv})
-            else:
-                first = model.prefill(ids, mask, fwd_hooks=hooks, record_kv=generate, logits="last")
+        for key, first in _prompt_prefills(model, ids, mask, settings, shared, split, generate, P):
+            hooks = settings[key]
             scores[key][idx] = score(first.logits).reshape(-1).to(torch.float64).cpu()
             tokens = None
             if generate and key in stacked:
