@@ -11,6 +11,10 @@ code version steers with the same vector. The refusal heads are a fixed, hand-pi
 config's defaults (``RunConfig()``); the alpha of the evaluation is the one the steering step chose.
 ``--json`` writes ``{"seconds": {...}, "steering": ..., "evaluation": ...}``; compare two such
 files with ``--compare A.json B.json`` (exact for everything but floats, floats to 1e-5 relative).
+
+``--share-prefix both`` runs the steps twice in one process, first with the batches' common
+beginning computed per row (``SHARE_PREFIX`` off), then once per setting (on), and prints the time
+ratio, the largest score difference and every other difference of the outputs.
 """
 
 from __future__ import annotations
@@ -62,16 +66,18 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, default=Path("/tmp/bench_steering_direction.safetensors"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
+    p.add_argument("--share-prefix", choices=("on", "off", "both"), default="on",
+                   help="evaluate_settings' shared beginning (both: off, then on, compared)")
     args = p.parse_args(argv)
     if args.compare:
         return compare(*args.compare)
 
     import torch
 
+    import refusal_lab.steering.evaluation as evaluation
     from refusal_lab.models.loading import load_model
     from refusal_lab.run.config import RunConfig
     from refusal_lab.run.inputs import RunInputs
-    from refusal_lab.steering.pipeline import evaluation_step, steering_step
 
     torch.set_num_threads(args.threads)
     model = load_model(None, progress=False)
@@ -85,32 +91,71 @@ def main(argv=None) -> int:
                  for k, b in inputs.batches.items()}
     heads = [tuple(int(x) for x in h.split(".")) for h in args.heads.split(",") if h]
     steps = args.steps.split(",")
+    modes = ("off", "on") if args.share_prefix == "both" else (args.share_prefix,)
+    runs = {}
+    for mode in modes:
+        evaluation.SHARE_PREFIX = mode == "on"
+        print(f"-- shared beginning {mode}", flush=True)
+        runs[mode] = run_steps(model, inputs, s, vec, direction, means, heads, steps, args.alpha)
+    out, seconds = runs[modes[-1]]
+    if len(modes) == 2:
+        (a, ta), (b, tb) = runs["off"], runs["on"]
+        for k in ta:
+            if not k.endswith("_cpu"):
+                print(f"{k}: off {ta[k]:.1f} s, on {tb[k]:.1f} s, ratio {ta[k] / tb[k]:.2f}x")
+        diffs = _diff(a, b)
+        print(f"largest float difference off vs on: {_largest(a, b):.3g}; "
+              f"{len(diffs)} differences beyond 1e-5 relative:")
+        for path, what in diffs[:50]:
+            print(" ", path, what)
+        seconds = {"off": ta, "on": tb}
+    if args.json:
+        args.json.write_text(json.dumps({"seconds": seconds, "threads": args.threads, **out}, indent=1))
+    return 0
+
+
+def run_steps(model, inputs, s, vec, direction, means, heads, steps, alpha):
+    """The steering and/or evaluation step: (outputs, seconds)."""
+    import torch
+
+    from refusal_lab.steering.pipeline import evaluation_step, steering_step
+
     out, seconds = {}, {}
     if "steering" in steps:
         t0, c0 = time.perf_counter(), time.process_time()
-        out["steering"] = steering_step(
-            model, s, direction, vec,
-            object_batches={k: (b.ids, b.mask) for k, b in inputs.batches.items()},
-            objects={"harmful": inputs.prompts.harmful_objects, "harmless": inputs.prompts.harmless_objects},
-            metric_fn=lambda logits: inputs.metric.from_logits(logits, None), harmful_mean=means["harmful"],
-            harmless_mean=means["harmless"], object_position=inputs.prompts.resolve_positions("last")[0],
-            heads=heads, heads_position=inputs.prompts.resolve_positions("last")[0],
-            save_vector=lambda *a: None, progress=False)
+        with torch.no_grad():
+            out["steering"] = steering_step(
+                model, s, direction, vec,
+                object_batches={k: (b.ids, b.mask) for k, b in inputs.batches.items()},
+                objects={"harmful": inputs.prompts.harmful_objects, "harmless": inputs.prompts.harmless_objects},
+                metric_fn=lambda logits: inputs.metric.from_logits(logits, None), harmful_mean=means["harmful"],
+                harmless_mean=means["harmless"], object_position=inputs.prompts.resolve_positions("last")[0],
+                heads=heads, heads_position=inputs.prompts.resolve_positions("last")[0],
+                save_vector=lambda *a: None, progress=False)
         seconds["steering"] = time.perf_counter() - t0
         seconds["steering_cpu"] = time.process_time() - c0
         print(f"steering: {seconds['steering']:.1f} s (CPU {seconds['steering_cpu']:.1f} s)", flush=True)
     if "evaluation" in steps:
-        alpha = args.alpha if args.alpha is not None else out.get("steering", {}).get("instructions", {}).get(
-            "chosen_alpha", 1.0)
+        if alpha is None:
+            alpha = out.get("steering", {}).get("instructions", {}).get("chosen_alpha", 1.0)
         t0, c0 = time.perf_counter(), time.process_time()
         out["evaluation"] = evaluation_step(model, s, direction, vec, alpha, progress=False)
         seconds["evaluation"] = time.perf_counter() - t0
         seconds["evaluation_cpu"] = time.process_time() - c0
         print(f"evaluation: {seconds['evaluation']:.1f} s (CPU {seconds['evaluation_cpu']:.1f} s, alpha {alpha:g})",
               flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"seconds": seconds, "threads": args.threads, **out}, indent=1))
-    return 0
+    return out, seconds
+
+
+def _largest(a, b) -> float:
+    """The largest absolute difference of the floats the two outputs hold at the same places."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return max([_largest(a[k], b[k]) for k in set(a) & set(b)] or [0.0])
+    if isinstance(a, list) and isinstance(b, list):
+        return max([_largest(x, y) for x, y in zip(a, b)] or [0.0])
+    if isinstance(a, float) and isinstance(b, float) and math.isfinite(a) and math.isfinite(b):
+        return abs(a - b)
+    return 0.0
 
 
 def _diff(a, b, path="$", out=None):
