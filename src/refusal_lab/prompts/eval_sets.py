@@ -9,6 +9,7 @@ README records source, licence, upstream commit and sha256); nothing here import
 * ``strongreject``: the 313 forbidden prompts, shuffled with ``random.Random(seed)``; the first 40 %
   optimise, the rest are held out.
 * ``instructions``: the packaged Arditi et al. splits, optimise on val, report on test.
+* a path to a text file (one prompt per line, blank lines skipped): split like StrongREJECT.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from refusal_lab.errors import PromptError
 from refusal_lab.prompts.data import load_instructions
 
-__all__ = ["EVAL_FILES", "EVAL_SETS", "EVAL_SPLITS", "eval_set_dir", "load_eval_set"]
+__all__ = ["EVAL_FILES", "EVAL_SETS", "EVAL_SPLITS", "check_eval_set", "eval_set_dir", "load_eval_set"]
 
 EVAL_SETS = ("harmbench", "strongreject", "instructions")
 EVAL_SPLITS = ("optimize", "heldout")
@@ -47,8 +48,7 @@ def _harmbench(split: str) -> list[str]:
             if r["FunctionalCategory"] == "standard" and not (r.get("ContextString") or "").strip()]
 
 
-def _strongreject(split: str, seed: int) -> list[str]:
-    prompts = [r["forbidden_prompt"].strip() for r in _rows("strongreject_dataset.csv")]
+def _seeded_split(prompts: list[str], split: str, seed: int) -> list[str]:
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)
     cut = int(round(STRONGREJECT_OPTIMIZE_FRAC * len(prompts)))
@@ -56,14 +56,40 @@ def _strongreject(split: str, seed: int) -> list[str]:
     return [prompts[i] for i in keep]
 
 
+def _strongreject(split: str, seed: int) -> list[str]:
+    return _seeded_split([r["forbidden_prompt"].strip() for r in _rows("strongreject_dataset.csv")], split, seed)
+
+
+def _text_file(path: Path, split: str, seed: int) -> list[str]:
+    try:
+        lines = [x.strip() for x in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptError(f"Eval set file {path} cannot be read ({e}); give a UTF-8 text file, one prompt per line.") from None
+    prompts = [x for x in lines if x]
+    if len(prompts) < 2:
+        raise PromptError(f"Eval set file {path} holds {len(prompts)} prompts; it needs at least 2 (one to optimise "
+                          "on, one held out), one per line.")
+    return _seeded_split(prompts, split, seed)
+
+
+def check_eval_set(name: str) -> None:
+    """Raise the loader's one sentence for an unknown eval set (before any model is loaded)."""
+    if name in EVAL_SETS:
+        return
+    if Path(name).is_file():
+        _text_file(Path(name), "optimize", 0)
+        return
+    raise PromptError(f"Unknown eval set {name!r}; use one of: {', '.join(EVAL_SETS)}, or a text file with one "
+                      "prompt per line.")
+
+
 def load_eval_set(name: str, split: str, n: int | None = None, seed: int = 0) -> list[str]:
-    """Harmful prompts of eval set ``name`` (``harmbench``, ``strongreject``, ``instructions``),
+    """Harmful prompts of eval set ``name`` (``harmbench``, ``strongreject``, ``instructions`` or a text file),
     ``split`` ``optimize`` (chosen on) or ``heldout`` (reported on); the two never share a prompt.
 
     ``n``: a seeded sample of ``n`` (``random.Random(seed)``), all when the split is smaller or
     ``n`` is None. StrongREJECT's optimise/held-out cut is seeded by ``seed`` too."""
-    if name not in EVAL_SETS:
-        raise PromptError(f"Unknown eval set {name!r}; use one of: {', '.join(EVAL_SETS)}.")
+    check_eval_set(name)
     if split not in EVAL_SPLITS:
         raise PromptError(f"Unknown eval split {split!r}; use 'optimize' or 'heldout'.")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
@@ -72,8 +98,10 @@ def load_eval_set(name: str, split: str, n: int | None = None, seed: int = 0) ->
         rows = _harmbench(split)
     elif name == "strongreject":
         rows = _strongreject(split, seed)
-    else:
+    elif name == "instructions":
         rows = load_instructions("val" if split == "optimize" else "test", "harmful")
+    else:
+        rows = _text_file(Path(name), split, seed)
     if n is None or n >= len(rows):
         return list(rows)
     return random.Random(seed).sample(rows, n)

@@ -4,7 +4,9 @@ the refusal direction, measured (not guessed) on refusal, KL and a capability gu
 **Search space** (heretic's, plus what the mechanism suggests):
 
 * a *fractional direction index* ``i`` in ``[0.4, 0.9] * (L - 1)``: the unit difference-in-means
-  candidates ``r_l`` of ``blocks.{l}.hook_resid_pre`` (last end-of-instruction column, packaged
+  candidates ``r_l`` of ``blocks.{l}.hook_resid_post`` (= ``blocks.{l+1}.hook_resid_pre``, the
+  selection's candidates one layer on; layer ``l``'s output, as heretic indexes them, so no candidate
+  is the constant embedding of the last token) at the last end-of-instruction column, packaged
   train instructions; :func:`candidate_directions`) are interpolated between the two nearest layers,
   ``r = unit((1 - f) r_floor(i) + f r_ceil(i))`` with ``f = i - floor(i)`` (:func:`interpolate_direction`);
 * per component (``attn``: the ``o_proj`` writing ``blocks.{l}.hook_attn_out``; ``mlp``: the
@@ -131,6 +133,8 @@ def interpolate_direction(candidates: torch.Tensor, index: float) -> torch.Tenso
     lo = int(math.floor(index))
     hi = min(lo + 1, L - 1)
     f = index - lo
+    if f == 0 or hi == lo:
+        return unit(candidates[lo])
     a, b = unit(candidates[lo]), unit(candidates[hi])
     return unit((1 - f) * a + f * b)
 
@@ -294,9 +298,9 @@ def apply_edit(model, edit: TrialEdit) -> None:
 
 
 def candidate_directions(model, n_train: int = 32, seed: int = 0, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
-    """Difference-in-means candidates [L, d] (float64) of ``blocks.{l}.hook_resid_pre`` at the last
+    """Difference-in-means candidates [L, d] (float64) of ``blocks.{l}.hook_resid_post`` at the last
     end-of-instruction column, ``n_train`` harmful vs harmless packaged train instructions (seeded):
-    the candidates of the direction selection at its default column."""
+    the direction selection's candidates (``hook_resid_pre``) at its default column, one layer on."""
     from refusal_lab.prompts import build_instruction_prompts
     from refusal_lab.steering.batching import instruction_sample, n_batches, progress_bar
     from refusal_lab.steering.vectors import diff_in_means_all_layers
@@ -305,7 +309,8 @@ def candidate_directions(model, n_train: int = 32, seed: int = 0, batch_size: in
     hf, hl = (build_instruction_prompts(model.tokenizer, train[k]) for k in ("harmful", "harmless"))
     total = sum(n_batches(x[0].shape[0], batch_size) for x in (hf, hl))
     with progress_bar(total, "direction candidates", progress) as bar:
-        v = diff_in_means_all_layers(model, *hf, *hl, positions=(-1,), batch_size=batch_size, bar=bar)
+        v = diff_in_means_all_layers(model, *hf, *hl, positions=(-1,), site="hook_resid_post",
+                                     batch_size=batch_size, bar=bar)
     return v[:, 0]
 
 
@@ -403,10 +408,9 @@ class OptimizeSettings:
 
     def check(self) -> None:
         """One sentence (ConfigError) for settings that cannot run."""
-        from refusal_lab.prompts.eval_sets import EVAL_SETS
+        from refusal_lab.prompts.eval_sets import check_eval_set
 
-        if self.eval_set not in EVAL_SETS:
-            raise ConfigError(f"--eval-set {self.eval_set!r} is not known; use one of: {', '.join(EVAL_SETS)}.")
+        check_eval_set(self.eval_set)
         if self.n_trials < 1:
             raise ConfigError(f"--trials must be at least 1, got {self.n_trials}.")
         for flag, v in (("--n-harmful", self.n_harmful), ("--n-harmless", self.n_harmless), ("--n-train", self.n_train)):
@@ -475,7 +479,9 @@ def _open_study(out: Path, settings: OptimizeSettings):
 
 def _trial_record(t) -> dict:
     ua = t.user_attrs
-    return {"number": t.number, "params": dict(t.params), "refusal_rate": t.values[0], "kl": t.values[1],
+    params = dict(t.params)
+    params.setdefault("norm_preserving", ua.get("norm_preserving", False))  # fixed (on/off): not a searched param
+    return {"number": t.number, "params": params, "refusal_rate": t.values[0], "kl": t.values[1],
             "ce_increase": t.values[2], "refusal": ua.get("refusal"), "ce": ua.get("ce"),
             "layer_weights": ua.get("layer_weights")}
 
@@ -492,7 +498,8 @@ def run_optimization(model, out_dir: str | Path, settings: OptimizeSettings = Op
                      batch_size: int = 16, progress: bool = True, log: Callable[[str], None] | None = None,
                      save: bool = True) -> dict:
     """Run (or resume) the study in ``out_dir`` to ``settings.n_trials`` completed trials, choose a
-    trial, measure it on held-out prompts, save it as weights (``OUT/model``, when ``save``), reload
+    trial, measure it on held-out prompts, save it as weights (``OUT/model``, when ``save``; ``model`` itself is
+    left unedited), reload
     those with plain ``transformers`` and re-measure; write ``optimize.json`` and ``optimize.html``.
     Returns the JSON record. ``judge``: a :class:`~refusal_lab.steering.evaluation.Judge` (default substring)."""
     from optuna.samplers import TPESampler
@@ -542,6 +549,7 @@ def run_optimization(model, out_dir: str | Path, settings: OptimizeSettings = Op
             params = suggest_params(trial, L, s.layers, s.norm_preserving)
             edit = edit_from_params(params, candidates, s.layers)
             m = measurer.measure(edit)
+            trial.set_user_attr("norm_preserving", bool(params["norm_preserving"]))
             trial.set_user_attr("refusal", {k: m["refusal"][k] for k in ("k", "n", "rate", "ci95")})
             trial.set_user_attr("ce", {k: m[k] for k in ("ce", "ce_baseline", "n_tokens")})
             trial.set_user_attr("layer_weights", {f"blocks.*.{SITES[c]}": list(edit.weights[c]) for c in COMPONENTS})
@@ -580,7 +588,10 @@ def run_optimization(model, out_dir: str | Path, settings: OptimizeSettings = Op
                    "layer_weights": chosen["layer_weights"]},
     }
     if save:
-        record["saved"] = _save_and_reload(model, edit, out, measurer, held, record)
+        from refusal_lab.models.progress import progress_bars
+
+        with progress_bars(progress):  # transformers' own bars while saving and reloading
+            record["saved"] = _save_and_reload(model, edit, out, measurer, held, record)
     write_json(out / JSON_FILE, record)
     write_optimize_html(record, out / HTML_FILE)
     return record
@@ -588,7 +599,7 @@ def run_optimization(model, out_dir: str | Path, settings: OptimizeSettings = Op
 
 def _save_and_reload(model, edit: TrialEdit, out: Path, measurer: TrialMeasurer, held: TrialMeasurer,
                      record: dict) -> dict:
-    """Write the chosen edit into the weights (in place), save them, reload the folder with plain
+    """Write the chosen edit into the weights, save them (the model's weights are restored after), reload the folder with plain
     ``transformers.AutoModelForCausalLM.from_pretrained`` and re-measure both refusal rates on it."""
     import transformers
 
@@ -596,8 +607,16 @@ def _save_and_reload(model, edit: TrialEdit, out: Path, measurer: TrialMeasurer,
     from refusal_lab.models.hooked import HookedChatModel
     from refusal_lab.steering.abliterate import save_abliterated
 
+    touched = [lin for _c, _l, lin, _u, _v, _w in _plan(model, edit)]
+    kept = [(p, p.detach().clone()) for lin in touched for p in lin.parameters(recurse=False)]
     apply_edit(model, edit)
-    folder = save_abliterated(model, out / MODEL_DIR)
+    try:
+        folder = save_abliterated(model, out / MODEL_DIR)
+    finally:  # the caller's model is left as it was
+        with torch.no_grad():
+            for p, old in kept:
+                p.copy_(old)
+        del kept
     from refusal_lab.steering.vectors import save_vector
 
     save_vector(folder / "refusal_direction.safetensors", edit.direction,
