@@ -396,6 +396,10 @@ def _cmd_optimize(args, say) -> int:
     from refusal_lab.errors import ConfigError
     from refusal_lab.steering.optimize import STUDY_FILE, OptimizeSettings, parse_layer_range, run_optimization
 
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        raise ConfigError("--optimize needs optuna; install the extra with: pip install -e '.[optimize]'.")
     for flag, value in (("--direction", args.direction), ("--layer", args.layer), ("--position", args.position),
                         ("--n-val", args.n_val)):
         if value is not None:
