@@ -48,11 +48,11 @@ def chat_folder(tmp_path_factory):
 
 def _one_sentence_error(capsys, argv, match):
     rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    err = [e for e in err if e.startswith("refusal-lab: ")]
+    err = capsys.readouterr().err.strip()
     assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith("refusal-lab: error: ") and err[0].endswith("."), err
-    assert match in err[0], err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("refusal-lab: error: ") and err.endswith("."), err
+    assert match in err, err
 
 
 # ------------------------------------------------------------------ kernel and direction
@@ -177,6 +177,28 @@ def test_hook_trial_equals_saved_weights(arch, norm_preserving, tmp_path):
     torch.testing.assert_close(plain[real], hooked[real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_gemma_edit_removes_direction_from_writes(arch):
+    """Gemma 2/3: the hooks act before the post-norm with the oblique projector, so at weight 1 the
+    direction leaves every hook_attn_out / hook_mlp_out write (after the norm)."""
+    model = HookedChatModel(tiny_model(arch), name=arch)
+    L = model.cfg.n_layers
+    edit = TrialEdit(_random_edit(model, seed=4).direction, {c: (1.0,) * L for c in COMPONENTS})
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, model.cfg.d_vocab, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    r = edit.direction.to(torch.float32)
+    with torch.no_grad():
+        _, base = model.run_with_cache(ids, mask)
+        with edit_hooks(model, edit):
+            _, cache = model.run_with_cache(ids, mask)
+    for l in range(L):
+        for site in ("hook_attn_out", "hook_mlp_out"):
+            name = f"blocks.{l}.{site}"
+            assert float((base[name] @ r).abs().max()) > 1e-3
+            assert float((cache[name] @ r).abs().max()) < 1e-4 * float(cache[name].abs().max()), name
+
+
 def test_choose_trial_rule():
     ts = [{"number": 0, "refusal_rate": 0.1, "kl": 0.9, "ce_increase": 0.1},
           {"number": 1, "refusal_rate": 0.3, "kl": 0.2, "ce_increase": 0.1},
@@ -215,6 +237,52 @@ def test_resume_gives_the_same_best_trial(chat_folder, tmp_path):
     assert got[0] == want[0]
     assert got[1] == want[1]
     assert len({json.dumps(t["params"], sort_keys=True) for t in full["trials"]}) == 10
+
+
+def _completed(journal: Path) -> int:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    if not journal.is_file():
+        return 0
+    try:
+        study = optuna.load_study(study_name="refusal-lab-abliterate", storage=JournalStorage(JournalFileBackend(str(journal))))
+    except KeyError:  # the study is not created yet
+        return 0
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def test_kill_9_then_resume_equals_uninterrupted(chat_folder, tmp_path, capsys):
+    """The CLI killed with SIGKILL mid-study, then run again: same trials and same choice as uninterrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    n = 10
+    argv = ["abliterate", "--model", str(chat_folder), "--optimize", "--trials", str(n), "--n-harmful", "3",
+            "--n-harmless", "3", "--n-train", "4", "--max-new-tokens", "3", "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "refusal_lab.cli", *argv, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    try:
+        deadline = time.time() + 300
+        while _completed(killed / "study.journal") < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = _completed(killed / "study.journal")
+    assert 2 <= done < n, f"{done} trials were complete when the study was killed"
+    assert not (killed / "optimize.json").exists()
+    assert main([*argv, "--out", str(killed)]) == 0, capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0, capsys.readouterr().err
+    got, want = (json.loads((d / "optimize.json").read_text()) for d in (killed, tmp_path / "whole"))
+    assert len(got["trials"]) == n
+    assert _summary(got) == _summary(want)
 
 
 def test_cli_optimize_writes_and_reloads(chat_folder, tmp_path, capsys):

@@ -664,7 +664,8 @@ def write_optimize_html(record: dict, path: str | Path) -> Path:
     series = [Series(name, [t["kl"] for t in ts], [t["refusal_rate"] for t in ts], color, kind="points",
                      hover=[hover(t) for t in ts]) for name, ts, color in groups if ts]
     s = record["settings"]
-    chart = Chart((f"Refusal rate vs first-token KL, {len(trials)} trials", f"{s['eval_set']}, optimise split"),
+    chart = Chart((f"Refusal rate vs first-token KL, {len(trials)} trials",
+                   f"{s['eval_set']}, optimise split; dashed line: max KL {s['max_kl']:g}"),
                   series, xlabel="KL(original || edited), harmless", ylabel="refusal rate, harmful",
                   rules=[Rule(s["max_kl"], axis="v", name=f"max KL {s['max_kl']:g}")])
     js = plotly_js()
