@@ -53,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -499,9 +500,9 @@ def run_optimization(model, out_dir: str | Path, settings: OptimizeSettings = Op
                      save: bool = True) -> dict:
     """Run (or resume) the study in ``out_dir`` to ``settings.n_trials`` completed trials, choose a
     trial, measure it on held-out prompts, save it as weights (``OUT/model``, when ``save``; ``model`` itself is
-    left unedited), reload
-    those with plain ``transformers`` and re-measure; write ``optimize.json`` and ``optimize.html``.
+    left unedited), reload those with plain ``transformers`` and re-measure; write ``optimize.json`` and ``optimize.html``.
     Returns the JSON record. ``judge``: a :class:`~refusal_lab.steering.evaluation.Judge` (default substring)."""
+    from optuna.exceptions import ExperimentalWarning
     from optuna.samplers import TPESampler
     from optuna.trial import TrialState
 
@@ -544,8 +545,10 @@ def run_optimization(model, out_dir: str | Path, settings: OptimizeSettings = Op
         bar.update(min(done, s.n_trials))
         bar.set_postfix_str(_best_text(records, s.max_kl) if records else "", refresh=False)
         while done < s.n_trials:
-            study.sampler = TPESampler(seed=s.seed + done, n_startup_trials=N_STARTUP_TRIALS, multivariate=True)
-            trial = study.ask()
+            with warnings.catch_warnings():  # multivariate TPE is marked experimental: no warning per trial
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                study.sampler = TPESampler(seed=s.seed + done, n_startup_trials=N_STARTUP_TRIALS, multivariate=True)
+                trial = study.ask()
             params = suggest_params(trial, L, s.layers, s.norm_preserving)
             edit = edit_from_params(params, candidates, s.layers)
             m = measurer.measure(edit)
