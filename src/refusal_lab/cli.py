@@ -88,6 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write OUT/model.gguf for llama.cpp (models from a GGUF: the offline ones or --model X.gguf)")
     abl.add_argument("--quiet", action="store_true", help="no progress output")
     abl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    opt = abl.add_argument_group("optimised abliteration (--optimize: a resumable Optuna study, see steering.optimize)")
+    opt.add_argument("--optimize", action="store_true",
+                     help="search direction index and per-layer edit weights (heretic's space, plus norm-preserving "
+                          "edits) on refusal, KL and CE; OUT/study.journal resumes a killed study")
+    opt.add_argument("--trials", type=int, help="completed trials of the study (default 50)")
+    opt.add_argument("--eval-set", help="harmful prompts: harmbench, strongreject, instructions (default) or a text "
+                                        "file, one prompt per line; optimised on one split, reported on the other")
+    opt.add_argument("--n-harmful", type=int, help="harmful prompts per split (default 32)")
+    opt.add_argument("--n-harmless", type=int, help="harmless prompts per split for KL and CE (default 32)")
+    opt.add_argument("--seed", type=int, help="seed of the prompt samples and the sampler (default 0)")
+    opt.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt to judge refusal (default 16)")
+    opt.add_argument("--norm-preserving", choices=["search", "on", "off"],
+                     help="keep each edited weight column's norm: searched (default), always or never")
+    opt.add_argument("--layers", help="edit only layers A-B (e.g. those the patching grids show matter)")
+    opt.add_argument("--max-kl", type=float,
+                     help="the chosen trial: lowest refusal among Pareto trials with KL <= this (default 0.5)")
+    opt.add_argument("--judge", help="refusal judge: substring (default) or a separate chat model's folder, "
+                                     ".gguf file, offline name or hub id")
 
     exp = sub.add_parser("export-direction", help="write a run's refusal direction for llama.cpp, repeng or steering-vectors")
     exp.add_argument("run", type=Path, help="run folder written by `refusal-lab run --out`")
@@ -296,6 +314,11 @@ def cmd_abliterate(args) -> int:
     from refusal_lab.errors import ConfigError
 
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if args.optimize:
+        return _cmd_optimize(args, say)
+    given = [f for f, v in OPTIMIZE_FLAGS.items() if getattr(args, v) is not None]
+    if given:
+        raise ConfigError(f"{given[0]} only applies with --optimize; add --optimize or drop {given[0]}.")
     if args.direction is not None and (args.layer is not None or args.position is not None or args.select):
         raise ConfigError("--direction gives the direction itself; drop --layer/--position/--select or --direction.")
     if args.select and (args.layer is not None or args.position is not None):
@@ -360,6 +383,65 @@ def cmd_abliterate(args) -> int:
         _write_gguf(gguf_source, out, model, say)
     print(f"wrote {out} (exact: {str(report.exact).lower()}; "
           f"layer {info.get('layer')}, position {info.get('position')})")
+    return 0
+
+
+OPTIMIZE_FLAGS = {"--trials": "trials", "--eval-set": "eval_set", "--n-harmful": "n_harmful",
+                  "--n-harmless": "n_harmless", "--seed": "seed", "--max-new-tokens": "max_new_tokens",
+                  "--norm-preserving": "norm_preserving", "--layers": "layers", "--max-kl": "max_kl", "--judge": "judge"}
+
+
+def _cmd_optimize(args, say) -> int:
+    """``abliterate --optimize``: every input checked before the (slow) load, then the study."""
+    from refusal_lab.errors import ConfigError
+    from refusal_lab.steering.optimize import STUDY_FILE, OptimizeSettings, parse_layer_range, run_optimization
+
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        raise ConfigError("--optimize needs optuna; install the extra with: pip install -e '.[optimize]'.")
+    for flag, value in (("--direction", args.direction), ("--layer", args.layer), ("--position", args.position),
+                        ("--n-val", args.n_val)):
+        if value is not None:
+            raise ConfigError(f"--optimize searches the direction itself; drop {flag}.")
+    if args.select or args.gguf:
+        raise ConfigError(f"--optimize does not take {'--select' if args.select else '--gguf'}; drop it.")
+    if args.judge == "self":
+        raise ConfigError("--judge self cannot judge trials (the edited model would judge itself); give substring "
+                          "or a separate judge model.")
+    check_judge(args.judge)
+    layers = parse_layer_range(args.layers)
+    given = {"eval_set": args.eval_set, "n_trials": args.trials, "n_harmful": args.n_harmful,
+             "n_harmless": args.n_harmless, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+             "norm_preserving": args.norm_preserving, "max_kl": args.max_kl, "n_train": args.n_train,
+             "judge": args.judge}
+    settings = OptimizeSettings(**{k: v for k, v in given.items() if v is not None}, layers=layers)
+    settings.check()
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the study and the model.")
+    if (out.is_dir() and any(out.iterdir()) and not (out / STUDY_FILE).is_file() and not args.force):
+        raise ConfigError(f"--out {out} is not empty and holds no {STUDY_FILE} to resume; give an empty or new "
+                          "folder, or --force to write into it.")
+    say("loading the model...")
+    model = _load(args)
+    if layers is not None:
+        parse_layer_range(args.layers, model.cfg.n_layers)
+    judge = None
+    if settings.judge != "substring":
+        from refusal_lab.models.loading import load_model
+        from refusal_lab.steering.evaluation import ChatModelJudge
+
+        say(f"loading the judge {settings.judge}...")
+        judge = ChatModelJudge(load_model(settings.judge, dtype=args.dtype or "float32", device=args.device,
+                                          progress=not args.quiet))
+    record = run_optimization(model, out, settings, judge=judge, progress=not args.quiet, log=say)
+    c = record["chosen"]
+    held = c["heldout"]["refusal"]
+    base = c["heldout_baseline"]["refusal"]
+    print(f"wrote {out}/optimize.json, {out}/optimize.html and {out}/model (trial {c['number']} of "
+          f"{len(record['trials'])}: held-out refusal {base['k']}/{base['n']} -> {held['k']}/{held['n']}, "
+          f"KL {c['heldout']['kl']:.4f})")
     return 0
 
 
