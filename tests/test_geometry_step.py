@@ -45,15 +45,18 @@ def test_the_section_validates_and_renders(run):
     assert [x["k"] for x in g["subspace"]["rows"]] == [1, 2, 3, 4, 5]
     assert g["heads"] is not None and len(g["heads"]["heads"]) == len(r["heads"]["selected"])
     assert g["cosines"]["vectors"] == ["direction", "objects_difference", "objects_heads", "principal_1"]
-    assert len(g["findings"]) == 4 and all("n = " in g["findings"][i] for i in (0, 2, 3))
+    assert len(g["findings"]) == 7 and all("n = " in g["findings"][i] for i in (0, 2, 3, 4, 5, 6))
+    assert "reads" in g["heads"] and "paths" in g["heads"] and "downstream" in g["heads"]
+    assert "_per_prompt" not in g["heads"]["reads"] and "_per_pair" not in g["heads"]["paths"]
     assert "_projections" not in g["separation"] and "_per_pair" not in g["heads"]
     assert "geometry" in r["timings"]
-    for stem in ("separation", "cosines", "vectors", "subspace", "heads"):
+    for stem in ("separation", "cosines", "vectors", "subspace", "heads", "head_reads", "head_paths"):
         assert (out / "figures" / f"geometry_{stem}.png").stat().st_size > 0
-    for name in ("separation", "subspace", "heads", "head_writes"):
+    for name in ("separation", "subspace", "heads", "head_writes", "head_reads", "head_paths"):
         assert (out / "tables" / f"geometry_{name}.csv").is_file()
     html = (out / "report.html").read_text()
     assert 'id="geometry"' in html and "Is one dimension enough?" in html and g["findings"][0][:30] in html
+    assert 'id="geometry-head-reads"' in html
     assert (out / "vectors" / "geometry_basis.safetensors").is_file()
 
 
