@@ -114,3 +114,28 @@ def test_a_second_run_reads_the_record_back(run, monkeypatch):
     pipeline.Pipeline(model, cfg, out, progress=False).run()
     again = json.loads((out / "results.json").read_text())
     assert again["geometry"] == r["geometry"]
+
+
+def test_the_heads_reads_and_paths_agree_with_the_heads_step_and_the_cache(run):
+    """The downstream ablation's unablated sufficiency is the heads step's; the reads are the cached
+    pattern of the run's object prompts; the path split's total at the heads' columns is the same patch."""
+    model, cfg, _, r = run
+    h, g = r["heads"], r["geometry"]["heads"]
+    d, p, rd = g["downstream"], g["paths"], g["reads"]
+    assert math.isclose(d["sufficiency"], h["sufficiency"], rel_tol=1e-4, abs_tol=1e-5)
+    assert math.isclose(p["heads"]["total"]["mean"], d["effect"]["mean"], abs_tol=1e-6)
+    assert p["heads"]["cols"] == h["cols"] == rd["heads_cols"] and d["n_pairs"] == h["n_pairs"] == rd["n_pairs"]
+    assert d["after_layer"] == max(x["layer"] for x in h["selected"])
+    from refusal_lab.run.inputs import RunInputs
+
+    inputs = RunInputs(model, cfg)
+    assert rd["keys"] == inputs.cols and rd["key_roles"][0] == "obj" and rd["query_roles"][-1] == "last"
+    b = inputs.batches
+    names = [f"blocks.{x['layer']}.attn.hook_pattern" for x in rd["heads"]]
+    caches = {s: model.run_with_cache(b[s].ids, b[s].mask, names=names)[1] for s in ("harmful", "harmless")}
+    for row in rd["rows"]:
+        for i, x in enumerate(rd["heads"]):
+            att = {s: c[f"blocks.{x['layer']}.attn.hook_pattern"][:, x["head"], row["index"]][:, rd["keys"]]
+                   .to(torch.float64) for s, c in caches.items()}
+            assert torch.allclose(torch.tensor(row["difference"][i], dtype=torch.float64),
+                                  (att["harmful"] - att["harmless"]).mean(0), atol=1e-6)

@@ -203,7 +203,9 @@ def head_reads_findings(h: dict) -> list[str]:
         out.append(f"Path split ({p['metric']}, n = {p['heads']['n_pairs']} pairs; direct = the heads' outputs straight "
                    "to the logits, downstream frozen): " + "; ".join(lines) + ".")
     d = h.get("downstream")
-    if d:
+    if d and not d["n_sites"]:
+        out.append(f"r̂ ablated downstream of the refusal heads: not measured ({d['sites']}).")
+    elif d:
         out.append(f"Ablating r̂ from every residual write after layer {d['after_layer']} ({d['n_sites']} sites) "
                    f"removes {_n(d['fraction_removed'])}{_ci(d['fraction_removed_ci95'])} of the refusal heads' "
                    f"sufficiency (n = {d['n_pairs']} pairs): {_n(d['sufficiency'])} -> {_n(d['sufficiency_ablated'])} "
