@@ -45,7 +45,9 @@ def test_the_section_validates_and_renders(run):
     assert [x["k"] for x in g["subspace"]["rows"]] == [1, 2, 3, 4, 5]
     assert g["heads"] is not None and len(g["heads"]["heads"]) == len(r["heads"]["selected"])
     assert g["cosines"]["vectors"] == ["direction", "objects_difference", "objects_heads", "principal_1"]
-    assert len(g["findings"]) == 7 and all("n = " in g["findings"][i] for i in (0, 2, 3, 4, 5, 6))
+    assert len(g["findings"]) == 7 and all("n = " in g["findings"][i] for i in (0, 2, 3, 4, 5))
+    # every head is selected (threshold -1), the last layer's too: nothing lies downstream of the set
+    assert g["heads"]["downstream"]["n_sites"] == 0 and "not measured" in g["findings"][6]
     assert "reads" in g["heads"] and "paths" in g["heads"] and "downstream" in g["heads"]
     assert "_per_prompt" not in g["heads"]["reads"] and "_per_pair" not in g["heads"]["paths"]
     assert "_projections" not in g["separation"] and "_per_pair" not in g["heads"]
