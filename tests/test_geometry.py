@@ -257,6 +257,7 @@ def synthetic_geometry(L: int = 4, with_heads: bool = True) -> dict:
                           "heads_cols": [4], "keys": [3, 4, 8], "key_labels": ["obj", "post_obj '.'", "last '\\n'"],
                           "key_roles": ["obj", "post_obj", "last"], "query_roles": ["post_obj", "last"], "n_pairs": 7,
                           "rows": [{"index": q, "harmful_mean": [[0.5, 0.2, nan]], "harmless_mean": [[0.4, 0.2, 0.1]],
+                                    "harmful_se": [[nan, 0.1, nan]], "harmless_se": [[0.1, 0.1, 0.1]],
                                     "difference": [[0.1, 0.0, nan]], "difference_se": [[nan, 0.01, nan]],
                                     "difference_ci95": [[[nan, nan], [0.0, 0.02], [nan, nan]]],
                                     "set_harmful": [cell] * 3, "set_harmless": [cell] * 3, "set_difference": [cell] * 3}

@@ -46,6 +46,8 @@ def test_reads_equal_the_cached_pattern(tiny):
                 d = [x - y for x, y in zip(a, b)]
                 assert math.isclose(row["harmful_mean"][i][m], sum(a) / 3, abs_tol=1e-7)
                 assert math.isclose(row["harmless_mean"][i][m], sum(b) / 3, abs_tol=1e-7)
+                sa = math.sqrt(sum((x - sum(a) / 3) ** 2 for x in a) / 2)
+                assert math.isclose(row["harmful_se"][i][m], sa / math.sqrt(3), abs_tol=1e-7)
                 assert math.isclose(row["difference"][i][m], sum(d) / 3, abs_tol=1e-7)
                 sd = math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
                 assert math.isclose(row["difference_se"][i][m], sd / math.sqrt(3), abs_tol=1e-7)
@@ -169,7 +171,8 @@ def test_downstream_ablation_equals_a_naive_forward(tiny):
                 act[:, c, h] = ch["blocks.0.attn.hook_z"][:, c, h]
         return act
 
-    abl = [(f"blocks.{l}.{s}", project_out) for l in range(1, tiny.cfg.n_layers) for s in ("hook_attn_out", "hook_mlp_out")]
+    abl = [(f"blocks.{l}.{s}", project_out) for l in range(1, tiny.cfg.n_layers)
+           for s in ("hook_attn_out", "hook_mlp_out")]
     patch = [("blocks.0.attn.hook_z", set_z)]
     m = {k: _metric(tiny(rec.ids, rec.mask, fwd_hooks=hooks)) for k, hooks in
          (("clean", []), ("patched", patch), ("clean_abl", abl), ("patched_abl", patch + abl))}
@@ -179,7 +182,8 @@ def test_downstream_ablation_equals_a_naive_forward(tiny):
     assert torch.allclose(out["per_pair"]["effect"], effect, atol=1e-5, rtol=0)
     assert torch.allclose(out["per_pair"]["effect_ablated"], effect_abl, atol=1e-4, rtol=0)
     assert math.isclose(out["sufficiency"], float(effect.mean() / gap.mean()), rel_tol=1e-4, abs_tol=1e-5)
-    assert math.isclose(out["fraction_removed"], 1 - float(effect_abl.mean() / effect.mean()), rel_tol=1e-3, abs_tol=1e-4)
+    assert math.isclose(out["fraction_removed"], 1 - float(effect_abl.mean() / effect.mean()),
+                        rel_tol=1e-3, abs_tol=1e-4)
     lo, hi = out["fraction_removed_ci95"]
     assert lo <= hi
 

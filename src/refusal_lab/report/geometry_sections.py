@@ -108,7 +108,8 @@ def geometry_head_reads(g: Geometry, plots: Plots) -> str:
         rows = [[f"{key} {x['cols']}", _pm(x["total"]), _pm(x["direct"]), _pm(x["indirect"]), x["direct_fraction"],
                  fmt_ci(x["direct_fraction_ci95"]), x["n_pairs"]]
                 for key, x in ((k, p[k]) for k in ("heads", "last") if k in p)]
-        out.append(table(["patched columns", "total", "direct", "indirect", "direct / total", "95% CI", "n pairs"], rows))
+        out.append(table(["patched columns", "total", "direct", "indirect", "direct / total", "95% CI", "n pairs"],
+                         rows))
     if d:
         out.append(f"<p>r̂ projected out of every residual write after layer {esc(d['after_layer'])} ({esc(d['sites'])}; "
                    f"{esc(d['n_sites'])} sites) in the clean and the patched harmless runs: the heads' patch effect goes "

@@ -279,10 +279,11 @@ paired difference."""
 CellSummary = TypedDict("CellSummary", {"mean": Real, "se": Real, "ci95": Interval})
 """A mean over prompts with its SE and bootstrap 95 % interval (n given by the enclosing record)."""
 HeadReadRow = TypedDict("HeadReadRow", {
-    "index": int, "harmful_mean": Matrix, "harmless_mean": Matrix, "difference": Matrix, "difference_se": Matrix,
+    "index": int, "harmful_mean": Matrix, "harmful_se": Matrix, "harmless_mean": Matrix, "harmless_se": Matrix,
+    "difference": Matrix, "difference_se": Matrix,
     "difference_ci95": list[list[Interval]], "set_harmful": list[CellSummary], "set_harmless": list[CellSummary],
     "set_difference": list[CellSummary]})
-"""Attention from one query column: per head x key column (``[heads][keys]``) each side's mean and the
+"""Attention from one query column: per head x key column (``[heads][keys]``) each side's mean (and SE) and the
 paired harmful - harmless difference with SE and interval; the head set (each prompt's mean over the
 heads) per key column, per side and for the difference."""
 HeadReads = TypedDict("HeadReads", {

@@ -106,7 +106,8 @@ def geometry_tables(g: dict) -> dict[str, pd.DataFrame]:
         if h.get("paths") or h.get("downstream"):
             pp = (h.get("paths") or {}).get("_per_pair") or {}
             dp = (h.get("downstream") or {}).get("_per_pair") or {}
-            cols = {f"{k}_{v}": x for k, d in pp.items() for v, x in d.items()} | {f"downstream_{v}": x for v, x in dp.items()}
+            cols = {f"{k}_{v}": x for k, d in pp.items() for v, x in d.items()}
+            cols |= {f"downstream_{v}": x for v, x in dp.items()}
             out["geometry_head_paths"] = pd.DataFrame([{"pair": i, **{k: v[i] for k, v in cols.items()}}
                                                        for i in range(h["n_pairs"])] if cols else [])
     return out

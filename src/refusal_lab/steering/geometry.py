@@ -39,7 +39,7 @@ from refusal_lab.steering.batching import tensor_batches
 from refusal_lab.steering.interventions import ablation_hooks, unit
 
 __all__ = ["HeadCaches", "ProjectOutSubspace", "column_activations", "cosine_matrix", "difference_basis",
-           "downstream_ablation", "head_caches", "head_path_split", "head_reads", "heads_to_direction",
+           "downstream_ablation", "downstream_write_sites", "head_caches", "head_path_split", "head_reads", "heads_to_direction",
            "residual_write_sites", "separation_curve", "subspace_ablation_hooks", "subspace_bypass",
            "two_sample_gap"]
 
@@ -358,7 +358,8 @@ def head_caches(model, harmful: tuple[torch.Tensor, torch.Tensor], harmless: tup
     """The two clean forwards (one per side, pair i = harmful i, harmless i, equal shapes) of :class:`HeadCaches`."""
     heads = _pairs(model, heads)
     if harmful[0].shape != harmless[0].shape:
-        raise SiteError(f"Paired prompts need equal shapes, got {tuple(harmful[0].shape)} and {tuple(harmless[0].shape)}.")
+        raise SiteError(f"Paired prompts need equal shapes, got {tuple(harmful[0].shape)} and "
+                        f"{tuple(harmless[0].shape)}.")
     layers = {l for l, _ in heads}
     names = {f"blocks.{l}.attn.{s}" for l in layers for s in ("hook_pattern", "hook_z", "hook_result")}
     names.add(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
@@ -384,8 +385,8 @@ def head_reads(model, hc: HeadCaches, heads: Sequence[tuple[int, int]], query_co
     GQA expanded per query head) from every query column of ``query_cols`` to every key column of
     ``key_cols``, over the pairs of ``hc``.
 
-    Per query column (``rows``, one per query): ``harmful_mean``/``harmless_mean``/``difference``
-    (harmful − harmless, paired) and its ``difference_se`` as ``[heads][keys]``, ``difference_ci95``
+    Per query column (``rows``, one per query): ``harmful_mean``/``harmless_mean`` with their
+    ``*_se``, ``difference`` (harmful − harmless, paired) and its ``difference_se`` as ``[heads][keys]``, ``difference_ci95``
     ``[heads][keys][2]``; and the head set (each prompt's attention averaged over the heads, then
     over prompts): ``set_harmful``/``set_harmless``/``set_difference`` as ``[keys]`` lists of
     ``{mean, se, ci95}``. ``per_prompt`` (not JSON): side -> ``[n, heads, queries, keys]``."""
@@ -411,8 +412,10 @@ def head_reads(model, hc: HeadCaches, heads: Sequence[tuple[int, int]], query_co
 
     rows = []
     for j, q in enumerate(qs):
+        side_se = {side: mean_se(att[side][:, :, j])[1].tolist() for side in ("harmful", "harmless")}
         rows.append({"index": q, "harmful_mean": att["harmful"][:, :, j].mean(0).tolist(),
-                     "harmless_mean": att["harmless"][:, :, j].mean(0).tolist(),
+                     "harmful_se": side_se["harmful"], "harmless_mean": att["harmless"][:, :, j].mean(0).tolist(),
+                     "harmless_se": side_se["harmless"],
                      "difference": d["mean"][:, j].tolist(), "difference_se": d["se"][:, j].tolist(),
                      "difference_ci95": d["ci95"][:, j].tolist(),
                      **{f"set_{side}": cells(s, j) for side, s in sets.items()}})
@@ -470,7 +473,8 @@ def head_path_split(model, hc: HeadCaches, heads: Sequence[tuple[int, int]], col
 
 def downstream_write_sites(model, after_layer: int) -> list[str]:
     """The residual writes (``hook_attn_out``, ``hook_mlp_out``) of every layer after ``after_layer``."""
-    return [f"blocks.{l}.{s}" for l in range(after_layer + 1, model.cfg.n_layers) for s in ("hook_attn_out", "hook_mlp_out")]
+    return [f"blocks.{l}.{s}" for l in range(after_layer + 1, model.cfg.n_layers)
+            for s in ("hook_attn_out", "hook_mlp_out")]
 
 
 @torch.no_grad()

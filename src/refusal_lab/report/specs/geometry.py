@@ -165,5 +165,6 @@ def geometry_specs(g: Geometry) -> list[tuple[str, object]]:
     return out
 
 
-__all__ = ["candidate_cosines_heatmap", "geometry_specs", "head_paths_chart", "head_reads_panels", "heads_panels", "separation_panels", "subspace_chart",
+__all__ = ["candidate_cosines_heatmap", "geometry_specs", "head_paths_chart", "head_reads_panels", "heads_panels",
+           "separation_panels", "subspace_chart",
            "vector_cosines_heatmap"]
