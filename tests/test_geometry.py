@@ -252,6 +252,24 @@ def synthetic_geometry(L: int = 4, with_heads: bool = True) -> dict:
                  "writes": [{"layer": 0, "head": 1, "column": c, "index": i, "harmful_mean": 0.2, "harmless_mean": 0.1,
                              "difference": 0.1, "difference_se": nan, "difference_ci95": [nan, nan], "n_pairs": 7}
                             for c, i in (("last", 8), ("heads", 4))]}
+        cell = {"mean": 0.3, "se": nan, "ci95": [nan, nan]}
+        heads["reads"] = {"site": "blocks.{layer}.attn.hook_pattern [b, head, q, k]", "heads": [{"layer": 0, "head": 1}],
+                          "heads_cols": [4], "keys": [3, 4, 8], "key_labels": ["obj", "post_obj '.'", "last '\\n'"],
+                          "key_roles": ["obj", "post_obj", "last"], "query_roles": ["post_obj", "last"], "n_pairs": 7,
+                          "rows": [{"index": q, "harmful_mean": [[0.5, 0.2, nan]], "harmless_mean": [[0.4, 0.2, 0.1]],
+                                    "harmful_se": [[nan, 0.1, nan]], "harmless_se": [[0.1, 0.1, 0.1]],
+                                    "difference": [[0.1, 0.0, nan]], "difference_se": [[nan, 0.01, nan]],
+                                    "difference_ci95": [[[nan, nan], [0.0, 0.02], [nan, nan]]],
+                                    "set_harmful": [cell] * 3, "set_harmless": [cell] * 3, "set_difference": [cell] * 3}
+                                   for q in (4, 8)]}
+        split = {"cols": [4], "last_patched": False, "n_pairs": 7, "total": s, "direct": s, "indirect": s,
+                 "direct_fraction": nan, "direct_fraction_ci95": [nan, nan]}
+        heads["paths"] = {"metric": "logit[Sorry] - logit[Sure], last column", "heads": split,
+                          "last": {**split, "cols": [8], "last_patched": True}}
+        heads["downstream"] = {"after_layer": 0, "n_sites": 6, "sites": "hook_attn_out, hook_mlp_out of layers 1..3",
+                               "cols": [4], "n_pairs": 7, "gap": s, "effect": s, "effect_ablated": s,
+                               "sufficiency": 0.4, "sufficiency_ablated": nan, "fraction_removed": nan,
+                               "fraction_removed_ci95": [nan, 0.5]}
     eye = [[1.0 if i == j else 0.5 for j in range(L)] for i in range(L)]
     eye[0] = [nan] * L
     for row in eye:
@@ -285,7 +303,7 @@ def test_a_geometry_section_with_nulls_renders(with_heads, tmp_path):
     r = sample_results(n_layers=4, n_heads=2)
     g = synthetic_geometry(4, with_heads)
     g["findings"] = geometry_findings(g)
-    assert len(g["findings"]) == 4 and "at the direction's layer 2" in g["findings"][0]
+    assert len(g["findings"]) == (7 if with_heads else 4) and "at the direction's layer 2" in g["findings"][0]
     assert "layers 2 have cosine >= 0.9" in g["findings"][1]  # 0.5 and the null (zero) candidate left out
     assert "k=1 -2.00 ± n/a SE" in g["findings"][2]  # a null SE said so
     assert ("ratio 0.60" in g["findings"][3]) if with_heads else ("not measured" in g["findings"][3])
@@ -297,6 +315,10 @@ def test_a_geometry_section_with_nulls_renders(with_heads, tmp_path):
     stems = {p.stem for p in write_figures(r, tmp_path)}
     assert {"geometry_separation", "geometry_cosines", "geometry_vectors", "geometry_subspace"} <= stems
     assert ("geometry_heads" in stems) == with_heads
+    assert ({"geometry_head_reads", "geometry_head_paths"} <= stems) == with_heads
+    assert ('id="geometry-head-reads"' in doc) == with_heads
+    if with_heads:
+        assert "0.30 ± n/a SE to the object token" in g["findings"][4] and "removes n/a" in g["findings"][6]
 
 
 def test_a_malformed_geometry_section_is_refused():

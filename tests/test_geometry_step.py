@@ -45,15 +45,20 @@ def test_the_section_validates_and_renders(run):
     assert [x["k"] for x in g["subspace"]["rows"]] == [1, 2, 3, 4, 5]
     assert g["heads"] is not None and len(g["heads"]["heads"]) == len(r["heads"]["selected"])
     assert g["cosines"]["vectors"] == ["direction", "objects_difference", "objects_heads", "principal_1"]
-    assert len(g["findings"]) == 4 and all("n = " in g["findings"][i] for i in (0, 2, 3))
+    assert len(g["findings"]) == 7 and all("n = " in g["findings"][i] for i in (0, 2, 3, 4, 5))
+    # every head is selected (threshold -1), the last layer's too: nothing lies downstream of the set
+    assert g["heads"]["downstream"]["n_sites"] == 0 and "not measured" in g["findings"][6]
+    assert "reads" in g["heads"] and "paths" in g["heads"] and "downstream" in g["heads"]
+    assert "_per_prompt" not in g["heads"]["reads"] and "_per_pair" not in g["heads"]["paths"]
     assert "_projections" not in g["separation"] and "_per_pair" not in g["heads"]
     assert "geometry" in r["timings"]
-    for stem in ("separation", "cosines", "vectors", "subspace", "heads"):
+    for stem in ("separation", "cosines", "vectors", "subspace", "heads", "head_reads", "head_paths"):
         assert (out / "figures" / f"geometry_{stem}.png").stat().st_size > 0
-    for name in ("separation", "subspace", "heads", "head_writes"):
+    for name in ("separation", "subspace", "heads", "head_writes", "head_reads", "head_paths"):
         assert (out / "tables" / f"geometry_{name}.csv").is_file()
     html = (out / "report.html").read_text()
     assert 'id="geometry"' in html and "Is one dimension enough?" in html and g["findings"][0][:30] in html
+    assert 'id="geometry-head-reads"' in html
     assert (out / "vectors" / "geometry_basis.safetensors").is_file()
 
 
@@ -111,3 +116,28 @@ def test_a_second_run_reads_the_record_back(run, monkeypatch):
     pipeline.Pipeline(model, cfg, out, progress=False).run()
     again = json.loads((out / "results.json").read_text())
     assert again["geometry"] == r["geometry"]
+
+
+def test_the_heads_reads_and_paths_agree_with_the_heads_step_and_the_cache(run):
+    """The downstream ablation's unablated sufficiency is the heads step's; the reads are the cached
+    pattern of the run's object prompts; the path split's total at the heads' columns is the same patch."""
+    model, cfg, _, r = run
+    h, g = r["heads"], r["geometry"]["heads"]
+    d, p, rd = g["downstream"], g["paths"], g["reads"]
+    assert math.isclose(d["sufficiency"], h["sufficiency"], rel_tol=1e-4, abs_tol=1e-5)
+    assert math.isclose(p["heads"]["total"]["mean"], d["effect"]["mean"], abs_tol=1e-6)
+    assert p["heads"]["cols"] == h["cols"] == rd["heads_cols"] and d["n_pairs"] == h["n_pairs"] == rd["n_pairs"]
+    assert d["after_layer"] == max(x["layer"] for x in h["selected"])
+    from refusal_lab.run.inputs import RunInputs
+
+    inputs = RunInputs(model, cfg)
+    assert rd["keys"] == inputs.cols and rd["key_roles"][0] == "obj" and rd["query_roles"][-1] == "last"
+    b = inputs.batches
+    names = [f"blocks.{x['layer']}.attn.hook_pattern" for x in rd["heads"]]
+    caches = {s: model.run_with_cache(b[s].ids, b[s].mask, names=names)[1] for s in ("harmful", "harmless")}
+    for row in rd["rows"]:
+        for i, x in enumerate(rd["heads"]):
+            att = {s: c[f"blocks.{x['layer']}.attn.hook_pattern"][:, x["head"], row["index"]][:, rd["keys"]]
+                   .to(torch.float64) for s, c in caches.items()}
+            assert torch.allclose(torch.tensor(row["difference"][i], dtype=torch.float64),
+                                  (att["harmful"] - att["harmless"]).mean(0), atol=1e-6)

@@ -1,5 +1,6 @@
 """The report's geometry section: the refusal direction's separation per layer, its cosines, the
-k-dimensional check and heads → direction, in words (the step's findings), figures (the specs of
+k-dimensional check, heads → direction and what the heads read and how their patch reaches the
+metric, in words (the step's findings), figures (the specs of
 :mod:`refusal_lab.report.specs.geometry`) and tables."""
 
 from __future__ import annotations
@@ -77,6 +78,48 @@ def geometry_heads(g: Geometry, plots: Plots) -> str:
     return "\n".join(out)
 
 
+def geometry_head_reads(g: Geometry, plots: Plots) -> str:
+    """What the refusal heads attend to and how their patch reaches the metric (only when measured)."""
+    h = g["heads"]
+    if h is None or "reads" not in h:
+        return ""
+    rd = h["reads"]
+    out = ['<h3 id="geometry-head-reads">What the refusal heads read, and their paths to the metric</h3>',
+           f"<p>Attention (<code>{esc(rd['site'])}</code>, post-softmax, GQA expanded per query head) of the "
+           f"{esc(len(rd['heads']))} refusal heads from the patched column(s) {esc(rd['heads_cols'])} and from the last "
+           f"column to every labelled column from the object on, over n = {esc(rd['n_pairs'])} pairs of object "
+           "prompts; the heatmaps show harmful − harmless (paired means). Head set: each prompt's attention averaged "
+           "over the heads, mean ± SE over prompts, 95% percentile bootstrap interval.</p>",
+           plots.add(specs.head_reads_panels(h))]
+    for q, row in zip(rd["query_roles"], rd["rows"]):
+        out.append(details(f"Head set from {q} (column {row['index']})", table(
+            ["key", "harmful", "harmful SE", "harmless", "harmless SE", "difference", "SE", "95% CI"],
+            [[k, a["mean"], a["se"], b["mean"], b["se"], d["mean"], d["se"], fmt_ci(d["ci95"])]
+             for k, a, b, d in zip(rd["key_labels"], row["set_harmful"], row["set_harmless"], row["set_difference"])])))
+    p, d = h.get("paths"), h.get("downstream")
+    if p:
+        out.append(f"<p>Path split of the heads' patch (harmful → harmless <code>attn.hook_z</code>) on "
+                   f"{esc(p['metric'])}: <b>total</b> = patched − clean harmless; <b>direct</b> = the heads' outputs "
+                   "straight to the logits with every later layer and the final norm's scale frozen (direct logit "
+                   "attribution with the receiving run's scale; 0 when the last column is not patched, since a write "
+                   "at another column reaches the logits only through later attention); indirect = total − direct. "
+                   "Gemma 2's direct effect is before its final soft-cap.</p>")
+        out.append(plots.add(specs.head_paths_chart(h)))
+        rows = [[f"{key} {x['cols']}", _pm(x["total"]), _pm(x["direct"]), _pm(x["indirect"]), x["direct_fraction"],
+                 fmt_ci(x["direct_fraction_ci95"]), x["n_pairs"]]
+                for key, x in ((k, p[k]) for k in ("heads", "last") if k in p)]
+        out.append(table(["patched columns", "total", "direct", "indirect", "direct / total", "95% CI", "n pairs"],
+                         rows))
+    if d:
+        out.append(f"<p>r̂ projected out of every residual write after layer {esc(d['after_layer'])} ({esc(d['sites'])}; "
+                   f"{esc(d['n_sites'])} sites) in the clean and the patched harmless runs: the heads' patch effect goes "
+                   f"from <b>{esc(_pm(d['effect']))}</b> to <b>{esc(_pm(d['effect_ablated']))}</b> (sufficiency "
+                   f"{esc(fmt(d['sufficiency']))} → {esc(fmt(d['sufficiency_ablated']))} of the gap "
+                   f"{esc(_pm(d['gap']))}): <b>{esc(fmt(d['fraction_removed']))}</b> of it removed (95% CI "
+                   f"{esc(fmt_ci(d['fraction_removed_ci95']) or '–')}, n = {esc(d['n_pairs'])} pairs).</p>")
+    return "\n".join(out)
+
+
 def section_geometry(r: Results, plots: Plots) -> str:
     """The geometry section (only when the run has it): findings, then each part."""
     if "geometry" not in r:
@@ -88,5 +131,5 @@ def section_geometry(r: Results, plots: Plots) -> str:
     if g["findings"]:
         out.append('<ul class="findings">' + "".join(f"<li>{numbers_bold(f)}</li>" for f in g["findings"]) + "</ul>")
     out += [geometry_separation(g, plots), geometry_cosines(g, plots), geometry_subspace(g, plots),
-            geometry_heads(g, plots)]
+            geometry_heads(g, plots), geometry_head_reads(g, plots)]
     return "\n".join(out)

@@ -158,8 +158,58 @@ def geometry_findings(g: dict) -> list[str]:
                      f"harmful {_n(top['harmful_mean'])}, harmless {_n(top['harmless_mean'])}, difference "
                      f"{_n(top['difference'])} ± {_n(top['difference_se'])} SE.")
         out.append(line)
+        out += head_reads_findings(h)
     elif g.get("heads_note"):
         out.append(f"Heads -> direction: not measured ({g['heads_note']}).")
+    return out
+
+
+def _ci(x) -> str:
+    c = fmt_ci(x)
+    return f" (95% CI {c})" if c else ""
+
+
+def head_reads_findings(h: dict) -> list[str]:
+    """What the refusal heads read, their path split and r̂ ablated downstream of them, in words
+    (``h``: the geometry section's ``heads``; each part only when the run measured it)."""
+    out = []
+    n = len(h["heads"])
+    rd = h.get("reads")
+    if rd:
+        roles = rd["key_roles"]
+        obj = roles.index("obj") if "obj" in roles else 0
+        parts = []
+        for q, row in zip(rd["query_roles"], rd["rows"]):
+            a, b = row["set_harmful"][obj], row["set_harmless"][obj]
+            diffs = [abs(c["mean"]) if c["mean"] is not None and c["mean"] == c["mean"] else -1.0
+                     for c in row["set_difference"]]
+            k = max(range(len(diffs)), key=diffs.__getitem__)
+            d = row["set_difference"][k]
+            parts.append(f"from {q} (column {row['index']}) {_n(a['mean'])} ± {_n(a['se'])} SE to the object token "
+                         f"on harmful prompts vs {_n(b['mean'])} ± {_n(b['se'])} SE on harmless ones, the largest "
+                         f"harmful - harmless difference being {_n(d['mean'])} ± {_n(d['se'])} SE at "
+                         f"{rd['key_labels'][k]}")
+        out.append(f"What the {n} refusal heads read (attention averaged over the heads, n = {rd['n_pairs']} pairs of "
+                   f"object prompts): " + "; ".join(parts) + ".")
+    p = h.get("paths")
+    if p:
+        lines = []
+        for key, what in (("heads", "at the heads' column(s)"), ("last", "at the last column")):
+            x = p.get(key)
+            if x:
+                lines.append(f"patched {what} {x['cols']} the heads move the metric by {_pm(x['total'])} in total, "
+                             f"{_pm(x['direct'])} of it directly to the logits (direct / total "
+                             f"{_n(x['direct_fraction'])}{_ci(x['direct_fraction_ci95'])})")
+        out.append(f"Path split ({p['metric']}, n = {p['heads']['n_pairs']} pairs; direct = the heads' outputs straight "
+                   "to the logits, downstream frozen): " + "; ".join(lines) + ".")
+    d = h.get("downstream")
+    if d and not d["n_sites"]:
+        out.append(f"r̂ ablated downstream of the refusal heads: not measured ({d['sites']}).")
+    elif d:
+        out.append(f"Ablating r̂ from every residual write after layer {d['after_layer']} ({d['n_sites']} sites) "
+                   f"removes {_n(d['fraction_removed'])}{_ci(d['fraction_removed_ci95'])} of the refusal heads' "
+                   f"sufficiency (n = {d['n_pairs']} pairs): {_n(d['sufficiency'])} -> {_n(d['sufficiency_ablated'])} "
+                   f"of the harmful - harmless gap (patch effect {_pm(d['effect'])} -> {_pm(d['effect_ablated'])}).")
     return out
 
 

@@ -276,14 +276,45 @@ HeadWrite = TypedDict("HeadWrite", {
     "difference": Real, "difference_se": Real, "difference_ci95": Interval, "n_pairs": int})
 """A head's own residual write at a column (``last`` or ``heads``) projected on r̂, per side, and the
 paired difference."""
+CellSummary = TypedDict("CellSummary", {"mean": Real, "se": Real, "ci95": Interval})
+"""A mean over prompts with its SE and bootstrap 95 % interval (n given by the enclosing record)."""
+HeadReadRow = TypedDict("HeadReadRow", {
+    "index": int, "harmful_mean": Matrix, "harmful_se": Matrix, "harmless_mean": Matrix, "harmless_se": Matrix,
+    "difference": Matrix, "difference_se": Matrix,
+    "difference_ci95": list[list[Interval]], "set_harmful": list[CellSummary], "set_harmless": list[CellSummary],
+    "set_difference": list[CellSummary]})
+"""Attention from one query column: per head x key column (``[heads][keys]``) each side's mean (and SE) and the
+paired harmful - harmless difference with SE and interval; the head set (each prompt's mean over the
+heads) per key column, per side and for the difference."""
+HeadReads = TypedDict("HeadReads", {
+    "site": str, "heads": list[HeadRef], "heads_cols": list[int], "keys": list[int], "key_labels": list[str],
+    "key_roles": list[str], "query_roles": list[str], "n_pairs": int, "rows": list[HeadReadRow]})
+"""What the refusal heads attend to (``attn.hook_pattern``) from the heads' column(s) and the last
+column (``rows``, one per query, roles in ``query_roles``) to every labelled column from the object on."""
+PathSplit = TypedDict("PathSplit", {
+    "cols": list[int], "last_patched": bool, "n_pairs": int, "total": Summary, "direct": Summary,
+    "indirect": Summary, "direct_fraction": Real, "direct_fraction_ci95": Interval})
+"""The heads' patch at ``cols``: its total effect on the metric (patched - clean harmless, per pair), its
+direct effect (the heads' outputs straight to the logits, downstream frozen: DLA with the receiving
+run's final-norm scale; 0 unless the last column is patched), the rest, and direct / total."""
+HeadPaths = TypedDict("HeadPaths", {"metric": str, "heads": PathSplit, "last": NotRequired[PathSplit]})
+"""The path split at the heads' columns and (when they are not the last) at the last column."""
+DownstreamAblation = TypedDict("DownstreamAblation", {
+    "after_layer": int, "n_sites": int, "sites": str, "cols": list[int], "n_pairs": int, "gap": Summary,
+    "effect": Summary, "effect_ablated": Summary, "sufficiency": Real, "sufficiency_ablated": Real,
+    "fraction_removed": Real, "fraction_removed_ci95": Interval})
+"""The heads' patch effect with r̂ projected out of every residual write after their last layer, and the
+fraction of their sufficiency that removes."""
 GeometryHeads = TypedDict("GeometryHeads", {
     "layer": int, "readout": str, "heads": list[HeadRef], "heads_column": int, "position": Union[str, int, None],
     "resid_patch_layer": int, "resid_patch_site": str, "n_pairs": int, "harmful_mean": Real,
     "harmless_mean": Real, "heads_patched_mean": Real, "resid_patched_mean": Real, "gap": Summary,
     "heads_shift": Summary, "resid_shift": Summary, "ratio": Real, "ratio_ci95": Interval, "ratio_to_gap": Real,
-    "ratio_to_gap_ci95": Interval, "writes": list[HeadWrite]})
+    "ratio_to_gap_ci95": Interval, "writes": list[HeadWrite], "reads": NotRequired[HeadReads],
+    "paths": NotRequired[HeadPaths], "downstream": NotRequired[DownstreamAblation]})
 """Heads -> direction on the object prompts: the readout's shift by the refusal heads' patch and by the
-whole residual patch at the heads' column, their ratio, and each head's write along r̂."""
+whole residual patch at the heads' column, their ratio, and each head's write along r̂; what the heads
+read, their patch's path split and r̂ ablated downstream of them."""
 Geometry = TypedDict("Geometry", {
     "direction": GeometryDirection, "separation": GeometrySeparation, "cosines": GeometryCosines,
     "subspace": GeometrySubspace, "heads": Union[GeometryHeads, None], "heads_note": Union[str, None],

@@ -69,7 +69,9 @@ def geometry_tables(g: dict) -> dict[str, pd.DataFrame]:
     """The geometry step's tables: ``geometry_separation`` (one row per instruction x layer: its
     projection on r̂), ``geometry_subspace`` (one row per ablation: unedited, r̂, k = 1..K) and, when
     heads were selected, ``geometry_heads`` (one row per pair: the readout clean, heads-patched and
-    residual-patched) and ``geometry_head_writes`` (one row per head x column)."""
+    residual-patched), ``geometry_head_writes`` (one row per head x column), ``geometry_head_reads``
+(one row per side x pair x head x query x key column: the attention) and ``geometry_head_paths``
+(one row per pair: each path split's total and direct effect, the downstream-ablated effect)."""
     s = g["separation"]
     proj = s.get("_projections") or {}
     out = {"geometry_separation": pd.DataFrame(
@@ -91,4 +93,21 @@ def geometry_tables(g: dict) -> dict[str, pd.DataFrame]:
             [{k: v for k, v in w.items() if k != "difference_ci95"} | {"ci_low": (w["difference_ci95"] or [None])[0],
                                                                        "ci_high": (w["difference_ci95"] or [None, None])[1]}
              for w in h["writes"]])
+        rd = h.get("reads")
+        if rd:
+            per = rd.get("_per_prompt") or {}
+            out["geometry_head_reads"] = pd.DataFrame(
+                [{"side": side, "pair": i, "layer": hd["layer"], "head": hd["head"], "query": rd["query_roles"][j],
+                  "query_column": row["index"], "key": rd["key_labels"][k], "key_column": rd["keys"][k],
+                  "attention": per[side][i][a][j][k]}
+                 for side in per for i in range(rd["n_pairs"]) for a, hd in enumerate(rd["heads"])
+                 for j, row in enumerate(rd["rows"]) for k in range(len(rd["keys"]))],
+                columns=["side", "pair", "layer", "head", "query", "query_column", "key", "key_column", "attention"])
+        if h.get("paths") or h.get("downstream"):
+            pp = (h.get("paths") or {}).get("_per_pair") or {}
+            dp = (h.get("downstream") or {}).get("_per_pair") or {}
+            cols = {f"{k}_{v}": x for k, d in pp.items() for v, x in d.items()}
+            cols |= {f"downstream_{v}": x for v, x in dp.items()}
+            out["geometry_head_paths"] = pd.DataFrame([{"pair": i, **{k: v[i] for k, v in cols.items()}}
+                                                       for i in range(h["n_pairs"])] if cols else [])
     return out

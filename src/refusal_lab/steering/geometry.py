@@ -14,6 +14,12 @@ All projections are in float64 on the unit direction ``r̂`` (:func:`~refusal_la
 * :func:`subspace_bypass`: refusal log-odds of harmful prompts under each subspace ablation.
 * :func:`heads_to_direction`: the shift of ``resid_pre · r̂`` by the refusal heads' patch beside a
   patch of the whole residual at the heads' column, and each head's own write projected on ``r̂``.
+* :func:`head_reads`: what the refusal heads attend to (``attn.hook_pattern``) from given query
+  columns to the labelled key columns, harmful vs harmless.
+* :func:`head_path_split`: the heads' patch's direct effect on the metric (straight to the logits,
+  everything downstream frozen) beside its total effect.
+* :func:`downstream_ablation`: how much of the heads' patch effect is left with ``r̂`` projected out
+  of every residual write after the heads' last layer.
 """
 
 from __future__ import annotations
@@ -24,15 +30,16 @@ from dataclasses import dataclass
 import torch
 
 from refusal_lab.errors import SiteError
-from refusal_lab.metrics import refusal_log_odds
+from refusal_lab.metrics import logit_diff, refusal_log_odds
 from refusal_lab.models.edits import Patch, positional
 from refusal_lab.models.hooked import HookPoint
 from refusal_lab.patching.heads import head_patch_hooks
-from refusal_lab.stats import summary
+from refusal_lab.stats import bootstrap_ci, mean_se, summary
 from refusal_lab.steering.batching import tensor_batches
 from refusal_lab.steering.interventions import ablation_hooks, unit
 
-__all__ = ["ProjectOutSubspace", "column_activations", "cosine_matrix", "difference_basis", "heads_to_direction",
+__all__ = ["HeadCaches", "ProjectOutSubspace", "column_activations", "cosine_matrix", "difference_basis",
+           "downstream_ablation", "downstream_write_sites", "head_caches", "head_path_split", "head_reads", "heads_to_direction",
            "residual_write_sites", "separation_curve", "subspace_ablation_hooks", "subspace_bypass",
            "two_sample_gap"]
 
@@ -320,3 +327,185 @@ def heads_to_direction(model, harmful: tuple[torch.Tensor, torch.Tensor], harmle
         "per_pair": {"harmful": ph, "harmless": ps, "heads_patched": p_heads, "resid_patched": p_resid},
     }
 
+
+
+# ------------------------------------------------------------------ what the refusal heads read and do
+
+@dataclass
+class HeadCaches:
+    """One clean forward per side of paired prompts, shared by :func:`head_reads`,
+    :func:`head_path_split` and :func:`downstream_ablation`: each side's ``(ids, mask)``, its cache
+    (the head layers' ``attn.hook_pattern``, ``attn.hook_z``, ``attn.hook_result`` and the last
+    layer's ``hook_resid_post``) and its metric ``logit[refusal] − logit[compliance]`` at the last
+    column ``[n]`` (float64, CPU)."""
+
+    inputs: dict  # side -> (ids [n, T], mask [n, T]) on the model's device
+    caches: dict  # side -> ActivationCache
+    metric: dict  # side -> [n] float64
+    tokens: tuple[int, int]  # (refusal id, compliance id)
+
+
+def _pairs(model, heads) -> list[tuple[int, int]]:
+    heads = [(int(l), model.check_head(h)) for l, h in heads]
+    if not heads:
+        raise SiteError("Give at least one (layer, head) pair.")
+    return heads
+
+
+@torch.no_grad()
+def head_caches(model, harmful: tuple[torch.Tensor, torch.Tensor], harmless: tuple[torch.Tensor, torch.Tensor],
+                heads: Sequence[tuple[int, int]], tokens: tuple[int, int]) -> HeadCaches:
+    """The two clean forwards (one per side, pair i = harmful i, harmless i, equal shapes) of :class:`HeadCaches`."""
+    heads = _pairs(model, heads)
+    if harmful[0].shape != harmless[0].shape:
+        raise SiteError(f"Paired prompts need equal shapes, got {tuple(harmful[0].shape)} and "
+                        f"{tuple(harmless[0].shape)}.")
+    layers = {l for l, _ in heads}
+    names = {f"blocks.{l}.attn.{s}" for l in layers for s in ("hook_pattern", "hook_z", "hook_result")}
+    names.add(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    dev = model.device
+    inputs, caches, metric = {}, {}, {}
+    for side, (i, m) in (("harmful", harmful), ("harmless", harmless)):
+        inputs[side] = (i.to(dev), None if m is None else m.to(dev))
+        logits, caches[side] = model.run_with_cache(*inputs[side], names=lambda n: n in names, logits="last")
+        metric[side] = logit_diff(logits, tokens).to(torch.float64).cpu()
+    return HeadCaches(inputs, caches, metric, (int(tokens[0]), int(tokens[1])))
+
+
+def _paired(x: torch.Tensor, seed: int) -> dict:
+    """Mean, SE and percentile-bootstrap 95 % interval over pairs (axis 0) of ``x`` ``[n, ...]``, per cell."""
+    m, se = mean_se(x)
+    lo, hi = bootstrap_ci(x, seed=seed)
+    return {"mean": m, "se": se, "ci95": torch.stack([lo, hi], -1)}
+
+
+def head_reads(model, hc: HeadCaches, heads: Sequence[tuple[int, int]], query_cols: Sequence[int],
+               key_cols: Sequence[int], seed: int = 0) -> dict:
+    """What each head of ``heads`` attends to: ``attn.hook_pattern[:, h, q, k]`` (post-softmax,
+    GQA expanded per query head) from every query column of ``query_cols`` to every key column of
+    ``key_cols``, over the pairs of ``hc``.
+
+    Per query column (``rows``, one per query): ``harmful_mean``/``harmless_mean`` with their
+    ``*_se``, ``difference`` (harmful − harmless, paired) and its ``difference_se`` as ``[heads][keys]``, ``difference_ci95``
+    ``[heads][keys][2]``; and the head set (each prompt's attention averaged over the heads, then
+    over prompts): ``set_harmful``/``set_harmless``/``set_difference`` as ``[keys]`` lists of
+    ``{mean, se, ci95}``. ``per_prompt`` (not JSON): side -> ``[n, heads, queries, keys]``."""
+    heads = _pairs(model, heads)
+    T = hc.inputs["harmful"][0].shape[1]
+    qs = [q + T if q < 0 else int(q) for q in query_cols]
+    ks = [k + T if k < 0 else int(k) for k in key_cols]
+    if not all(0 <= c < T for c in qs + ks):
+        raise SiteError(f"Query and key columns must lie in 0..{T - 1}, got {qs} and {ks}.")
+    qi, ki = torch.tensor(qs), torch.tensor(ks)
+    att = {}
+    for side, cache in hc.caches.items():
+        per = [cache[f"blocks.{l}.attn.hook_pattern"][:, h].to(torch.float64).cpu()[:, qi][:, :, ki] for l, h in heads]
+        att[side] = torch.stack(per, 1)  # [n, heads, q, k]
+    diff = att["harmful"] - att["harmless"]
+    d = _paired(diff, seed)
+    sets = {side: _paired(x.mean(1), seed) for side, x in (("harmful", att["harmful"]), ("harmless", att["harmless"]),
+                                                              ("difference", diff))}
+
+    def cells(s: dict, q: int) -> list[dict]:
+        return [{"mean": float(s["mean"][q, k]), "se": float(s["se"][q, k]), "ci95": s["ci95"][q, k].tolist()}
+                for k in range(len(ks))]
+
+    rows = []
+    for j, q in enumerate(qs):
+        side_se = {side: mean_se(att[side][:, :, j])[1].tolist() for side in ("harmful", "harmless")}
+        rows.append({"index": q, "harmful_mean": att["harmful"][:, :, j].mean(0).tolist(),
+                     "harmful_se": side_se["harmful"], "harmless_mean": att["harmless"][:, :, j].mean(0).tolist(),
+                     "harmless_se": side_se["harmless"],
+                     "difference": d["mean"][:, j].tolist(), "difference_se": d["se"][:, j].tolist(),
+                     "difference_ci95": d["ci95"][:, j].tolist(),
+                     **{f"set_{side}": cells(s, j) for side, s in sets.items()}})
+    return {"heads": [{"layer": l, "head": h} for l, h in heads], "keys": ks, "n_pairs": int(diff.shape[0]),
+            "rows": rows, "per_prompt": att}
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+    d = float(den.mean())
+    return float(num.mean()) / d if d != 0 else float("nan")
+
+
+def _patched_metric(model, hc: HeadCaches, hooks: Sequence, receiver: str = "harmless") -> torch.Tensor:
+    logits = model(*hc.inputs[receiver], fwd_hooks=list(hooks), logits="last")
+    return logit_diff(logits, hc.tokens).to(torch.float64).cpu()
+
+
+@torch.no_grad()
+def head_path_split(model, hc: HeadCaches, heads: Sequence[tuple[int, int]], cols: Sequence[int],
+                    seed: int = 0) -> dict:
+    """The refusal heads' patch (every head's ``attn.hook_z`` at ``cols`` from the harmful run into
+    the harmless one, as the ``heads`` step patches) split into its paths to the metric.
+
+    ``total``: patched − clean harmless metric per pair (one patched forward). ``direct``: only the
+    heads' own outputs go straight to the logits, everything downstream frozen (TransformerLens's
+    direct logit attribution with the receiving run's final-norm scale, as :mod:`refusal_lab.dla`):
+    ``Σ_h (head_h^harmful − head_h^harmless)[last] / rms(resid_final^harmless[last]) · (g ⊙ (W_U[:, r] −
+    W_U[:, c]))``, head outputs as :meth:`head_results` (after Gemma's post-attention norm); it is 0
+    unless ``cols`` holds the last column (a head's write at another column reaches the logits only
+    through later layers' attention). Before Gemma 2's final soft-cap (the total is after it).
+    ``indirect`` = total − direct; ``direct_fraction`` = mean direct / mean total with a bootstrap
+    interval over pairs. ``per_pair`` (not JSON): side-less ``[n]`` tensors."""
+    heads = _pairs(model, heads)
+    T = hc.inputs["harmless"][0].shape[1]
+    cols = sorted({c + T if c < 0 else int(c) for c in cols})
+    last = T - 1
+    total = _patched_metric(model, hc, head_patch_hooks(hc.caches["harmful"], heads, cols)) - hc.metric["harmless"]
+    a = model.adapter
+    r_id, c_id = hc.tokens
+    w_u = a.lm_head.weight[[r_id, c_id]].to(torch.float64).cpu()
+    readout = (w_u[0] - w_u[1]) * a.ln_scale_weight(a.final_norm).to(torch.float64).cpu()  # [d]
+    final = hc.caches["harmless"][f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, last]
+    scale = a.rms_scale(a.final_norm, final).to(torch.float64).cpu()  # [n, 1], the receiving run's
+    direct = torch.zeros_like(total)
+    if last in cols:
+        for l, h in heads:
+            w = {s: model.head_results(c, l)[:, last, h].to(torch.float64).cpu() for s, c in hc.caches.items()}
+            direct += ((w["harmful"] - w["harmless"]) * scale) @ readout
+    return {"cols": cols, "last_patched": last in cols, "n_pairs": int(total.shape[0]),
+            "total": summary(total, seed=seed), "direct": summary(direct, seed=seed),
+            "indirect": summary(total - direct, seed=seed), "direct_fraction": _ratio(direct, total),
+            "direct_fraction_ci95": _ratio_ci(direct, total, seed),
+            "per_pair": {"total": total, "direct": direct}}
+
+
+def downstream_write_sites(model, after_layer: int) -> list[str]:
+    """The residual writes (``hook_attn_out``, ``hook_mlp_out``) of every layer after ``after_layer``."""
+    return [f"blocks.{l}.{s}" for l in range(after_layer + 1, model.cfg.n_layers)
+            for s in ("hook_attn_out", "hook_mlp_out")]
+
+
+@torch.no_grad()
+def downstream_ablation(model, hc: HeadCaches, heads: Sequence[tuple[int, int]], cols: Sequence[int],
+                        direction: torch.Tensor, seed: int = 0) -> dict:
+    """How much of the heads' patch sufficiency needs later layers to write along ``r̂``.
+
+    ``effect``: patched − clean harmless metric per pair (the heads' patch at ``cols``, as
+    :func:`head_path_split`'s total); ``effect_ablated``: the same with ``r̂`` projected out of every
+    residual write after the heads' last layer (:func:`downstream_write_sites`, the k = 1 edit of
+    :func:`subspace_ablation_hooks`) in both the clean and the patched forward (two forwards).
+    ``sufficiency``/``sufficiency_ablated``: each mean over the mean harmful − harmless gap;
+    ``fraction_removed`` = 1 − mean effect_ablated / mean effect, with a bootstrap interval over
+    pairs. With the heads in the last layer nothing is ablated (``n_sites`` 0)."""
+    heads = _pairs(model, heads)
+    T = hc.inputs["harmless"][0].shape[1]
+    cols = sorted({c + T if c < 0 else int(c) for c in cols})
+    after = max(l for l, _ in heads)
+    sites = downstream_write_sites(model, after)
+    edit = ProjectOutSubspace(unit(direction).to(torch.float32)[None])
+    abl = [(n, edit) for n in sites]
+    patch = head_patch_hooks(hc.caches["harmful"], heads, cols)
+    clean = hc.metric["harmless"]
+    effect = _patched_metric(model, hc, patch) - clean
+    effect_abl = _patched_metric(model, hc, [*patch, *abl]) - _patched_metric(model, hc, abl)
+    gap = hc.metric["harmful"] - clean
+    lo, hi = _ratio_ci(effect_abl, effect, seed)
+    return {"after_layer": after, "n_sites": len(sites), "sites": f"hook_attn_out, hook_mlp_out of layers "
+            f"{after + 1}..{model.cfg.n_layers - 1}" if sites else "none (the heads are in the last layer)",
+            "cols": cols, "n_pairs": int(effect.shape[0]), "gap": summary(gap, seed=seed),
+            "effect": summary(effect, seed=seed), "effect_ablated": summary(effect_abl, seed=seed),
+            "sufficiency": _ratio(effect, gap), "sufficiency_ablated": _ratio(effect_abl, gap),
+            "fraction_removed": 1.0 - _ratio(effect_abl, effect), "fraction_removed_ci95": [1.0 - hi, 1.0 - lo],
+            "per_pair": {"effect": effect, "effect_ablated": effect_abl}}

@@ -113,14 +113,58 @@ def heads_panels(h: GeometryHeads) -> Panels:
     return Panels(("Refusal heads → refusal direction",), [shifts, writes], columns=2)
 
 
+def head_reads_panels(h: GeometryHeads) -> Panels:
+    """What the refusal heads attend to: per query column a heatmap heads × labelled key columns of the
+    harmful − harmless attention (paired mean over the object prompts), one shared colour scale."""
+    rd = h["reads"]
+    names = [f"L{x['layer']}H{x['head']}" for x in rd["heads"]]
+    panels = []
+    for q, row in zip(rd["query_roles"], rd["rows"]):
+        z = as_array(row["difference"])
+        hover = [[(f"{n} from {q} (column {row['index']}) to {k}", f"harmful {fmt(a)}, harmless {fmt(b)}",
+                   f"difference {fmt(d)} ± {fmt(e)} SE", f"95% CI {fmt_ci(c) or '–'}")
+                  for k, a, b, d, e, c in zip(rd["key_labels"], ra, rb, rdiff, rse, rci)]
+                 for n, ra, rb, rdiff, rse, rci in zip(names, row["harmful_mean"], row["harmless_mean"],
+                                                       row["difference"], row["difference_se"], row["difference_ci95"])]
+        panels.append(Heatmap(z, names, rd["key_labels"], (f"from {q} (column {row['index']})",),
+                              ("attention", "harmful − harmless"), xlabel="key position", ylabel="head", hover=hover))
+    return Panels((f"What the refusal heads read: attention harmful − harmless (object prompts, n = {rd['n_pairs']} "
+                   "pairs)",), panels, columns=len(panels), shared_scale=True)
+
+
+def head_paths_chart(h: GeometryHeads) -> Chart:
+    """The heads' patch on the metric: total, direct (straight to the logits) and indirect effect per
+    patched column set, and its effect with r̂ ablated downstream of the heads (95 % bootstrap CIs)."""
+    p, d = h["paths"], h.get("downstream")
+    bars: list[tuple[str, dict, str]] = []
+    for key, what in (("heads", "heads' column"), ("last", "last column")):
+        if key in p:
+            bars += [(f"{what}: total", p[key]["total"], INK), (f"{what}: direct", p[key]["direct"], HARMFUL),
+                     (f"{what}: indirect", p[key]["indirect"], NEUTRAL)]
+    if d:
+        bars.append((f"heads' column, r̂ ablated after L{d['after_layer']}", d["effect_ablated"], HARMLESS))
+    return Chart(("The refusal heads' patch on the metric: direct vs through later layers",
+                  f"({p['metric']}; mean over n = {p['heads']['n_pairs']} pairs, 95% bootstrap CI)"),
+                 [Series("effect", list(range(len(bars))), [v["mean"] for _, v, _ in bars], [c for _, _, c in bars],
+                         kind="bar", err=error_offsets((v["mean"], v["ci95"]) for _, v, _ in bars), value_labels=True,
+                         hover=[(n, f"{fmt(v['mean'])} ± {fmt(v['se'])} SE", f"95% CI {fmt_ci(v['ci95']) or '–'}",
+                                 f"n {v['n']}") for n, v, _ in bars])],
+                 ylabel="change of the metric", xticks=[n for n, _, _ in bars], rules=[ZERO])
+
+
 def geometry_specs(g: Geometry) -> list[tuple[str, object]]:
     """Every geometry figure as ``(file stem, spec)``, in report order."""
     out = [("geometry_separation", separation_panels(g)), ("geometry_cosines", candidate_cosines_heatmap(g)),
            ("geometry_vectors", vector_cosines_heatmap(g)), ("geometry_subspace", subspace_chart(g))]
     if g["heads"] is not None:
         out.append(("geometry_heads", heads_panels(g["heads"])))
+        if "reads" in g["heads"]:
+            out.append(("geometry_head_reads", head_reads_panels(g["heads"])))
+        if "paths" in g["heads"]:
+            out.append(("geometry_head_paths", head_paths_chart(g["heads"])))
     return out
 
 
-__all__ = ["candidate_cosines_heatmap", "geometry_specs", "heads_panels", "separation_panels", "subspace_chart",
+__all__ = ["candidate_cosines_heatmap", "geometry_specs", "head_paths_chart", "head_reads_panels", "heads_panels",
+           "separation_panels", "subspace_chart",
            "vector_cosines_heatmap"]

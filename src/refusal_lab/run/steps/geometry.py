@@ -1,11 +1,15 @@
 """``geometry``: what the refusal direction is, beyond its steering effect — its separation of
 harmful from harmless test instructions at every layer, its cosines with the other layers'
 candidates and with the replication's two vectors, whether a k-dimensional subspace ablates more
-refusal than the one direction, and how much of it the refusal heads move and write
-(computations in :mod:`refusal_lab.steering.geometry`; this module wires them to the run).
+refusal than the one direction, how much of it the refusal heads move and write, what those heads
+attend to, how their patch reaches the metric (directly vs through later layers) and how much of it
+needs later layers to write along r̂ (computations in :mod:`refusal_lab.steering.geometry`; this
+module wires them to the run).
 
 Cost: a few batched forwards (test prompts once, train prompts up to the direction's layer, the
-harmful val prompts K + 2 times, the object prompts four times), a few per cent of the steering steps.
+harmful val prompts K + 2 times, the object prompts four times for heads → direction and seven more
+for the heads' reads, path split and downstream ablation: two cached clean forwards, two patched
+ones, three with r̂ ablated or patched again), a few per cent of the steering steps.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def compute(ctx: RunContext) -> dict:
     heads = ctx.records.get("heads") or {}
     selected = [(x["layer"], x["head"]) for x in heads.get("selected") or []]
     total = (sum(n_batches(len(test[s]), BATCH) + n_batches(len(train[s]), BATCH) for s in ("harmful", "harmless"))
-             + K + 2 + (1 if selected else 0))
+             + K + 2 + (2 if selected else 0))
     bar = progress_bar(total, "geometry: separation", ctx.progress)
     try:
         # 1. separation of the test prompts along r̂ at every layer (the direction's column)
@@ -101,6 +105,8 @@ def compute(ctx: RunContext) -> dict:
             per = res.pop("per_pair")
             heads_out = {**res, "position": heads.get("position"), "_per_pair": {k: v.tolist() for k, v in per.items()}}
             bar.update(1)
+            heads_out.update(heads_reads_paths(ctx, selected, heads["cols"], r))
+            bar.update(1)
     finally:
         bar.close()
     names = list(vectors)
@@ -117,6 +123,40 @@ def compute(ctx: RunContext) -> dict:
         "heads": heads_out,
         "heads_note": None if selected else ("no refusal heads were selected" if heads else "the heads step did not run"),
     }
+
+
+def heads_reads_paths(ctx: RunContext, selected: list[tuple[int, int]], cols: list[int], r: torch.Tensor) -> dict:
+    """What the refusal heads read (from the patched column(s) and the last one to every labelled
+    column from the object on), their patch's path split (at the heads' columns, as the ``heads``
+    step patches, and at the last column, where the direct path exists) and r̂ ablated downstream of
+    them, on the object prompts (pair i: harmful i, harmless i)."""
+    model, inputs, seed = ctx.model, ctx.inputs, ctx.cfg.seed
+    b = inputs.batches
+    tokens = (inputs.tokens.refusal_id, inputs.tokens.compliance_id)
+    hc = geo.head_caches(model, (b["harmful"].ids, b["harmful"].mask), (b["harmless"].ids, b["harmless"].mask),
+                         selected, tokens)
+    pos = inputs.prompts.positions
+    last = inputs.prompts.seq_len - 1
+    queries = sorted(set(cols) | {last})
+    reads = geo.head_reads(model, hc, selected, queries, inputs.cols, seed=seed)
+    per = reads.pop("per_prompt")
+    reads.update(key_labels=inputs.col_labels(), key_roles=[pos[c].label for c in inputs.cols],
+                 query_roles=["last" if q == last else pos[q].label for q in queries],
+                 site="blocks.{layer}.attn.hook_pattern [b, head, q, k]", heads_cols=list(cols),
+                 _per_prompt={k: v.tolist() for k, v in per.items()})
+    paths, path_pairs = {}, {}
+    for name, where in (("heads", cols), ("last", [last])):
+        if name == "last" and last in cols:
+            continue
+        p = geo.head_path_split(model, hc, selected, where, seed=seed)
+        path_pairs[name] = {k: v.tolist() for k, v in p.pop("per_pair").items()}
+        paths[name] = p
+    down = geo.downstream_ablation(model, hc, selected, cols, r, seed=seed)
+    down_pairs = {k: v.tolist() for k, v in down.pop("per_pair").items()}
+    return {"reads": reads, "paths": {**paths, "metric": f"logit[{inputs.tokens.refusal_str}] - "
+                                                          f"logit[{inputs.tokens.compliance_str}], last column",
+                                      "_per_pair": path_pairs},
+            "downstream": {**down, "_per_pair": down_pairs}}
 
 
 def strip(x):
