@@ -21,6 +21,7 @@ from refusal_lab.models.loading import load_model
 from refusal_lab.prompts import build_instruction_prompts, load_instructions
 from refusal_lab.steering.interventions import ablation_hooks
 from refusal_lab.steering.vectors import diff_in_means, load_vector, save_vector
+from tests.cli_errors import one_sentence_error
 from tests.helpers_tiny_chat import make_tiny_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,14 +52,6 @@ def _assert_equals_hook_ablation(original_folder, out, direction):
     torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=0)
 
 
-def _one_sentence_error(capsys, argv, match):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert err.startswith("refusal-lab: error: ") and err.endswith("."), err
-    assert match in err, err
-    return err
 
 
 def test_computed_direction_equals_hook_ablation(folders, tmp_path, capsys):
@@ -121,24 +114,24 @@ def test_given_direction_in_a_subprocess(folders, tmp_path):
 
 def test_bad_inputs_one_sentence_exit_2(folders, tmp_path, capsys):
     model = str(folders["qwen2"])
-    _one_sentence_error(capsys, ["abliterate", "--model", model, "--direction", str(tmp_path / "nope.safetensors"),
+    one_sentence_error(capsys, ["abliterate", "--model", model, "--direction", str(tmp_path / "nope.safetensors"),
                                  "--out", str(tmp_path / "o1")], "does not exist")
     wrong = save_vector(tmp_path / "wrong.safetensors", torch.ones(32))
-    _one_sentence_error(capsys, ["abliterate", "--model", model, "--direction", str(wrong), "--out",
+    one_sentence_error(capsys, ["abliterate", "--model", model, "--direction", str(wrong), "--out",
                                  str(tmp_path / "o2"), "--quiet"], "d_model is 64")
     junk = tmp_path / "junk.safetensors"
     junk.write_text("not a tensor file")
-    _one_sentence_error(capsys, ["abliterate", "--model", model, "--direction", str(junk), "--out",
+    one_sentence_error(capsys, ["abliterate", "--model", model, "--direction", str(junk), "--out",
                                  str(tmp_path / "o3")], "is not a direction file")
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("x")
-    _one_sentence_error(capsys, ["abliterate", "--model", model, "--out", str(full)], "is not empty")
-    _one_sentence_error(capsys, ["abliterate", "--model", model, "--direction", str(wrong), "--layer", "1",
+    one_sentence_error(capsys, ["abliterate", "--model", model, "--out", str(full)], "is not empty")
+    one_sentence_error(capsys, ["abliterate", "--model", model, "--direction", str(wrong), "--layer", "1",
                                  "--out", str(tmp_path / "o4")], "--direction gives the direction itself")
-    _one_sentence_error(capsys, ["abliterate", "--model", model, "--position", "-7", "--out",
+    one_sentence_error(capsys, ["abliterate", "--model", model, "--position", "-7", "--out",
                                  str(tmp_path / "o5"), "--quiet"], "is not an end-of-instruction column")
-    _one_sentence_error(capsys, ["abliterate", "--model", model, "--layer", "9", "--out",
+    one_sentence_error(capsys, ["abliterate", "--model", model, "--layer", "9", "--out",
                                  str(tmp_path / "o6"), "--quiet"], "layers 0..2")
     # nothing was written by the failed runs
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
@@ -197,9 +190,9 @@ def test_select_runs_the_real_selection_with_the_run_fallback(folders, tmp_path,
     _assert_equals_hook_ablation(folders["qwen2"], out, v)
 
     capsys.readouterr()
-    _one_sentence_error(capsys, ["abliterate", "--model", str(folders["qwen2"]), "--select", "--layer", "1",
+    one_sentence_error(capsys, ["abliterate", "--model", str(folders["qwen2"]), "--select", "--layer", "1",
                                  "--out", str(tmp_path / "o")], "--select chooses the layer and position itself")
-    _one_sentence_error(capsys, ["abliterate", "--model", str(folders["qwen2"]), "--select", "--n-val", "0",
+    one_sentence_error(capsys, ["abliterate", "--model", str(folders["qwen2"]), "--select", "--n-val", "0",
                                  "--out", str(tmp_path / "o")], "--n-val must be a positive number")
 
 

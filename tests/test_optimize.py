@@ -35,6 +35,7 @@ from refusal_lab.steering.optimize import (
     run_optimization,
 )
 from refusal_lab.steering.interventions import unit
+from tests.cli_errors import one_sentence_error
 from tests.helpers_tiny_chat import make_tiny_chat_model
 from tests.tiny_models import SUPPORTED_TINY, tiny_model
 
@@ -46,13 +47,6 @@ def chat_folder(tmp_path_factory):
     return make_tiny_chat_model(tmp_path_factory.mktemp("opt_models"), "qwen2")
 
 
-def _one_sentence_error(capsys, argv, match):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert err.startswith("refusal-lab: error: ") and err.endswith("."), err
-    assert match in err, err
 
 
 # ------------------------------------------------------------------ kernel and direction
@@ -327,21 +321,21 @@ def test_cli_optimize_writes_and_reloads(chat_folder, tmp_path, capsys):
     (["--direction", "x.safetensors"], "drop --direction"),
 ])
 def test_optimize_bad_input(chat_folder, tmp_path, capsys, extra, match):
-    _one_sentence_error(capsys, ["abliterate", "--model", str(chat_folder), "--optimize", "--out",
+    one_sentence_error(capsys, ["abliterate", "--model", str(chat_folder), "--optimize", "--out",
                                  str(tmp_path / "o"), "--quiet", *extra], match)
 
 
 def test_optimize_empty_eval_file_and_flags_without_optimize(chat_folder, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    _one_sentence_error(capsys, ["abliterate", "--model", str(chat_folder), "--optimize", "--eval-set", str(empty),
+    one_sentence_error(capsys, ["abliterate", "--model", str(chat_folder), "--optimize", "--eval-set", str(empty),
                                  "--out", str(tmp_path / "o")], "holds 0 prompts")
-    _one_sentence_error(capsys, ["abliterate", "--model", str(chat_folder), "--trials", "3", "--out",
+    one_sentence_error(capsys, ["abliterate", "--model", str(chat_folder), "--trials", "3", "--out",
                                  str(tmp_path / "o")], "--trials only applies with --optimize")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
-    _one_sentence_error(capsys, ["abliterate", "--model", str(chat_folder), "--optimize", "--out", str(busy)],
+    one_sentence_error(capsys, ["abliterate", "--model", str(chat_folder), "--optimize", "--out", str(busy)],
                         "holds no study.journal")
 
 

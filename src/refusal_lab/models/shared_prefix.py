@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Cone", "SharedPrefix"]
+__all__ = ["Cone", "SharedPrefix", "repeat_rows"]
 
 
-def _repeat(kv: dict | None, b: int) -> dict | None:
-    """The one-row prefix's keys and values as ``b`` rows (views, no copy)."""
+def repeat_rows(kv: dict | None, b: int) -> dict | None:
+    """A one-row prefill's keys and values as ``b`` rows (views, no copy)."""
     return None if kv is None else {l: (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for l, (k, v) in kv.items()}
 
 
@@ -113,7 +113,7 @@ class SharedPrefix:
         total = torch.zeros(len(layers), len(positions), model.cfg.d_model, dtype=torch.float64)
         for _, sid, smask, last in self.batches:
             b = sid.shape[0]
-            run = model.prefill(sid, smask, kv_prefix=_repeat(kv, b), logits="none", names=names, stop_layer=stop)
+            run = model.prefill(sid, smask, kv_prefix=repeat_rows(kv, b), logits="none", names=names, stop_layer=stop)
             acts = torch.stack([run.cache[n] for n in names]).to(torch.float64).cpu()  # [L, b, S, d]
             for j, q in enumerate(positions):
                 col = last.cpu() + 1 + q  # the row's column in its suffix (< 0: inside the prefix)
@@ -147,7 +147,7 @@ class SharedPrefix:
         out, resid_cache = [], []
         for bi, (_, sid, smask, last) in enumerate(self.batches):
             b = sid.shape[0]
-            run = model.prefill(sid, smask, fwd_hooks=hooks, kv_prefix=_repeat(kv, b), logits="none", names=names,
+            run = model.prefill(sid, smask, fwd_hooks=hooks, kv_prefix=repeat_rows(kv, b), logits="none", names=names,
                                 start_layer=start_layer, resid=cone.resid[bi][start_layer] if start_layer else None)
             if record:
                 resid_cache.append({l: run.cache[n] for l, n in zip(record, names)})

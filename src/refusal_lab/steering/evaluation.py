@@ -39,6 +39,7 @@ import torch
 from refusal_lab.models.edits import Add, ProjectOut
 from refusal_lab.models.generate import greedy_decode
 from refusal_lab.models.hooked import Prefill
+from refusal_lab.models.shared_prefix import repeat_rows
 from refusal_lab.steering.batching import length_batches
 from refusal_lab.steering.interventions import SteerAdd
 from refusal_lab.stats import wilson_interval
@@ -348,11 +349,6 @@ def _prefix_first(ids: torch.Tensor, mask: torch.Tensor, P: int) -> tuple[torch.
     return out_ids, out_mask
 
 
-def _rows(kv: dict | None, b: int) -> dict | None:
-    """One row's keys and values as ``b`` rows (views)."""
-    return None if kv is None else {l: (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for l, (k, v) in kv.items()}
-
-
 def _prompt_prefills(model, ids, mask, settings: Mapping, shared: Sequence, split: int, record_kv: bool, P: int):
     """``(key, Prefill)`` per setting: the batch's prompt prefill under that setting's hooks
     (last-column logits; with ``record_kv`` the keys and values of all its columns), one at a time.
@@ -366,7 +362,7 @@ def _prompt_prefills(model, ids, mask, settings: Mapping, shared: Sequence, spli
     head_lower = model.prefill(head, record_kv=True, stop_layer=split, logits="none") if P and split else None
     lower = None
     if split:
-        lower = model.prefill(tail, mask, kv_prefix=_rows(head_lower.kv, b) if P else None, record_kv=record_kv,
+        lower = model.prefill(tail, mask, kv_prefix=repeat_rows(head_lower.kv, b) if P else None, record_kv=record_kv,
                               stop_layer=split, logits="none")
     for key, hooks in settings.items():
         start = split if lower is not None and key in shared else 0
@@ -375,11 +371,11 @@ def _prompt_prefills(model, ids, mask, settings: Mapping, shared: Sequence, spli
             kv = model.prefill(head, fwd_hooks=hooks, record_kv=True, logits="none", start_layer=start,
                                resid=head_lower.resid if start else None).kv  # the blocks from start on
         if start:
-            up = model.prefill(tail, mask, fwd_hooks=hooks, kv_prefix=_rows(kv, b), record_kv=record_kv,
+            up = model.prefill(tail, mask, fwd_hooks=hooks, kv_prefix=repeat_rows(kv, b), record_kv=record_kv,
                                logits="last", start_layer=start, resid=lower.resid)
             yield key, Prefill(up.logits, up.resid, None, {**lower.kv, **up.kv})
         else:
-            yield key, model.prefill(tail, mask, fwd_hooks=hooks, kv_prefix=_rows(kv, b), record_kv=record_kv,
+            yield key, model.prefill(tail, mask, fwd_hooks=hooks, kv_prefix=repeat_rows(kv, b), record_kv=record_kv,
                                      logits="last")
 
 
