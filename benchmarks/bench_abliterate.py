@@ -377,7 +377,7 @@ def main(argv=None) -> int:
             wall = summary.get(name, {}).get("wall_s")
             print(f"{name:<10} {rf['k']:>3}/{rf['n']:<3} [{lo:.2f}, {hi:.2f}]{'':<13} "
                   f"{kl['mean']:.4f} ({kl['se']:.4f})  {ce['mean']:.4f} ({ce['se']:.4f})  "
-                  f"{wall if wall is None else round(wall):>8}")
+                  f"{'-' if wall is None else round(wall):>8}")
     return 0
 
 
