@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -121,7 +119,6 @@ def run_heretic(args, model: Path, files: dict, out: Path) -> dict:
     proc = subprocess.Popen(cmd, cwd=hdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=0)
     state = {"menu_seen": 0, "saved": False, "chosen": None, "offered": [], "t_opt_done": None}
-    buf = []
 
     def answer(s: str) -> None:
         log.write(f"\n>>> {s}\n")
