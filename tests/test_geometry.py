@@ -142,13 +142,27 @@ def test_subspace_ablation_is_the_orthogonal_projector(model):
         assert float((act.to(torch.float64) @ basis.T).abs().max()) <= 1e-5 * max(scale, 1.0), name
 
 
+def test_subspace_ablation_rejects_a_basis_that_is_not_orthonormal(model):
+    from refusal_lab.errors import SiteError
+
+    d = model.cfg.d_model
+    e = torch.eye(d, dtype=torch.float64)
+    for bad in (torch.stack([e[0], torch.zeros(d, dtype=torch.float64)]),  # a zero row: NaN everywhere
+                torch.stack([e[0], unit(e[0] + e[1])]),  # not orthogonal
+                2 * e[:2]):  # not unit
+        with pytest.raises(SiteError, match="orthonormal"):
+            geo.subspace_ablation_hooks(model, bad)
+    assert len(geo.subspace_ablation_hooks(model, e[:2])) == 1 + 2 * model.cfg.n_layers
+
+
 def test_subspace_bypass_rows(model):
     ids, mask = random_batch(model, b=4, T=8, pad=2, seed=6)
     v = torch.randn(model.cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     g = torch.Generator().manual_seed(9)
     q, _ = torch.linalg.qr(torch.cat([unit(v)[:, None], torch.randn(model.cfg.d_model, 2, dtype=torch.float64,
                                                                    generator=g)], 1))
-    basis = q.T * torch.sign(q.T @ unit(v))[:, None]
+    # torch.where, not torch.sign: a row orthogonal to v to the last bit has sign 0 (a zero row)
+    basis = q.T * torch.where(q.T @ unit(v) < 0, -1.0, 1.0).to(torch.float64)[:, None]
     out = geo.subspace_bypass(model, ids, mask, basis, v, [3, 5], batch_size=3)
     from refusal_lab.metrics import refusal_log_odds
 

@@ -1,6 +1,6 @@
 """Numbers unchanged by refactoring: a full run on tiny random models equals the committed
 reference (``tests/reference/``, produced by the code before the pipeline redesign) in every
-field of the reference — floats to fp32 rounding (rtol 1e-5, atol 1e-6), everything else exactly.
+field of the reference — floats to ``REF_RTOL``/``REF_ATOL`` (below), everything else exactly.
 Fields the reference lacks (added later) are allowed; fields it has must stay."""
 
 from __future__ import annotations
@@ -10,8 +10,16 @@ import math
 
 import pytest
 
-from tests.numeric import ATOL, RTOL
 from tests.reference_run import MODEL_TYPES, reference_path, run_reference
+
+REF_RTOL = 1e-4
+REF_ATOL = 1e-4
+"""Looser than :data:`tests.numeric.RTOL`/``ATOL`` (same process, O(1) values) because the reference
+was written on another CPU: fp32 logits agree across CPUs to ~1e-6 relative, and the normalised
+patching values divide such differences by the tiny models' refusal gap (~0.1 and below), which
+amplifies them ~10x — CI saw 1.3e-6 at 0.017 and 2.9e-6 at 0.11. 1e-4 leaves a 30x margin over
+that; a changed computation (another site, token, position or normalisation) moves values by
+orders of magnitude more."""
 
 
 def assert_reference_holds(new, ref, path: str = "$") -> None:
@@ -29,7 +37,7 @@ def assert_reference_holds(new, ref, path: str = "$") -> None:
         if math.isnan(ref):
             assert math.isnan(new), (path, new, ref)
         else:
-            assert abs(new - ref) <= ATOL + RTOL * abs(ref), (path, new, ref, abs(new - ref))
+            assert abs(new - ref) <= REF_ATOL + REF_RTOL * abs(ref), (path, new, ref, abs(new - ref))
     else:
         assert new == ref, (path, new, ref)
 

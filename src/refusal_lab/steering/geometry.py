@@ -191,6 +191,10 @@ def subspace_ablation_hooks(model, basis: torch.Tensor) -> list[tuple[str, Proje
     b = torch.as_tensor(basis).detach()
     if b.ndim != 2 or b.shape[1] != model.cfg.d_model or b.shape[0] == 0:
         raise SiteError(f"The basis must be [k >= 1, d_model = {model.cfg.d_model}], got {tuple(b.shape)}.")
+    gram = b.to(torch.float64) @ b.to(torch.float64).T
+    err = float((gram - torch.eye(b.shape[0], dtype=torch.float64)).abs().max())
+    if not err <= 1e-4:  # also catches NaN: a zero or non-finite row would make every output NaN
+        raise SiteError(f"The basis rows must be orthonormal (|B B^T - I| <= 1e-4), got {err:.3g}.")
     edit = ProjectOutSubspace(b.to(torch.float32))
     return [(n, edit) for n in residual_write_sites(model)]
 
