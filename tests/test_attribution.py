@@ -68,6 +68,19 @@ def test_agreement_of_identical_grids_is_perfect():
     assert b["spearman"] == pytest.approx(-1.0)
 
 
+
+def test_agreement_does_not_rank_rounding_noise_around_zero():
+    """Cells that cannot change anything are 0 in AtP and 0 up to fp32 rounding in exact patching
+    (the rounding depends on batch shape and CPU): they tie, so ρ and the top-k are the same either way."""
+    g = torch.Generator().manual_seed(0)
+    exact = torch.cat([torch.randn(12, generator=g), torch.zeros(9)])
+    approx = exact + 0.3 * torch.randn(21, generator=g) * (exact != 0)
+    noisy = exact + torch.where(exact == 0, 3e-7 * torch.randn(21, generator=g), torch.zeros(21))
+    assert agreement(noisy, approx, k=15) == agreement(exact, approx, k=15)
+    # a real difference at 1e-3 of the scale is ranked, not snapped
+    real = exact + torch.where(exact == 0, 1e-3 * torch.arange(21.0), torch.zeros(21))
+    assert agreement(real, approx, k=15)["spearman"] != agreement(exact, approx, k=15)["spearman"]
+
 # ------------------------------------------------------------------------------------------ AtP*
 # The QK fix (refusal_lab.patching.qk_fix): later layers' attention logits are changed to first
 # order by the patched head's write into the residual stream, and their softmax is taken exactly.
