@@ -283,7 +283,10 @@ def synthetic_geometry(L: int = 4, with_heads: bool = True) -> dict:
         heads["downstream"] = {"after_layer": 0, "n_sites": 6, "sites": "hook_attn_out, hook_mlp_out of layers 1..3",
                                "cols": [4], "n_pairs": 7, "gap": s, "effect": s, "effect_ablated": s,
                                "sufficiency": 0.4, "sufficiency_ablated": nan, "fraction_removed": nan,
-                               "fraction_removed_ci95": [nan, 0.5]}
+                               "fraction_removed_ci95": [nan, 0.5],
+                               "residual": {"n_sites": 7, "sites": "blocks.1.hook_resid_pre and every later residual write",
+                                            "effect_ablated": s, "sufficiency_ablated": 0.1, "fraction_removed": 0.75,
+                                            "fraction_removed_ci95": [nan, nan]}}
     eye = [[1.0 if i == j else 0.5 for j in range(L)] for i in range(L)]
     eye[0] = [nan] * L
     for row in eye:
@@ -317,15 +320,18 @@ def test_a_geometry_section_with_nulls_renders(with_heads, tmp_path):
     r = sample_results(n_layers=4, n_heads=2)
     g = synthetic_geometry(4, with_heads)
     g["findings"] = geometry_findings(g)
-    assert len(g["findings"]) == (7 if with_heads else 4) and "at the direction's layer 2" in g["findings"][0]
+    assert len(g["findings"]) == (8 if with_heads else 4) and "at the direction's layer 2" in g["findings"][0]
     assert "layers 2 have cosine >= 0.9" in g["findings"][1]  # 0.5 and the null (zero) candidate left out
     assert "k=1 -2.00 ± n/a SE" in g["findings"][2]  # a null SE said so
     assert ("ratio 0.60" in g["findings"][3]) if with_heads else ("not measured" in g["findings"][3])
+    if with_heads:
+        assert "residual entering layer 1" in g["findings"][7] and "removes 0.75" in g["findings"][7]
     r["geometry"] = g
     read_results(r)
     doc = render_report(r)
     assert 'id="geometry"' in doc and 'href="#geometry"' in doc and "Could not draw" not in doc
     assert ('id="geometry-heads"' in doc) and (("Not measured" in doc) != with_heads)
+    assert ("entering layer 1" in doc) == with_heads  # the residual variant of the downstream ablation
     stems = {p.stem for p in write_figures(r, tmp_path)}
     assert {"geometry_separation", "geometry_cosines", "geometry_vectors", "geometry_subspace"} <= stems
     assert ("geometry_heads" in stems) == with_heads

@@ -174,8 +174,10 @@ def test_downstream_ablation_equals_a_naive_forward(tiny):
     abl = [(f"blocks.{l}.{s}", project_out) for l in range(1, tiny.cfg.n_layers)
            for s in ("hook_attn_out", "hook_mlp_out")]
     patch = [("blocks.0.attn.hook_z", set_z)]
+    res = [("blocks.1.hook_resid_pre", project_out), *abl]  # the residual after the heads' layer too
     m = {k: _metric(tiny(rec.ids, rec.mask, fwd_hooks=hooks)) for k, hooks in
-         (("clean", []), ("patched", patch), ("clean_abl", abl), ("patched_abl", patch + abl))}
+         (("clean", []), ("patched", patch), ("clean_abl", abl), ("patched_abl", patch + abl),
+          ("clean_res", res), ("patched_res", patch + res))}
     gap = _metric(tiny(src.ids, src.mask)) - m["clean"]
     effect, effect_abl = m["patched"] - m["clean"], m["patched_abl"] - m["clean_abl"]
     assert out["n_sites"] == len(abl) and out["after_layer"] == 0 and out["n_pairs"] == 3
@@ -186,6 +188,13 @@ def test_downstream_ablation_equals_a_naive_forward(tiny):
                         rel_tol=1e-3, abs_tol=1e-4)
     lo, hi = out["fraction_removed_ci95"]
     assert lo <= hi
+    effect_res = m["patched_res"] - m["clean_res"]
+    x = out["residual"]
+    assert x["n_sites"] == len(res)
+    assert torch.allclose(out["per_pair"]["effect_ablated_residual"], effect_res, atol=1e-4, rtol=0)
+    assert math.isclose(x["sufficiency_ablated"], float(effect_res.mean() / gap.mean()), rel_tol=1e-3, abs_tol=1e-4)
+    assert math.isclose(x["fraction_removed"], 1 - float(effect_res.mean() / effect.mean()), rel_tol=1e-3, abs_tol=1e-4)
+    assert x["fraction_removed_ci95"][0] <= x["fraction_removed_ci95"][1]
 
 
 def test_heads_in_the_last_layer_ablate_nothing(tiny):
@@ -193,4 +202,5 @@ def test_heads_in_the_last_layer_ablate_nothing(tiny):
     _, _, hc = _caches(tiny, [(last, 0)])
     out = geo.downstream_ablation(tiny, hc, [(last, 0)], [4], torch.ones(tiny.cfg.d_model), seed=0)
     assert out["n_sites"] == 0 and out["effect_ablated"]["mean"] == out["effect"]["mean"]
+    assert out["residual"]["n_sites"] == 0 and out["residual"]["effect_ablated"]["mean"] == out["effect"]["mean"]
     assert out["fraction_removed"] == 0.0 or math.isnan(out["fraction_removed"])

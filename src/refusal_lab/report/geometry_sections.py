@@ -117,6 +117,13 @@ def geometry_head_reads(g: Geometry, plots: Plots) -> str:
                    f"{esc(fmt(d['sufficiency']))} → {esc(fmt(d['sufficiency_ablated']))} of the gap "
                    f"{esc(_pm(d['gap']))}): <b>{esc(fmt(d['fraction_removed']))}</b> of it removed (95% CI "
                    f"{esc(fmt_ci(d['fraction_removed_ci95']) or '–')}, n = {esc(d['n_pairs'])} pairs).</p>")
+        x = d.get("residual")
+        if x and x["n_sites"]:
+            out.append(f"<p>With r̂ also projected out of the residual entering layer {esc(d['after_layer'] + 1)} "
+                       f"(<code>hook_resid_pre</code>, every column: what the heads and every earlier layer wrote "
+                       f"along r̂; {esc(x['n_sites'])} sites): <b>{esc(_pm(x['effect_ablated']))}</b> (sufficiency "
+                       f"{esc(fmt(x['sufficiency_ablated']))}): <b>{esc(fmt(x['fraction_removed']))}</b> removed "
+                       f"(95% CI {esc(fmt_ci(x['fraction_removed_ci95']) or '–')}).</p>")
     return "\n".join(out)
 
 

@@ -210,6 +210,13 @@ def head_reads_findings(h: dict) -> list[str]:
                    f"removes {_n(d['fraction_removed'])}{_ci(d['fraction_removed_ci95'])} of the refusal heads' "
                    f"sufficiency (n = {d['n_pairs']} pairs): {_n(d['sufficiency'])} -> {_n(d['sufficiency_ablated'])} "
                    f"of the harmful - harmless gap (patch effect {_pm(d['effect'])} -> {_pm(d['effect_ablated'])}).")
+        x = d.get("residual")
+        if x and x["n_sites"]:
+            out.append(f"Ablating r̂ also from the residual entering layer {d['after_layer'] + 1} (what the heads and "
+                       f"every earlier layer wrote along it; {x['n_sites']} sites) removes "
+                       f"{_n(x['fraction_removed'])}{_ci(x['fraction_removed_ci95'])} of their sufficiency: "
+                       f"{_n(d['sufficiency'])} -> {_n(x['sufficiency_ablated'])} of the gap (patch effect "
+                       f"{_pm(d['effect'])} -> {_pm(x['effect_ablated'])}).")
     return out
 
 

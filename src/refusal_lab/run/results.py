@@ -299,12 +299,17 @@ direct effect (the heads' outputs straight to the logits, downstream frozen: DLA
 run's final-norm scale; 0 unless the last column is patched), the rest, and direct / total."""
 HeadPaths = TypedDict("HeadPaths", {"metric": str, "heads": PathSplit, "last": NotRequired[PathSplit]})
 """The path split at the heads' columns and (when they are not the last) at the last column."""
+DownstreamResidual = TypedDict("DownstreamResidual", {
+    "n_sites": int, "sites": str, "effect_ablated": Summary, "sufficiency_ablated": Real,
+    "fraction_removed": Real, "fraction_removed_ci95": Interval})
+"""The same with r̂ also projected out of the residual entering the layer after the heads (what they and
+every earlier layer wrote along it)."""
 DownstreamAblation = TypedDict("DownstreamAblation", {
     "after_layer": int, "n_sites": int, "sites": str, "cols": list[int], "n_pairs": int, "gap": Summary,
     "effect": Summary, "effect_ablated": Summary, "sufficiency": Real, "sufficiency_ablated": Real,
-    "fraction_removed": Real, "fraction_removed_ci95": Interval})
+    "fraction_removed": Real, "fraction_removed_ci95": Interval, "residual": NotRequired[DownstreamResidual]})
 """The heads' patch effect with r̂ projected out of every residual write after their last layer, and the
-fraction of their sufficiency that removes."""
+fraction of their sufficiency that removes; ``residual``: with the residual after them ablated too."""
 GeometryHeads = TypedDict("GeometryHeads", {
     "layer": int, "readout": str, "heads": list[HeadRef], "heads_column": int, "position": Union[str, int, None],
     "resid_patch_layer": int, "resid_patch_site": str, "n_pairs": int, "harmful_mean": Real,

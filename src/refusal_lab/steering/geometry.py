@@ -492,7 +492,10 @@ def downstream_ablation(model, hc: HeadCaches, heads: Sequence[tuple[int, int]],
     :func:`subspace_ablation_hooks`) in both the clean and the patched forward (two forwards).
     ``sufficiency``/``sufficiency_ablated``: each mean over the mean harmful − harmless gap;
     ``fraction_removed`` = 1 − mean effect_ablated / mean effect, with a bootstrap interval over
-    pairs. With the heads in the last layer nothing is ablated (``n_sites`` 0)."""
+    pairs. ``residual``: the same with ``r̂`` also projected out of the residual entering the next
+    layer (``blocks.{after + 1}.hook_resid_pre``, every column), so that what the heads (and every
+    earlier layer) wrote along ``r̂`` is gone too, not only what later layers write (two more
+    forwards). With the heads in the last layer nothing is ablated (``n_sites`` 0)."""
     heads = _pairs(model, heads)
     T = hc.inputs["harmless"][0].shape[1]
     cols = sorted({c + T if c < 0 else int(c) for c in cols})
@@ -504,12 +507,20 @@ def downstream_ablation(model, hc: HeadCaches, heads: Sequence[tuple[int, int]],
     clean = hc.metric["harmless"]
     effect = _patched_metric(model, hc, patch) - clean
     effect_abl = _patched_metric(model, hc, [*patch, *abl]) - _patched_metric(model, hc, abl)
+    res_sites = [f"blocks.{after + 1}.hook_resid_pre", *sites] if sites else []
+    res = [(n, edit) for n in res_sites]
+    effect_res = _patched_metric(model, hc, [*patch, *res]) - _patched_metric(model, hc, res) if res else effect
     gap = hc.metric["harmful"] - clean
-    lo, hi = _ratio_ci(effect_abl, effect, seed)
+
+    def ablated(x: torch.Tensor) -> dict:
+        lo, hi = _ratio_ci(x, effect, seed)
+        return {"effect_ablated": summary(x, seed=seed), "sufficiency_ablated": _ratio(x, gap),
+                "fraction_removed": 1.0 - _ratio(x, effect), "fraction_removed_ci95": [1.0 - hi, 1.0 - lo]}
+
     return {"after_layer": after, "n_sites": len(sites), "sites": f"hook_attn_out, hook_mlp_out of layers "
             f"{after + 1}..{model.cfg.n_layers - 1}" if sites else "none (the heads are in the last layer)",
             "cols": cols, "n_pairs": int(effect.shape[0]), "gap": summary(gap, seed=seed),
-            "effect": summary(effect, seed=seed), "effect_ablated": summary(effect_abl, seed=seed),
-            "sufficiency": _ratio(effect, gap), "sufficiency_ablated": _ratio(effect_abl, gap),
-            "fraction_removed": 1.0 - _ratio(effect_abl, effect), "fraction_removed_ci95": [1.0 - hi, 1.0 - lo],
-            "per_pair": {"effect": effect, "effect_ablated": effect_abl}}
+            "effect": summary(effect, seed=seed), "sufficiency": _ratio(effect, gap), **ablated(effect_abl),
+            "residual": {"n_sites": len(res_sites), "sites": f"blocks.{after + 1}.hook_resid_pre and every later "
+                         "residual write" if res_sites else "none (the heads are in the last layer)", **ablated(effect_res)},
+            "per_pair": {"effect": effect, "effect_ablated": effect_abl, "effect_ablated_residual": effect_res}}

@@ -143,6 +143,10 @@ def head_paths_chart(h: GeometryHeads) -> Chart:
                      (f"{what}: indirect", p[key]["indirect"], NEUTRAL)]
     if d:
         bars.append((f"heads' column, r̂ ablated after L{d['after_layer']}", d["effect_ablated"], HARMLESS))
+        x = d.get("residual")
+        if x and x["n_sites"]:
+            bars.append((f"heads' column, r̂ ablated from resid_pre L{d['after_layer'] + 1} on", x["effect_ablated"],
+                         HARMLESS))
     return Chart(("The refusal heads' patch on the metric: direct vs through later layers",
                   f"({p['metric']}; mean over n = {p['heads']['n_pairs']} pairs, 95% bootstrap CI)"),
                  [Series("effect", list(range(len(bars))), [v["mean"] for _, v, _ in bars], [c for _, _, c in bars],

@@ -9,7 +9,8 @@ module wires them to the run).
 Cost: a few batched forwards (test prompts once, train prompts up to the direction's layer, the
 harmful val prompts K + 2 times, the object prompts four times for heads → direction and seven more
 for the heads' reads, path split and downstream ablation: two cached clean forwards, two patched
-ones, three with r̂ ablated or patched again), a few per cent of the steering steps.
+ones, five with r̂ ablated — after the heads' layer's writes, or from the residual after it on —
+or patched again), a few per cent of the steering steps.
 """
 
 from __future__ import annotations
