@@ -76,3 +76,18 @@ def patch_setup(model: HookedChatModel, T: int = 9):
     metric = LogitDiff(3, 7)
     _, source = model.run_with_cache(src.ids, src.mask)
     return Receiver.record(model, rec, metric), source, metric
+
+
+def prefixed_batch(model, n=5, common=4, seed=0):
+    """Left-padded rows that begin with the same ``common`` tokens, then 2..5 tokens of their own."""
+    g = torch.Generator().manual_seed(seed)
+    V = model.cfg.d_vocab
+    head = torch.randint(0, V, (common,), generator=g)
+    rows = [torch.cat([head, torch.randint(0, V, (2 + i % 4,), generator=g)]) for i in range(n)]
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(n, T, dtype=torch.long)
+    mask = torch.zeros(n, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = r
+        mask[i, T - len(r):] = 1
+    return ids, mask

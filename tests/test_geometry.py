@@ -14,7 +14,7 @@ import torch
 from refusal_lab.models.hooked import HookedChatModel
 from refusal_lab.steering import geometry as geo
 from refusal_lab.steering.interventions import ablation_hooks, unit
-from tests.conftest import patch_pair, random_batch
+from tests.conftest import patch_pair, prefixed_batch, random_batch
 from tests.tiny_models import tiny_model
 
 PAIR_TYPES = ("qwen2", "gemma2")
@@ -178,6 +178,24 @@ def test_subspace_bypass_rows(model):
     assert math.isclose(out["rows"][0]["cos_direction"], 1.0, abs_tol=1e-12)
     for x in out["rows"]:
         assert math.isclose(x["mean"], hand(geo.subspace_ablation_hooks(model, basis[: x["k"]]))[0], abs_tol=1e-5)
+
+
+def test_subspace_bypass_with_a_common_beginning_equals_whole_forwards(model):
+    """Prompts that begin alike (as chat prompts do) run their beginning once: equal to the whole
+    left-padded forwards to rounding."""
+    from refusal_lab.metrics import refusal_log_odds
+    ids, mask = prefixed_batch(model, n=5, common=4, seed=3)
+    q, _ = torch.linalg.qr(torch.randn(model.cfg.d_model, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    basis = q.T
+    out = geo.subspace_bypass(model, ids, mask, basis, basis[0], [3, 5], batch_size=2)
+    for key, hooks in (("baseline", []), ("direction", ablation_hooks(model, basis[0]))):
+        want = refusal_log_odds(model(ids, mask, fwd_hooks=hooks, logits="last"), [3, 5])
+        assert math.isclose(out[key]["mean"], float(want.mean()), abs_tol=1e-5)
+    for x in out["rows"]:
+        want = refusal_log_odds(model(ids, mask, fwd_hooks=geo.subspace_ablation_hooks(model, basis[: x["k"]]),
+                                      logits="last"), [3, 5])
+        assert math.isclose(x["mean"], float(want.mean()), abs_tol=1e-5)
+        assert math.isclose(x["se"], float(want.std() / 5 ** 0.5), abs_tol=1e-5)
 
 
 def _hand_head_write(model, cache, l, h, c):

@@ -15,7 +15,7 @@ from refusal_lab.steering.interventions import ablation_hooks, addition_hooks, u
 from refusal_lab.steering.selection import (DirectionPolicy, ablation_sites, choose_candidate, first_order_bypass,
                                             select_direction)
 from refusal_lab.steering.vectors import diff_in_means_all_layers
-from tests.conftest import random_batch
+from tests.conftest import prefixed_batch, random_batch
 
 POS = (-3, -2, -1)
 REFUSAL = list(range(100))
@@ -222,28 +222,13 @@ def test_policy_top_k_must_be_positive():
         DirectionPolicy(top_k=0)
 
 
-def _prefixed_batch(model, n=5, common=4, seed=0):
-    """Left-padded rows that begin with the same ``common`` tokens, then 2..5 tokens of their own."""
-    g = torch.Generator().manual_seed(seed)
-    V = model.cfg.d_vocab
-    head = torch.randint(0, V, (common,), generator=g)
-    rows = [torch.cat([head, torch.randint(0, V, (2 + i % 4,), generator=g)]) for i in range(n)]
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(n, T, dtype=torch.long)
-    mask = torch.zeros(n, T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = r
-        mask[i, T - len(r):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def test_shared_prefix_equals_whole_forward(tiny):
     """The common beginning run once (one row, its keys and values reused) gives the whole forward's
     last-column logits, unedited, under directional ablation and under an addition at every column."""
     from refusal_lab.models.shared_prefix import SharedPrefix
 
-    ids, mask = _prefixed_batch(tiny)
+    ids, mask = prefixed_batch(tiny)
     sp = SharedPrefix.split(ids, mask, batch_size=2)
     assert sp.prefix_len == 4 and [b[0] for b in sp.batches] == [[0, 1], [2, 3], [4]]
     v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(3))
@@ -259,7 +244,7 @@ def test_shared_prefix_cone_equals_whole_forward(tiny):
     run itself, unedited."""
     from refusal_lab.models.shared_prefix import SharedPrefix
 
-    ids, mask = _prefixed_batch(tiny)
+    ids, mask = prefixed_batch(tiny)
     sp = SharedPrefix.split(ids, mask, batch_size=2)
     L = tiny.cfg.n_layers
     base, cone = sp.record(tiny, range(L))
@@ -280,7 +265,7 @@ def test_shared_prefix_mean_resid_equals_diff_in_means_inputs(tiny):
     from refusal_lab.models.shared_prefix import SharedPrefix
     from refusal_lab.steering.vectors import mean_activations
 
-    ids, mask = _prefixed_batch(tiny)
+    ids, mask = prefixed_batch(tiny)
     sp = SharedPrefix.split(ids, mask, batch_size=2)
     L = tiny.cfg.n_layers
     pos = [-3, -2, -1]  # the shortest row has 2 own tokens: -3 lies in the prefix
@@ -288,6 +273,27 @@ def test_shared_prefix_mean_resid_equals_diff_in_means_inputs(tiny):
     torch.testing.assert_close(sp.mean_resid(tiny, range(L), pos), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="negative"):
         sp.mean_resid(tiny, [0], [0])
+
+
+@torch.no_grad()
+def test_shared_prefix_row_resid_equals_column_activations(tiny):
+    """Each row's resid_pre at a column from its end (the geometry step's per-prompt activations)
+    equals the whole left-padded forward's, every layer, a column inside the common prefix too."""
+    from refusal_lab.models.shared_prefix import SharedPrefix
+    from refusal_lab.steering.geometry import column_activations
+
+    ids, mask = prefixed_batch(tiny)
+    sp = SharedPrefix.split(ids, mask, batch_size=2)
+    L = tiny.cfg.n_layers
+    sites = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    got = sp.row_resid(tiny, range(L), [-3, -1])
+    assert got.shape == (ids.shape[0], L, 2, tiny.cfg.d_model) and got.dtype == torch.float64
+    for j, q in enumerate((-3, -1)):
+        torch.testing.assert_close(got[:, :, j], column_activations(tiny, ids, mask, sites, q, batch_size=2),
+                                   rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sp.row_resid(tiny, [1], [-1])[:, 0, 0], got[:, 1, 1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="negative"):
+        sp.row_resid(tiny, [0], [0])
 
 
 def test_shared_prefix_without_a_common_beginning(tiny):

@@ -100,9 +100,26 @@ class SharedPrefix:
         """Mean over rows of ``blocks.{l}.hook_resid_pre`` at each row's column ``p`` (negative:
         from its last token, as in a left-padded batch), unedited: float64 [len(layers), len(positions), d].
         A column inside the common prefix takes the prefix's value (the same in every row)."""
+        total = torch.zeros(len(layers), len(positions), model.cfg.d_model, dtype=torch.float64)
+        for _, x in self._resid_rows(model, layers, positions):
+            total += x
+        return total / self.n
+
+    @torch.no_grad()
+    def row_resid(self, model, layers: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Each row's ``blocks.{l}.hook_resid_pre`` at its column ``p`` (negative, as in
+        :meth:`mean_resid`), unedited: float64 [n, len(layers), len(positions), d] in row order."""
+        out = torch.zeros(self.n, len(layers), len(positions), model.cfg.d_model, dtype=torch.float64)
+        for i, x in self._resid_rows(model, layers, positions):
+            out[i] = x
+        return out
+
+    def _resid_rows(self, model, layers: Sequence[int], positions: Sequence[int]):
+        """``(row, [len(layers), len(positions), d] float64)`` for every row, batch by batch; each
+        forward stops after the last layer it reads."""
         layers, positions = [int(l) for l in layers], [int(q) for q in positions]
         if any(q >= 0 for q in positions):
-            raise ValueError("mean_resid takes columns counted from each row's end (negative positions).")
+            raise ValueError("mean_resid and row_resid take columns counted from each row's end (negative positions).")
         names = [f"blocks.{l}.hook_resid_pre" for l in layers]
         stop = max(layers) + 1
         P, kv, pre_res = self.prefix_len, None, None
@@ -110,22 +127,22 @@ class SharedPrefix:
             pre = model.prefill(self.prefix, record_kv=True, logits="none", names=names, stop_layer=stop)
             kv = pre.kv
             pre_res = torch.stack([pre.cache[n][0] for n in names]).to(torch.float64).cpu()  # [L, P, d]
-        total = torch.zeros(len(layers), len(positions), model.cfg.d_model, dtype=torch.float64)
-        for _, sid, smask, last in self.batches:
+        for rows, sid, smask, last in self.batches:
             b = sid.shape[0]
             run = model.prefill(sid, smask, kv_prefix=repeat_rows(kv, b), logits="none", names=names, stop_layer=stop)
             acts = torch.stack([run.cache[n] for n in names]).to(torch.float64).cpu()  # [L, b, S, d]
-            for j, q in enumerate(positions):
-                col = last.cpu() + 1 + q  # the row's column in its suffix (< 0: inside the prefix)
-                for r in range(b):
-                    c = int(col[r])
+            cols = last.cpu()[:, None] + 1 + torch.tensor(positions)[None]  # [b, Q] in the suffix (< 0: prefix)
+            for r in range(b):
+                x = torch.empty(len(layers), len(positions), model.cfg.d_model, dtype=torch.float64)
+                for j in range(len(positions)):
+                    c = int(cols[r, j])
                     if c >= 0:
-                        total[:, j] += acts[:, r, c]
+                        x[:, j] = acts[:, r, c]
                     elif P + c >= 0:
-                        total[:, j] += pre_res[:, P + c]
+                        x[:, j] = pre_res[:, P + c]
                     else:
-                        raise ValueError(f"Position {q} is before the start of row {r}'s prompt.")
-        return total / self.n
+                        raise ValueError(f"Position {positions[j]} is before the start of row {rows[r]}'s prompt.")
+                yield rows[r], x
 
     def record(self, model, layers: Sequence[int]) -> tuple[torch.Tensor, Cone]:
         """The unedited last-column logits [n, vocab] and the :class:`Cone` of ``layers``."""

@@ -33,6 +33,7 @@ from refusal_lab.errors import SiteError
 from refusal_lab.metrics import logit_diff, refusal_log_odds
 from refusal_lab.models.edits import Patch, positional
 from refusal_lab.models.hooked import HookPoint
+from refusal_lab.models.shared_prefix import SharedPrefix
 from refusal_lab.patching.heads import head_patch_hooks
 from refusal_lab.stats import bootstrap_ci, mean_se, summary
 from refusal_lab.steering.batching import tensor_batches
@@ -199,11 +200,6 @@ def subspace_ablation_hooks(model, basis: torch.Tensor) -> list[tuple[str, Proje
     return [(n, edit) for n in residual_write_sites(model)]
 
 
-@torch.no_grad()
-def _log_odds(model, ids, mask, hooks, refusal_ids, batch_size) -> torch.Tensor:
-    out = [refusal_log_odds(model(i, m, fwd_hooks=list(hooks), logits="last"), refusal_ids).cpu()
-           for i, m in tensor_batches(ids, mask, batch_size, model.device)]
-    return torch.cat(out)
 
 
 def _mean_se_n(x: torch.Tensor) -> dict:
@@ -219,13 +215,18 @@ def subspace_bypass(model, ids: torch.Tensor, mask: torch.Tensor | None, basis: 
     """Mean refusal log-odds (with SE and n) of the prompts ``(ids, mask)`` unedited (``baseline``),
     under directional ablation of ``direction`` (``direction``) and under ablation of the span of the
     first k rows of ``basis`` for every k (``rows``: ``k``, ``mean``, ``se``, ``n``, ``cos_direction``:
-    cosine of the k-th basis vector with ``r̂``). ``bar`` advances by one per setting."""
+    cosine of the k-th basis vector with ``r̂``). ``bar`` advances by one per setting. Every setting
+    edits every column alike, so the prompts' common beginning (the chat template's) runs once per
+    setting (:class:`~refusal_lab.models.shared_prefix.SharedPrefix`; equal to the whole forward to
+    rounding)."""
     r = unit(direction)
     settings = [("baseline", []), ("direction", ablation_hooks(model, direction))]
     settings += [(k, subspace_ablation_hooks(model, basis[:k])) for k in range(1, basis.shape[0] + 1)]
+    shared = SharedPrefix.split(ids, mask, batch_size, model.device)
     out: dict = {"rows": []}
     for key, hooks in settings:
-        v = _mean_se_n(_log_odds(model, ids, mask, hooks, refusal_ids, batch_size))
+        with torch.no_grad():
+            v = _mean_se_n(refusal_log_odds(shared.last_logits(model, hooks), refusal_ids).cpu())
         if isinstance(key, int):
             out["rows"].append({"k": key, **v, "cos_direction": float(basis[key - 1].to(torch.float64) @ r)})
         else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from refusal_lab.metrics import default_refusal_token_ids
+from refusal_lab.models.shared_prefix import SharedPrefix
 from refusal_lab.prompts import build_instruction_prompts
 from refusal_lab.run.folder import public
 from refusal_lab.run.step import RunContext, Step
@@ -56,10 +57,9 @@ def compute(ctx: RunContext) -> dict:
     bar = progress_bar(total, "geometry: separation", ctx.progress)
     try:
         # 1. separation of the test prompts along r̂ at every layer (the direction's column)
-        sites = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
         acts = {}
         for side in ("harmful", "harmless"):
-            acts[side] = geo.column_activations(model, *enc["test", side], sites, position, BATCH)
+            acts[side] = resid_at(model, enc["test", side], range(L), position)
             bar.update(n_batches(len(test[side]), BATCH))
         curve = geo.separation_curve(acts["harmful"], acts["harmless"], r, seed=cfg.seed)
         proj = curve.pop("projections")
@@ -77,7 +77,7 @@ def compute(ctx: RunContext) -> dict:
         bar.set_description("geometry: subspace")
         train_acts = {}
         for side in ("harmful", "harmless"):
-            train_acts[side] = geo.column_activations(model, *enc["train", side], [sites[layer]], position, BATCH)[:, 0]
+            train_acts[side] = resid_at(model, enc["train", side], [layer], position)[:, 0]
             bar.update(n_batches(len(train[side]), BATCH))
         basis, explained = geo.difference_basis(train_acts["harmful"], train_acts["harmless"], K)
         ctx.folder.save_vector("geometry_basis", basis, {"model": model.cfg.model_name, "layer": layer,
@@ -124,6 +124,16 @@ def compute(ctx: RunContext) -> dict:
         "heads": heads_out,
         "heads_note": None if selected else ("no refusal heads were selected" if heads else "the heads step did not run"),
     }
+
+
+def resid_at(model, prompts: tuple[torch.Tensor, torch.Tensor], layers, position: int) -> torch.Tensor:
+    """Each prompt's ``blocks.{l}.hook_resid_pre`` at ``position`` for every layer of ``layers``:
+    float64 ``[n, len(layers), d]``. A column counted from the end (every eoi column) runs the chat
+    template's common beginning once (:meth:`SharedPrefix.row_resid`); any other the whole prompts."""
+    layers = list(layers)
+    if position < 0:
+        return SharedPrefix.split(*prompts, BATCH, model.device).row_resid(model, layers, [position])[:, :, 0]
+    return geo.column_activations(model, *prompts, [f"blocks.{l}.hook_resid_pre" for l in layers], position, BATCH)
 
 
 def heads_reads_paths(ctx: RunContext, selected: list[tuple[int, int]], cols: list[int], r: torch.Tensor) -> dict:
