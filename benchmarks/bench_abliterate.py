@@ -207,7 +207,7 @@ def run_ours(args, model: Path, files: dict, out: Path) -> dict:
 # ------------------------------------------------------------------ one evaluation for all
 
 
-def evaluate(args, model: Path, out: Path, folders: dict[str, str | None]) -> dict:
+def evaluate(args, model: Path, folders: dict[str, str | None]) -> dict:
     import torch
     import transformers
 
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
         else:
             h = json.loads((out / "heretic.json").read_text()) if (out / "heretic.json").is_file() else {}
             o = json.loads((out / "ours.json").read_text()) if (out / "ours.json").is_file() else {}
-            rec = evaluate(a, model, out, {"unedited": str(model), "heretic": h.get("model"), "ours": o.get("model")})
+            rec = evaluate(a, model, {"unedited": str(model), "heretic": h.get("model"), "ours": o.get("model")})
         f.write_text(json.dumps(rec, indent=2) + "\n")
         say(f"stage {st}: done in {time.perf_counter() - t0:.0f} s" + (f" ({rec['error']})" if "error" in rec else ""))
     summary = {"machine": machine(), "settings": vars(a) | {"out": str(a.out), "heretic": str(a.heretic)},
