@@ -262,6 +262,62 @@ def test_heads_to_direction_against_hand_hooks(model):
         assert math.isclose(w["difference_se"], float((a - b).std() / math.sqrt(3)), abs_tol=1e-5)
 
 
+def test_heads_to_direction_on_shared_caches_runs_cones_equal_to_whole_forwards(model):
+    """Given :func:`head_caches`' clean forwards, the patched forwards start at the first head layer
+    (heads patch) and at the resid-patch layer, from the cached clean residual, and stop at the
+    readout: equal to whole forwards with hand hooks, and to the call without ``hc``."""
+    src, rec = patch_pair(model, T=9)
+    heads, hcol, layer, last = [(1, 0), (1, 3)], 8, 2, 8
+    v = torch.randn(model.cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    r = v / v.norm()
+    lp = geo.resid_patch_layer(heads, hcol, last, layer)
+    assert lp == 2  # the heads' column is the last one: max head layer + 1, capped at the readout layer
+    hc = geo.head_caches(model, (src.ids, src.mask), (rec.ids, rec.mask), heads, (3, 7), resid_layers=[layer, lp])
+    out = geo.heads_to_direction(model, (src.ids, src.mask), (rec.ids, rec.mask), heads, hcol, v, layer, seed=0, hc=hc)
+    own = geo.heads_to_direction(model, (src.ids, src.mask), (rec.ids, rec.mask), heads, hcol, v, layer, seed=0)
+    readout = f"blocks.{layer}.hook_resid_pre"
+    keep = lambda n: n.endswith(("hook_z", "hook_resid_pre"))  # noqa: E731
+    _, ch = model.run_with_cache(src.ids, src.mask, names=keep)
+    _, cs = model.run_with_cache(rec.ids, rec.mask, names=keep)
+    proj = lambda cache: cache[readout][:, -1].to(torch.float64) @ r  # noqa: E731
+
+    def set_z(act, hp):
+        act = act.clone()
+        for _, h in heads:
+            act[:, hcol, h] = ch["blocks.1.attn.hook_z"][:, hcol, h]
+        return act
+
+    def set_resid(act, hp):
+        act = act.clone()
+        act[:, hcol] = ch[f"blocks.{lp}.hook_resid_pre"][:, hcol]
+        return act
+
+    _, cp = model.run_with_cache(rec.ids, rec.mask, names=[readout], fwd_hooks=[("blocks.1.attn.hook_z", set_z)])
+    _, cr = model.run_with_cache(rec.ids, rec.mask, names=[readout], fwd_hooks=[(f"blocks.{lp}.hook_resid_pre", set_resid)])
+    want = {"heads_patched": proj(cp), "resid_patched": proj(cr), "harmless": proj(cs), "harmful": proj(ch)}
+    for key, x in want.items():
+        torch.testing.assert_close(out["per_pair"][key], x, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["per_pair"][key], own["per_pair"][key], rtol=1e-5, atol=1e-5)
+    assert abs(out["heads_shift"]["mean"]) > 0 and abs(out["resid_shift"]["mean"]) > 0
+    assert out["writes"] == own["writes"] or all(
+        math.isclose(a["difference"], b["difference"], abs_tol=1e-6) for a, b in zip(out["writes"], own["writes"]))
+
+
+def test_subspace_bypass_reuses_known_settings(model):
+    """Per-prompt log-odds given as ``known`` (the direction step's) are reported as they are, the
+    other settings computed; a count that does not match the prompts is refused."""
+    ids, mask = prefixed_batch(model, n=5, common=4, seed=3)
+    q, _ = torch.linalg.qr(torch.randn(model.cfg.d_model, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    full = geo.subspace_bypass(model, ids, mask, q.T, q.T[0], [3, 5], batch_size=2)
+    known = {"baseline": torch.tensor([0.5, 1.0, 1.5, 2.0, 2.5], dtype=torch.float64)}
+    out = geo.subspace_bypass(model, ids, mask, q.T, q.T[0], [3, 5], batch_size=2, known=known)
+    assert out["baseline"]["mean"] == 1.5 and out["baseline"]["n"] == 5
+    assert math.isclose(out["baseline"]["se"], statistics.stdev([0.5, 1.0, 1.5, 2.0, 2.5]) / 5 ** 0.5, rel_tol=1e-12)
+    assert out["direction"] == full["direction"] and out["rows"] == full["rows"]
+    with pytest.raises(ValueError, match="5 prompts"):
+        geo.subspace_bypass(model, ids, mask, q.T, q.T[0], [3, 5], batch_size=2, known={"direction": torch.zeros(4)})
+
+
 def test_resid_patch_layer_rule():
     assert geo.resid_patch_layer([(3, 0), (5, 1)], 4, 9, 10) == 6
     assert geo.resid_patch_layer([(3, 0), (9, 1)], 4, 9, 7) == 6  # capped at layer - 1 (another column)

@@ -152,9 +152,12 @@ def test_a_patch_away_from_the_last_column_has_no_direct_effect(tiny):
     assert math.isclose(out["indirect"]["mean"], out["total"]["mean"], abs_tol=1e-12)
 
 
-def test_downstream_ablation_equals_a_naive_forward(tiny):
-    src, rec, hc = _caches(tiny, [(0, 1), (0, 3)])
-    heads, cols = [(0, 1), (0, 3)], [4, 8]
+@pytest.mark.parametrize("hl", [0, 1])
+def test_downstream_ablation_equals_a_naive_forward(tiny, hl):
+    """Against whole forwards with hand hooks; heads in layer 1 make every patched forward a cone run
+    (blocks 1.. from the cached clean residual) and the ablated ones start after the heads' layer."""
+    heads, cols = [(hl, 1), (hl, 3)], [4, 8]
+    src, rec, hc = _caches(tiny, heads)
     v = torch.randn(tiny.cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     out = geo.downstream_ablation(tiny, hc, heads, cols, v, seed=0)
     r = v / v.norm()
@@ -168,19 +171,19 @@ def test_downstream_ablation_equals_a_naive_forward(tiny):
         act = act.clone()
         for c in cols:
             for _, h in heads:
-                act[:, c, h] = ch["blocks.0.attn.hook_z"][:, c, h]
+                act[:, c, h] = ch[f"blocks.{hl}.attn.hook_z"][:, c, h]
         return act
 
-    abl = [(f"blocks.{l}.{s}", project_out) for l in range(1, tiny.cfg.n_layers)
+    abl = [(f"blocks.{l}.{s}", project_out) for l in range(hl + 1, tiny.cfg.n_layers)
            for s in ("hook_attn_out", "hook_mlp_out")]
-    patch = [("blocks.0.attn.hook_z", set_z)]
-    res = [("blocks.1.hook_resid_pre", project_out), *abl]  # the residual after the heads' layer too
+    patch = [(f"blocks.{hl}.attn.hook_z", set_z)]
+    res = [(f"blocks.{hl + 1}.hook_resid_pre", project_out), *abl]  # the residual after the heads' layer too
     m = {k: _metric(tiny(rec.ids, rec.mask, fwd_hooks=hooks)) for k, hooks in
          (("clean", []), ("patched", patch), ("clean_abl", abl), ("patched_abl", patch + abl),
           ("clean_res", res), ("patched_res", patch + res))}
     gap = _metric(tiny(src.ids, src.mask)) - m["clean"]
     effect, effect_abl = m["patched"] - m["clean"], m["patched_abl"] - m["clean_abl"]
-    assert out["n_sites"] == len(abl) and out["after_layer"] == 0 and out["n_pairs"] == 3
+    assert out["n_sites"] == len(abl) and out["after_layer"] == hl and out["n_pairs"] == 3
     assert torch.allclose(out["per_pair"]["effect"], effect, atol=1e-5, rtol=0)
     assert torch.allclose(out["per_pair"]["effect_ablated"], effect_abl, atol=1e-4, rtol=0)
     assert math.isclose(out["sufficiency"], float(effect.mean() / gap.mean()), rel_tol=1e-4, abs_tol=1e-5)

@@ -77,11 +77,49 @@ def test_separation_equals_a_hand_projection_of_the_test_prompts(run):
 
 
 def test_ablating_rhat_reproduces_the_direction_steps_bypass(run):
-    _, _, _, r = run
+    """The subspace check's unedited and r̂-ablated rows are the direction step's per-prompt scores
+    (reused, not rerun): equal to whole forwards of the harmful val prompts, mean and SE."""
+    model, cfg, out, r = run
     sub, d = r["geometry"]["subspace"], r["direction"]
     assert math.isclose(sub["direction"]["mean"], d["bypass"], rel_tol=1e-5, abs_tol=1e-6)
     assert math.isclose(sub["baseline"]["mean"], d["baseline"]["harmful_val_log_odds"], rel_tol=1e-5, abs_tol=1e-6)
     assert sub["direction"]["n"] == d["n_val"]["harmful"]
+    from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
+    from refusal_lab.steering.interventions import ablation_hooks
+
+    val = instruction_sample("val", cfg.steering_n_val, cfg.seed)
+    ids, mask = build_instruction_prompts(model.tokenizer, val["harmful"])
+    rv = load_vector(out / "vectors" / "direction.safetensors")[0]
+    ref = default_refusal_token_ids(model.tokenizer)
+    for key, hooks in (("baseline", []), ("direction", ablation_hooks(model, rv))):
+        x = refusal_log_odds(model(ids, mask, fwd_hooks=hooks, logits="last"), ref).to(torch.float64)
+        assert math.isclose(sub[key]["mean"], float(x.mean()), rel_tol=1e-5, abs_tol=1e-5), key
+        assert math.isclose(sub[key]["se"], float(x.std() / len(x) ** 0.5), rel_tol=1e-4, abs_tol=1e-5), key
+
+
+def test_the_basis_from_the_direction_steps_train_rows_equals_one_from_whole_forwards(run):
+    """The principal directions come from the train residuals the direction step kept at its site:
+    equal (up to sign) to those of whole forwards of the train prompts, and their mean difference
+    is the saved direction."""
+    model, cfg, out, r = run
+    d = r["direction"]
+    train = instruction_sample("train", cfg.steering_n_train, cfg.seed)
+    acts = {}
+    for side in ("harmful", "harmless"):
+        ids, mask = build_instruction_prompts(model.tokenizer, train[side])
+        acts[side] = geo.column_activations(model, ids, mask, [d["site"]], d["position"], 4)[:, 0]
+        kept = load_vector(out / "vectors" / f"direction_train_{side}.safetensors")[0]
+        torch.testing.assert_close(kept, acts[side], rtol=1e-5, atol=1e-5)
+    rv = load_vector(out / "vectors" / "direction.safetensors")[0].to(torch.float64)
+    torch.testing.assert_close(acts["harmful"].mean(0) - acts["harmless"].mean(0), rv, rtol=1e-5, atol=1e-5)
+    want, e = geo.difference_basis(acts["harmful"], acts["harmless"], 6)
+    got = load_vector(out / "vectors" / "geometry_basis.safetensors")[0].to(torch.float64)
+    sub = r["geometry"]["subspace"]
+    for k in range(got.shape[0]):  # (directions of well-separated eigenvalues only: the others may rotate)
+        gap = min(abs(e[k] - e[j]) for j in (k - 1, k + 1) if 0 <= j < len(e))
+        if gap > 1e-3 * e[0]:
+            assert math.isclose(abs(float(got[k] @ want[k])), 1.0, abs_tol=1e-3), k
+    assert sub["explained"] == pytest.approx(e[:got.shape[0]].tolist(), rel=1e-4, abs=1e-6)
 
 
 def test_cosines_equal_the_saved_vectors(run):

@@ -85,6 +85,9 @@ class RunFolder:
 
         save_vector(self.root / "vectors" / f"{name}.safetensors", vector, meta)
 
+    def has_vector(self, name: str) -> bool:
+        return (self.root / "vectors" / f"{name}.safetensors").is_file()
+
     def load_vector(self, name: str) -> torch.Tensor:
         from refusal_lab.steering.vectors import load_vector
 

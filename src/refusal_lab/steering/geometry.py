@@ -24,8 +24,8 @@ All projections are in float64 on the unit direction ``r̂`` (:func:`~refusal_la
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -211,22 +211,29 @@ def _mean_se_n(x: torch.Tensor) -> dict:
 
 def subspace_bypass(model, ids: torch.Tensor, mask: torch.Tensor | None, basis: torch.Tensor,
                     direction: torch.Tensor, refusal_ids: Sequence[int], batch_size: int = 16,
-                    bar=None) -> dict:
+                    bar=None, known: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Mean refusal log-odds (with SE and n) of the prompts ``(ids, mask)`` unedited (``baseline``),
     under directional ablation of ``direction`` (``direction``) and under ablation of the span of the
     first k rows of ``basis`` for every k (``rows``: ``k``, ``mean``, ``se``, ``n``, ``cos_direction``:
     cosine of the k-th basis vector with ``r̂``). ``bar`` advances by one per setting. Every setting
     edits every column alike, so the prompts' common beginning (the chat template's) runs once per
     setting (:class:`~refusal_lab.models.shared_prefix.SharedPrefix`; equal to the whole forward to
-    rounding)."""
+    rounding). ``known`` may hold the per-prompt log-odds [n] of ``baseline`` and ``direction``
+    already computed on these prompts (the direction step's scoring): those settings are not rerun."""
     r = unit(direction)
+    known = dict(known or {})
     settings = [("baseline", []), ("direction", ablation_hooks(model, direction))]
     settings += [(k, subspace_ablation_hooks(model, basis[:k])) for k in range(1, basis.shape[0] + 1)]
     shared = SharedPrefix.split(ids, mask, batch_size, model.device)
     out: dict = {"rows": []}
     for key, hooks in settings:
-        with torch.no_grad():
-            v = _mean_se_n(refusal_log_odds(shared.last_logits(model, hooks), refusal_ids).cpu())
+        if key in known:
+            if len(known[key]) != shared.n:
+                raise ValueError(f"known[{key!r}] has {len(known[key])} values for {shared.n} prompts.")
+            v = _mean_se_n(known[key])
+        else:
+            with torch.no_grad():
+                v = _mean_se_n(refusal_log_odds(shared.last_logits(model, hooks), refusal_ids).cpu())
         if isinstance(key, int):
             out["rows"].append({"k": key, **v, "cos_direction": float(basis[key - 1].to(torch.float64) @ r)})
         else:
@@ -265,7 +272,7 @@ def resid_patch_layer(heads: Sequence[tuple[int, int]], heads_column: int, last_
 @torch.no_grad()
 def heads_to_direction(model, harmful: tuple[torch.Tensor, torch.Tensor], harmless: tuple[torch.Tensor, torch.Tensor],
                        heads: Sequence[tuple[int, int]], heads_column: int, direction: torch.Tensor, layer: int,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, hc: HeadCaches | None = None) -> dict:
     """How much of ``r̂`` at ``blocks.{layer}.hook_resid_pre`` (last column) the refusal heads move.
 
     Pairs: harmful prompt i with harmless prompt i (one batch per side; same length). Readout:
@@ -277,7 +284,12 @@ def heads_to_direction(model, harmful: tuple[torch.Tensor, torch.Tensor], harmle
     shift / mean residual shift with a bootstrap interval over pairs; ``ratio_to_gap`` likewise.
     ``writes``: each head's own output (:meth:`head_results`, after Gemma's post-norm: what it adds to
     the residual) at the last column and at the heads' column, projected on ``r̂`` — harmful and
-    harmless means and their paired difference with SE."""
+    harmless means and their paired difference with SE.
+
+    The clean forwards are ``hc``'s when given (the same prompts; :func:`head_caches` with
+    ``resid_layers`` holding ``layer`` and :func:`resid_patch_layer`'s layer), else two of its own;
+    the two patched forwards run only the blocks from their edit up to ``layer`` (from the clean
+    residual there)."""
     heads = [(int(l), model.check_head(h)) for l, h in heads]
     if not heads:
         raise SiteError("Give at least one (layer, head) pair.")
@@ -290,22 +302,32 @@ def heads_to_direction(model, harmful: tuple[torch.Tensor, torch.Tensor], harmle
     lp = resid_patch_layer(heads, hcol, last, layer)
     readout = f"blocks.{layer}.hook_resid_pre"
     head_layers = sorted({l for l, _ in heads})
-    names = {readout, f"blocks.{lp}.hook_resid_pre"} | {f"blocks.{l}.attn.{s}" for l in head_layers
-                                                         for s in ("hook_z", "hook_result")}
+    first = min(head_layers[0], layer)  # the heads' patch edits nothing below its first layer
+    names = {readout, f"blocks.{lp}.hook_resid_pre", f"blocks.{first}.hook_resid_pre"}
+    names |= {f"blocks.{l}.attn.{s}" for l in head_layers for s in ("hook_z", "hook_result")}
     dev = model.device
-    caches = {side: model.run_with_cache(i.to(dev), m.to(dev), names=lambda n: n in names, logits="none")[1]
-              for side, (i, m) in (("harmful", harmful), ("harmless", harmless))}
+    if hc is not None and all(n in hc.caches[side] for n in names for side in ("harmful", "harmless")):
+        caches = hc.caches
+    else:
+        caches = {side: model.run_with_cache(i.to(dev), m.to(dev), names=lambda n: n in names, logits="none")[1]
+                  for side, (i, m) in (("harmful", harmful), ("harmless", harmless))}
 
     def read(cache) -> torch.Tensor:
         return cache[readout][:, last].to(torch.float64).cpu() @ r
 
     ph, ps = read(caches["harmful"]), read(caches["harmless"])
     s_ids, s_mask = s_ids.to(dev), s_mask.to(dev)
-    hooks = head_patch_hooks(caches["harmful"], heads, [hcol])
-    p_heads = read(model.run_with_cache(s_ids, s_mask, names=[readout], fwd_hooks=hooks, logits="none")[1])
+    def patched(hooks, start: int) -> torch.Tensor:
+        """The readout of the harmless prompts under ``hooks`` (all at ``start`` or later): blocks
+        ``start..layer`` only, from the clean residual entering ``start``."""
+        resid = caches["harmless"][f"blocks.{start}.hook_resid_pre"] if start else None
+        run = model.prefill(s_ids, s_mask, fwd_hooks=hooks, names=[readout], logits="none", start_layer=start,
+                            stop_layer=layer + 1, resid=resid)
+        return read(run.cache)
+
+    p_heads = patched(head_patch_hooks(caches["harmful"], heads, [hcol]), first)
     src = caches["harmful"][f"blocks.{lp}.hook_resid_pre"][:, hcol : hcol + 1]
-    resid_hook = [(f"blocks.{lp}.hook_resid_pre", Patch.block(src, [hcol]))]
-    p_resid = read(model.run_with_cache(s_ids, s_mask, names=[readout], fwd_hooks=resid_hook, logits="none")[1])
+    p_resid = patched([(f"blocks.{lp}.hook_resid_pre", Patch.block(src, [hcol]))], lp)
     d_heads, d_resid, gap = p_heads - ps, p_resid - ps, ph - ps
     writes = []
     for l, h in heads:
@@ -340,14 +362,18 @@ def heads_to_direction(model, harmful: tuple[torch.Tensor, torch.Tensor], harmle
 class HeadCaches:
     """One clean forward per side of paired prompts, shared by :func:`head_reads`,
     :func:`head_path_split` and :func:`downstream_ablation`: each side's ``(ids, mask)``, its cache
-    (the head layers' ``attn.hook_pattern``, ``attn.hook_z``, ``attn.hook_result`` and the last
-    layer's ``hook_resid_post``) and its metric ``logit[refusal] − logit[compliance]`` at the last
-    column ``[n]`` (float64, CPU)."""
+    (the head layers' ``attn.hook_pattern``, ``attn.hook_z``, ``attn.hook_result``, the last
+    layer's ``hook_resid_post`` and the ``hook_resid_pre`` where the cone runs start: the first head
+    layer's and the one after the last head layer) and its metric ``logit[refusal] − logit[compliance]``
+    at the last column ``[n]`` (float64, CPU). A patched forward whose edits all lie at layer ``l`` or
+    later runs blocks ``l..`` only, from the clean residual cached there (the blocks below compute
+    what the clean run computed); ``effects`` keeps each head patch's metric change for reuse."""
 
     inputs: dict  # side -> (ids [n, T], mask [n, T]) on the model's device
     caches: dict  # side -> ActivationCache
     metric: dict  # side -> [n] float64
     tokens: tuple[int, int]  # (refusal id, compliance id)
+    effects: dict = field(default_factory=dict)  # (heads, cols) -> patched − clean harmless metric [n]
 
 
 def _pairs(model, heads) -> list[tuple[int, int]]:
@@ -359,8 +385,10 @@ def _pairs(model, heads) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def head_caches(model, harmful: tuple[torch.Tensor, torch.Tensor], harmless: tuple[torch.Tensor, torch.Tensor],
-                heads: Sequence[tuple[int, int]], tokens: tuple[int, int]) -> HeadCaches:
-    """The two clean forwards (one per side, pair i = harmful i, harmless i, equal shapes) of :class:`HeadCaches`."""
+                heads: Sequence[tuple[int, int]], tokens: tuple[int, int], resid_layers: Sequence[int] = ()) -> HeadCaches:
+    """The two clean forwards (one per side, pair i = harmful i, harmless i, equal shapes) of
+    :class:`HeadCaches`; ``resid_layers``: more layers whose ``hook_resid_pre`` to keep (e.g. those
+    :func:`heads_to_direction` reads and patches)."""
     heads = _pairs(model, heads)
     if harmful[0].shape != harmless[0].shape:
         raise SiteError(f"Paired prompts need equal shapes, got {tuple(harmful[0].shape)} and "
@@ -368,6 +396,7 @@ def head_caches(model, harmful: tuple[torch.Tensor, torch.Tensor], harmless: tup
     layers = {l for l, _ in heads}
     names = {f"blocks.{l}.attn.{s}" for l in layers for s in ("hook_pattern", "hook_z", "hook_result")}
     names.add(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    names |= {f"blocks.{l}.hook_resid_pre" for l in (*_cone_starts(model, heads), *resid_layers)}
     dev = model.device
     inputs, caches, metric = {}, {}, {}
     for side, (i, m) in (("harmful", harmful), ("harmless", harmless)):
@@ -433,9 +462,31 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
     return float(num.mean()) / d if d != 0 else float("nan")
 
 
-def _patched_metric(model, hc: HeadCaches, hooks: Sequence, receiver: str = "harmless") -> torch.Tensor:
-    logits = model(*hc.inputs[receiver], fwd_hooks=list(hooks), logits="last")
+def _cone_starts(model, heads: Sequence[tuple[int, int]]) -> list[int]:
+    """Where :class:`HeadCaches`' cone runs start: the first head layer (a head patch edits nothing
+    below it) and, if there is one, the layer after the last head layer (the downstream ablation)."""
+    first, after = min(l for l, _ in heads), max(l for l, _ in heads) + 1
+    return [first] + ([after] if after < model.cfg.n_layers else [])
+
+
+def _patched_metric(model, hc: HeadCaches, hooks: Sequence, receiver: str = "harmless",
+                    start_layer: int = 0) -> torch.Tensor:
+    """The receiver's metric under ``hooks``, every one of them at ``start_layer`` or later: only
+    blocks ``start_layer..`` run, from the clean residual cached there (0: the whole forward)."""
+    resid = hc.caches[receiver][f"blocks.{start_layer}.hook_resid_pre"] if start_layer else None
+    logits = model.prefill(*hc.inputs[receiver], fwd_hooks=list(hooks), logits="last", start_layer=start_layer,
+                           resid=resid).logits
     return logit_diff(logits, hc.tokens).to(torch.float64).cpu()
+
+
+def _heads_effect(model, hc: HeadCaches, heads: list[tuple[int, int]], cols: list[int]) -> torch.Tensor:
+    """Patched − clean harmless metric of the heads' patch at ``cols`` (one cone forward from the
+    first head layer, computed once per ``hc``)."""
+    key = (tuple(heads), tuple(cols))
+    if key not in hc.effects:
+        hooks = head_patch_hooks(hc.caches["harmful"], heads, cols)
+        hc.effects[key] = _patched_metric(model, hc, hooks, start_layer=min(l for l, _ in heads)) - hc.metric["harmless"]
+    return hc.effects[key]
 
 
 @torch.no_grad()
@@ -457,7 +508,7 @@ def head_path_split(model, hc: HeadCaches, heads: Sequence[tuple[int, int]], col
     T = hc.inputs["harmless"][0].shape[1]
     cols = sorted({c + T if c < 0 else int(c) for c in cols})
     last = T - 1
-    total = _patched_metric(model, hc, head_patch_hooks(hc.caches["harmful"], heads, cols)) - hc.metric["harmless"]
+    total = _heads_effect(model, hc, heads, cols)
     a = model.adapter
     r_id, c_id = hc.tokens
     w_u = a.lm_head.weight[[r_id, c_id]].to(torch.float64).cpu()
@@ -506,11 +557,17 @@ def downstream_ablation(model, hc: HeadCaches, heads: Sequence[tuple[int, int]],
     abl = [(n, edit) for n in sites]
     patch = head_patch_hooks(hc.caches["harmful"], heads, cols)
     clean = hc.metric["harmless"]
-    effect = _patched_metric(model, hc, patch) - clean
-    effect_abl = _patched_metric(model, hc, [*patch, *abl]) - _patched_metric(model, hc, abl)
+    first = min(l for l, _ in heads)  # cone runs: the patch edits from the first head layer, the ablation after the last
+    effect = _heads_effect(model, hc, heads, cols)
+    if sites:
+        effect_abl = (_patched_metric(model, hc, [*patch, *abl], start_layer=first)
+                      - _patched_metric(model, hc, abl, start_layer=after + 1))
+    else:
+        effect_abl = effect
     res_sites = [f"blocks.{after + 1}.hook_resid_pre", *sites] if sites else []
     res = [(n, edit) for n in res_sites]
-    effect_res = _patched_metric(model, hc, [*patch, *res]) - _patched_metric(model, hc, res) if res else effect
+    effect_res = (_patched_metric(model, hc, [*patch, *res], start_layer=first)
+                  - _patched_metric(model, hc, res, start_layer=after + 1)) if res else effect
     gap = hc.metric["harmful"] - clean
 
     def ablated(x: torch.Tensor) -> dict:

@@ -87,6 +87,10 @@ def direction_step(model, s: SteeringSettings, save_vector: Callable[[str, torch
             "kind": "difference-in-means"}
     save_vector("direction", res.direction, meta)
     save_vector("direction_candidates", res.candidates, {"positions": list(res.positions), "kind": "candidates [L, P, d]"})
+    for side in ("harmful", "harmless"):  # the train prompts' residuals at the chosen site (geometry reuses them)
+        if f"train_{side}" in res.per_prompt:
+            save_vector(f"direction_train_{side}", res.per_prompt[f"train_{side}"],
+                        {**meta, "kind": f"{side} train prompts' residuals [n, d] at the direction's site"})
     return {
         "layer": res.layer, "position": res.position,
         "position_token": sel.position_token,
@@ -99,6 +103,8 @@ def direction_step(model, s: SteeringSettings, save_vector: Callable[[str, torch
         "positions": list(res.positions), "eoi_tokens": eoi,
         "table": res.table,
         "selection": dict(res.agreement),
+        "_val_log_odds": {f"harmful_{k}": res.per_prompt[f"harmful_{k}"].tolist() for k in ("baseline", "ablated")
+                          if f"harmful_{k}" in res.per_prompt},
         "note": "bypass = mean refusal log-odds of harmful val prompts under directional ablation (lower is better); "
                 "induce = that of harmless val prompts with the direction added at its layer; kl = KL(base || ablated) "
                 "of harmless val prompts' next-token distribution.",

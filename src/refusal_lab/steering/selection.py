@@ -100,6 +100,11 @@ class SelectionResult:
     stage: str = "configured"  # one of STAGES: which filters the chosen candidate passed
     filters: dict = field(default_factory=dict)  # the filters actually applied (applied_filters)
     agreement: dict = field(default_factory=dict)  # the scoring mode, its cost and the estimate's agreement
+    per_prompt: dict = field(default_factory=dict)
+    """What the scoring computed per prompt, for later steps to reuse instead of recomputing, float64:
+    ``harmful_baseline`` and ``harmful_ablated`` [n_val] (the harmful val refusal log-odds unedited
+    and with the chosen direction ablated); in the top_k mode also ``train_harmful`` and
+    ``train_harmless`` [n_train, d] (each train prompt's residual at the chosen site)."""
 
     @property
     def chosen(self) -> dict:
@@ -161,12 +166,19 @@ def first_order_bypass(model, ids, mask, directions: torch.Tensor, refusal_ids: 
     ``directions`` [C, d] (normalised here; zero rows give 0); returns ``(estimates [C], baseline)``:
     the estimated bypass of each candidate (baseline + change) and the unedited mean log-odds, float64.
     """
+    estimates, baseline, _ = _first_order_bypass(model, ids, mask, directions, refusal_ids, batch_size)
+    return estimates, baseline
+
+
+def _first_order_bypass(model, ids, mask, directions: torch.Tensor, refusal_ids: Sequence[int],
+                        batch_size: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """:func:`first_order_bypass` and the unedited log-odds of every prompt (float64 [n])."""
     D = directions.to(torch.float64)
     norms = D.norm(dim=-1, keepdim=True)
     U = torch.where(norms > 0, D / norms.clamp_min(1e-300), torch.zeros_like(D))
     sites = ablation_sites(model)
     delta = torch.zeros(U.shape[0], dtype=torch.float64)
-    total, n = 0.0, 0
+    total, n, per_prompt = 0.0, 0, []
     for i, m in tensor_batches(ids, mask, batch_size, model.device):
         hooks, acts = gradient_hooks(sites)
         with torch.enable_grad():
@@ -174,6 +186,7 @@ def first_order_bypass(model, ids, mask, directions: torch.Tensor, refusal_ids: 
             values = refusal_log_odds(logits, refusal_ids)
             values.sum().backward()
         total += float(values.detach().sum())
+        per_prompt.append(values.detach().to(torch.float64).cpu())
         n += i.shape[0]
         Ud = U.to(model.device)
         for name in sites:
@@ -183,7 +196,7 @@ def first_order_bypass(model, ids, mask, directions: torch.Tensor, refusal_ids: 
             xr = x.to(torch.float64) @ Ud.T  # [b, T, C]
             gr = g.to(torch.float64) @ Ud.T
             delta -= (xr * gr).sum((0, 1)).cpu()
-    return total / n + delta / n, total / n
+    return total / n + delta / n, total / n, torch.cat(per_prompt)
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -283,9 +296,11 @@ def select_direction(
     if policy.exhaustive:  # [L, P, d]
         cands = diff_in_means_all_layers(model, *harmful_train, *harmless_train, positions=positions,
                                          batch_size=batch_size)
-    else:  # the same means, each side's common chat-template beginning run once
-        cands = (SharedPrefix.split(*harmful_train, batch_size, model.device).mean_resid(model, range(L), positions)
-                 - SharedPrefix.split(*harmless_train, batch_size, model.device).mean_resid(model, range(L), positions))
+    else:  # the same means (summed in row order, as mean_resid does), each side's common chat-template
+        # beginning run once; the rows are kept for the chosen site (per_prompt)
+        train_rows = {side: SharedPrefix.split(*x, batch_size, model.device).row_resid(model, range(L), positions)
+                      for side, x in (("harmful", harmful_train), ("harmless", harmless_train))}
+        cands = _row_mean(train_rows["harmful"]) - _row_mean(train_rows["harmless"])
     hf_ids, hf_mask = harmful_val
     hl_ids, hl_mask = harmless_val
     # what every candidate compares against, computed once: the unedited harmless logits and the
@@ -301,8 +316,8 @@ def select_direction(
         base_hl_logits, hl_cone = shared_hl.record(model, [l for l in range(1, L) if l < layer_limit])
         base_hl_logits = _to64(base_hl_logits)
     base_hl_induce = float(refusal_log_odds(base_hl_logits, refusal_ids).mean())  # harmless val, unsteered
-    estimates, base_hf_bypass = first_order_bypass(model, hf_ids, hf_mask, cands.reshape(L * P, -1), refusal_ids,
-                                                   batch_size)
+    estimates, base_hf_bypass, base_hf_prompts = _first_order_bypass(model, hf_ids, hf_mask, cands.reshape(L * P, -1),
+                                                                     refusal_ids, batch_size)
     estimates = estimates.reshape(L, P)
 
     def mean_log_odds(logits) -> float:
@@ -333,8 +348,11 @@ def select_direction(
             return _cone_last_logits(model, hl_ids, hl_mask, hooks, cone_layer, hl_resid, batch_size)
         return _last_logits(model, hl_ids, hl_mask, hooks, batch_size)
 
+    ablated_prompts: dict[tuple[int, int], torch.Tensor] = {}
+
     def score_bypass(k):
-        rows[k]["bypass"] = mean_log_odds(harmful(ablation_hooks(model, cands[k])))
+        ablated_prompts[k] = refusal_log_odds(harmful(ablation_hooks(model, cands[k])), refusal_ids)
+        rows[k]["bypass"] = float(ablated_prompts[k].mean())
 
     def score_kl(k):
         rows[k]["kl"] = float(next_token_kl(base_hl_logits, harmless(ablation_hooks(model, cands[k]))).mean())
@@ -423,11 +441,25 @@ def select_direction(
         kept_top = sorted((r for r in top if r["kept"]), key=lambda r: r["bypass"])
         fast = kept_top[0] if kept_top else choose_candidate(top, kl_max, layer_limit, base_hl_induce)[0] if top else None
         agreement["top_k_agrees"] = fast is not None and (fast["layer"], fast["position"]) == (best["layer"], best["position"])
+    per_prompt = {"harmful_baseline": base_hf_prompts}
+    if (best["layer"], j) in ablated_prompts:
+        per_prompt["harmful_ablated"] = ablated_prompts[best["layer"], j].cpu()
+    if not policy.exhaustive:
+        per_prompt.update({f"train_{side}": x[:, best["layer"], j].clone() for side, x in train_rows.items()})
     return SelectionResult(direction=cands[best["layer"], j].clone(), layer=best["layer"], position=best["position"],
                            bypass=best["bypass"], induce=best["induce"], kl=best["kl"], table=table,
                            candidates=cands, positions=positions, fallback=fallback,
                            baseline={"harmful": base_hf_bypass, "harmless": base_hl_induce}, stage=stage,
-                           filters=applied_filters(stage, kl_max, max_layer_frac, base_hl_induce), agreement=agreement)
+                           filters=applied_filters(stage, kl_max, max_layer_frac, base_hl_induce), agreement=agreement,
+                           per_prompt=per_prompt)
+
+
+def _row_mean(rows: torch.Tensor) -> torch.Tensor:
+    """Mean over the first axis, summed row by row in order (:meth:`SharedPrefix.mean_resid`'s bits)."""
+    total = torch.zeros(rows.shape[1:], dtype=rows.dtype)
+    for x in rows:
+        total += x
+    return total / rows.shape[0]
 
 
 def _n_forwards(table: list[dict], n_harmful: int, n_harmless: int, n_layers: int) -> dict:

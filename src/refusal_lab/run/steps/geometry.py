@@ -76,8 +76,12 @@ def compute(ctx: RunContext) -> dict:
         # 3. the k-dimensional check: principal directions of the train differences, ablated on val
         bar.set_description("geometry: subspace")
         train_acts = {}
-        for side in ("harmful", "harmless"):
-            train_acts[side] = resid_at(model, enc["train", side], [layer], position)[:, 0]
+        for side in ("harmful", "harmless"):  # the direction step's rows where it kept them
+            name = f"direction_train_{side}"
+            if ctx.folder.has_vector(name) and d["n_train"][side] == len(train[side]):
+                train_acts[side] = ctx.folder.load_vector(name).to(torch.float64)
+            else:
+                train_acts[side] = resid_at(model, enc["train", side], [layer], position)[:, 0]
             bar.update(n_batches(len(train[side]), BATCH))
         basis, explained = geo.difference_basis(train_acts["harmful"], train_acts["harmless"], K)
         ctx.folder.save_vector("geometry_basis", basis, {"model": model.cfg.model_name, "layer": layer,
@@ -86,7 +90,13 @@ def compute(ctx: RunContext) -> dict:
                                                          "definition": geo.BASIS_DEFINITION})
         vectors["principal_1"] = basis[0]
         refusal_ids = default_refusal_token_ids(tok)
-        byp = geo.subspace_bypass(model, *enc["val", "harmful"], basis, r, refusal_ids, batch_size=16, bar=bar)
+        known = {}  # the direction step's harmful val log-odds (unedited, r̂ ablated) on the same prompts
+        if d["n_val"]["harmful"] == len(val["harmful"]):
+            scored = d.get("_val_log_odds") or {}
+            known = {key: torch.tensor(scored[f"harmful_{name}"], dtype=torch.float64)
+                     for key, name in (("baseline", "baseline"), ("direction", "ablated")) if f"harmful_{name}" in scored}
+        byp = geo.subspace_bypass(model, *enc["val", "harmful"], basis, r, refusal_ids, batch_size=16, bar=bar,
+                                  known=known)
         subspace = {"definition": geo.BASIS_DEFINITION.replace("{layer}", str(layer)), "layer": layer,
                     "column": position, "basis_split": "train", "n_basis": {s: len(train[s]) for s in train},
                     "split": "val", "explained": explained.tolist(), "baseline": byp["baseline"],
@@ -100,13 +110,18 @@ def compute(ctx: RunContext) -> dict:
         if selected:
             bar.set_description("geometry: heads")
             b = ctx.inputs.batches
-            res = geo.heads_to_direction(model, (b["harmful"].ids, b["harmful"].mask),
-                                         (b["harmless"].ids, b["harmless"].mask), selected, heads["cols"][0], r,
-                                         layer, seed=cfg.seed)
+            pairs = (b["harmful"].ids, b["harmful"].mask), (b["harmless"].ids, b["harmless"].mask)
+            inputs = ctx.inputs
+            T = inputs.prompts.seq_len
+            hcol = heads["cols"][0] + T if heads["cols"][0] < 0 else heads["cols"][0]
+            lp = geo.resid_patch_layer(selected, hcol, T - 1, layer)
+            hc = geo.head_caches(model, *pairs, selected, (inputs.tokens.refusal_id, inputs.tokens.compliance_id),
+                                 resid_layers=[layer, lp])  # the clean forwards every head computation shares
+            res = geo.heads_to_direction(model, *pairs, selected, heads["cols"][0], r, layer, seed=cfg.seed, hc=hc)
             per = res.pop("per_pair")
             heads_out = {**res, "position": heads.get("position"), "_per_pair": {k: v.tolist() for k, v in per.items()}}
             bar.update(1)
-            heads_out.update(heads_reads_paths(ctx, selected, heads["cols"], r))
+            heads_out.update(heads_reads_paths(ctx, hc, selected, heads["cols"], r))
             bar.update(1)
     finally:
         bar.close()
@@ -136,16 +151,13 @@ def resid_at(model, prompts: tuple[torch.Tensor, torch.Tensor], layers, position
     return geo.column_activations(model, *prompts, [f"blocks.{l}.hook_resid_pre" for l in layers], position, BATCH)
 
 
-def heads_reads_paths(ctx: RunContext, selected: list[tuple[int, int]], cols: list[int], r: torch.Tensor) -> dict:
+def heads_reads_paths(ctx: RunContext, hc: geo.HeadCaches, selected: list[tuple[int, int]], cols: list[int],
+                      r: torch.Tensor) -> dict:
     """What the refusal heads read (from the patched column(s) and the last one to every labelled
     column from the object on), their patch's path split (at the heads' columns, as the ``heads``
     step patches, and at the last column, where the direct path exists) and r̂ ablated downstream of
     them, on the object prompts (pair i: harmful i, harmless i)."""
     model, inputs, seed = ctx.model, ctx.inputs, ctx.cfg.seed
-    b = inputs.batches
-    tokens = (inputs.tokens.refusal_id, inputs.tokens.compliance_id)
-    hc = geo.head_caches(model, (b["harmful"].ids, b["harmful"].mask), (b["harmless"].ids, b["harmless"].mask),
-                         selected, tokens)
     pos = inputs.prompts.positions
     last = inputs.prompts.seq_len - 1
     queries = sorted(set(cols) | {last})
