@@ -215,6 +215,34 @@ def test_top_k_scores_only_the_top_k(tiny):
     assert res.agreement["mode"] == "top_k" and res.agreement["top_k"] == 2
 
 
+def test_selection_keeps_its_per_prompt_scores_and_train_rows(tiny):
+    """``per_prompt``: the harmful val log-odds unedited and with the chosen direction ablated (equal to
+    whole forwards; the ablated mean is the table's bypass bit for bit) and, in the top_k mode, the
+    train residuals at the chosen site (equal to whole forwards; their mean difference is the
+    direction bit for bit). The exhaustive mode keeps no train rows."""
+    from refusal_lab.steering.geometry import column_activations
+    from refusal_lab.steering.selection import _row_mean
+
+    splits = _splits(tiny)
+    res = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(kl_max=5.0))
+    pp = res.per_prompt
+    assert float(pp["harmful_ablated"].mean()) == res.bypass
+    assert math.isclose(float(pp["harmful_baseline"].mean()), res.baseline["harmful"], rel_tol=1e-6, abs_tol=1e-6)
+    val = splits[2]
+    for key, hooks in (("harmful_baseline", []), ("harmful_ablated", ablation_hooks(tiny, res.direction))):
+        want = refusal_log_odds(tiny(*val, fwd_hooks=hooks, logits="last"), REFUSAL).to(torch.float64)
+        torch.testing.assert_close(pp[key], want, rtol=1e-5, atol=1e-5)
+    site = [f"blocks.{res.layer}.hook_resid_pre"]
+    for side, (ids, mask) in (("harmful", splits[0]), ("harmless", splits[1])):
+        torch.testing.assert_close(pp[f"train_{side}"], column_activations(tiny, ids, mask, site, res.position)[:, 0],
+                                   rtol=1e-5, atol=1e-5)
+    assert torch.equal(_row_mean(pp["train_harmful"]) - _row_mean(pp["train_harmless"]), res.direction)
+    ex = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL,
+                          policy=DirectionPolicy(kl_max=5.0, exhaustive=True))
+    assert set(ex.per_prompt) == {"harmful_baseline", "harmful_ablated"}
+    assert float(ex.per_prompt["harmful_ablated"].mean()) == ex.bypass
+
+
 def test_policy_top_k_must_be_positive():
     from refusal_lab.errors import ConfigError
 

@@ -6,11 +6,14 @@ attend to, how their patch reaches the metric (directly vs through later layers)
 needs later layers to write along r̂ (computations in :mod:`refusal_lab.steering.geometry`; this
 module wires them to the run).
 
-Cost: a few batched forwards (test prompts once, train prompts up to the direction's layer, the
-harmful val prompts K + 2 times, the object prompts four times for heads → direction and seven more
-for the heads' reads, path split and downstream ablation: two cached clean forwards, two patched
-ones, five with r̂ ablated — after the heads' layer's writes, or from the residual after it on —
-or patched again), a few per cent of the steering steps.
+Cost: what the step would recompute it reuses — the train prompts' residuals at the direction's
+site and the harmful val prompts' unedited and r̂-ablated log-odds come from the direction step
+(``vectors/direction_train_{side}``, the record's per-prompt scores), and every head computation
+shares two clean forwards of the object prompts. It runs: the test prompts once (every layer, the
+chat template's common beginning once), the harmful val prompts K times (the k-dimensional
+ablations), and on the object prompts the two clean forwards plus cone runs — a patched forward
+starts at the first head layer from the clean residual cached there, an ablation at the layer
+after the heads, and the heads -> direction patches stop at the direction's layer.
 """
 
 from __future__ import annotations
