@@ -81,6 +81,22 @@ def test_agreement_does_not_rank_rounding_noise_around_zero():
     real = exact + torch.where(exact == 0, 1e-3 * torch.arange(21.0), torch.zeros(21))
     assert agreement(real, approx, k=15)["spearman"] != agreement(exact, approx, k=15)["spearman"]
 
+
+def test_agreement_does_not_rank_rounding_noise_between_equal_cells():
+    """A cumulative grid's consecutive layers are equal up to rounding where the added component
+    writes ~nothing: whichever way the rounding orders them (CPU-dependent), ρ and the top-k are the
+    same; a gap of 1e-3 of the scale is still ranked."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(14, generator=g)
+    approx = base + 0.3 * torch.randn(21, generator=g)[:14]
+    approx = torch.cat([approx, approx[:7] + 0.2 * torch.randn(7, generator=g)])
+    twin = torch.cat([base, base[:7]])  # cells 14..20 repeat cells 0..6
+    up = twin + torch.cat([torch.zeros(14), torch.full((7,), 3e-7)])
+    down = twin - torch.cat([torch.zeros(14), torch.full((7,), 3e-7)])
+    assert agreement(up, approx, k=10) == agreement(down, approx, k=10) == agreement(twin, approx, k=10)
+    apart = twin + torch.cat([torch.zeros(14), torch.full((7,), 1e-3 * float(base.abs().max()))])
+    assert agreement(apart, approx, k=10)["spearman"] != agreement(twin, approx, k=10)["spearman"]
+
 # ------------------------------------------------------------------------------------------ AtP*
 # The QK fix (refusal_lab.patching.qk_fix): later layers' attention logits are changed to first
 # order by the patched head's write into the residual stream, and their softmax is taken exactly.

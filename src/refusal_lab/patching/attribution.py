@@ -130,22 +130,36 @@ def qk_correction(
 
 
 NOISE_FLOOR = 1e-5
-"""Cells within ``NOISE_FLOOR × max |value|`` of zero count as exact zeros (ties) in :func:`agreement`:
-a patch that cannot change anything (the same activation in source and receiver) gives 0 up to fp32
-rounding, and that rounding (~1e-7, set by batch shape and CPU) must not decide ranks."""
+"""Cells within ``NOISE_FLOOR × max |value|`` of each other tie in :func:`agreement` (and cells that
+close to zero are zero): a patch that cannot change anything (the same activation in source and
+receiver) gives 0 up to fp32 rounding, and two cells that differ only by what the patch cannot
+change (a cumulative grid's consecutive layers where the added component writes ~nothing) are equal
+up to rounding; that rounding (~1e-7, set by batch shape and CPU) must not decide ranks."""
 
 
-def _snap_noise(x: np.ndarray) -> np.ndarray:
+def _tie_rounding(x: np.ndarray) -> np.ndarray:
+    """``x`` (float64) with each run of sorted values whose consecutive gaps are at most
+    ``NOISE_FLOOR × max |x|`` replaced by the run's smallest value; values that close to zero by 0."""
     x = x.astype(np.float64)
-    scale = float(np.abs(x[np.isfinite(x)]).max()) if np.isfinite(x).any() else 0.0
-    return np.where(np.abs(x) <= NOISE_FLOOR * scale, 0.0, x)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return x
+    tol = NOISE_FLOOR * float(np.abs(x[finite]).max())
+    x = np.where(np.abs(x) <= tol, 0.0, x)
+    idx = np.flatnonzero(finite)
+    order = idx[np.argsort(x[idx], kind="stable")]
+    out = x.copy()
+    for prev, cur in zip(order[:-1], order[1:]):
+        if x[cur] - x[prev] <= tol:
+            out[cur] = out[prev]
+    return out
 
 
 def agreement(exact: torch.Tensor, approx: torch.Tensor, k: int = 10) -> dict:
-    """Spearman ρ over cells and the overlap of the top-k cells (by value) of two grids. Cells at
-    zero to fp32 rounding (:data:`NOISE_FLOOR`) tie; ties in the top-k go to the earlier cell."""
-    e = _snap_noise(exact.flatten().double().numpy())
-    a = _snap_noise(approx.flatten().double().numpy())
+    """Spearman ρ over cells and the overlap of the top-k cells (by value) of two grids. Cells equal
+    to fp32 rounding (:data:`NOISE_FLOOR`) tie; ties in the top-k go to the earlier cell."""
+    e = _tie_rounding(exact.flatten().double().numpy())
+    a = _tie_rounding(approx.flatten().double().numpy())
     k = min(k, e.size)
     rho = float(spearmanr(e, a).statistic) if e.size > 1 else float("nan")
     top_e = set(np.argsort(-e, kind="stable")[:k].tolist())
