@@ -243,6 +243,27 @@ def test_selection_keeps_its_per_prompt_scores_and_train_rows(tiny):
     assert float(ex.per_prompt["harmful_ablated"].mean()) == ex.bypass
 
 
+def test_the_estimates_backward_batch_changes_no_choice(tiny, monkeypatch):
+    """The first-order estimate runs its backward over GRADIENT_BATCH prompts at a time (the step's
+    peak memory): a sum over prompts, so one prompt per backward gives the same estimates (to float64
+    rounding of fp32 gradients: 1e-6) and the same table, choice and scores as one batch of all."""
+    import refusal_lab.steering.selection as selection
+
+    splits = _splits(tiny)
+    runs = {}
+    for gb in (1, 16):
+        monkeypatch.setattr(selection, "GRADIENT_BATCH", gb)
+        runs[gb] = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL,
+                                    policy=DirectionPolicy(kl_max=5.0, top_k=3))
+    one, all_ = runs[1], runs[16]
+    est = lambda r: torch.tensor([row["bypass_estimate"] for row in r.table], dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(est(one), est(all_), rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert (one.layer, one.position) == (all_.layer, all_.position)
+    assert [r["reason"] for r in one.table] == [r["reason"] for r in all_.table]
+    torch.testing.assert_close(one.per_prompt["harmful_baseline"], all_.per_prompt["harmful_baseline"],
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_policy_top_k_must_be_positive():
     from refusal_lab.errors import ConfigError
 

@@ -52,6 +52,12 @@ ON_EMPTY = ("best", "raise")
 """What :class:`DirectionPolicy` does when every candidate is filtered out: relax the filters
 (:data:`STAGES`) and say so, or raise."""
 
+GRADIENT_BATCH = 4
+"""Prompts per backward of the selection's first-order estimate: a backward holds the whole graph
+of its batch, so it sets the direction step's peak memory (default model, fp32: 4.66 GiB at 16
+prompts, 3.73 at 8, 3.21 at 4, weights 2.35) while the estimate, a sum over prompts, is the same up
+to float64 rounding (9e-16) and no slower (117.6 / 108.8 / 110.6 s for the whole selection)."""
+
 
 @dataclass(frozen=True)
 class DirectionPolicy:
@@ -317,7 +323,7 @@ def select_direction(
         base_hl_logits = _to64(base_hl_logits)
     base_hl_induce = float(refusal_log_odds(base_hl_logits, refusal_ids).mean())  # harmless val, unsteered
     estimates, base_hf_bypass, base_hf_prompts = _first_order_bypass(model, hf_ids, hf_mask, cands.reshape(L * P, -1),
-                                                                     refusal_ids, batch_size)
+                                                                     refusal_ids, min(batch_size, GRADIENT_BATCH))
     estimates = estimates.reshape(L, P)
 
     def mean_log_odds(logits) -> float:
