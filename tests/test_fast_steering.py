@@ -282,6 +282,37 @@ def test_shared_beginning_equals_the_plain_loop_to_rounding(chat, stack, monkeyp
     assert len(list(length_batches(chat, INSTRUCTIONS, 3))) > 1
 
 
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("column", [-1, -3])
+def test_recorded_residuals_equal_whole_forwards_and_change_nothing(chat, share, column, monkeypatch):
+    """``record=(key, layers, column)``: the unedited setting's prompt prefill keeps every prompt's
+    ``blocks.{l}.hook_resid_pre`` at ``column`` — below the shared split from the shared lower
+    prefill, above it from its own — equal to a whole forward's cache (to 1e-5 with the common
+    beginning run once, float32 batch shapes; bit for bit without), in prompt order; scores and
+    completions of every setting are those of the same call without recording."""
+    import refusal_lab.steering.evaluation as evaluation
+    from refusal_lab.prompts import build_instruction_prompts
+
+    monkeypatch.setattr(evaluation, "SHARE_PREFIX", share)
+    v = torch.randn(chat.cfg.d_model, generator=torch.Generator().manual_seed(4))
+    settings = {"none": [], "add2": addition_hooks(v, 2, -3.0), "add1": addition_hooks(v, 1, 1.0)}  # split at 1
+    L = chat.cfg.n_layers
+    rec = evaluate_settings(chat, INSTRUCTIONS, settings, max_new_tokens=4, batch_size=3,
+                            record=("none", range(L), column))
+    plain = evaluate_settings(chat, INSTRUCTIONS, settings, max_new_tokens=4, batch_size=3)
+    for k in settings:
+        assert torch.equal(rec[k].scores, plain[k].scores) and rec[k].completions == plain[k].completions, k
+        assert (rec[k].resid is None) == (k != "none") and plain[k].resid is None
+    ids, mask = build_instruction_prompts(chat.tokenizer, INSTRUCTIONS)
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    cache = chat.prefill(ids, mask, names=names, logits="last").cache
+    want = torch.stack([cache[n][:, column] for n in names], 1).to(torch.float64)
+    assert rec["none"].resid.shape == (len(INSTRUCTIONS), L, chat.cfg.d_model)
+    torch.testing.assert_close(rec["none"].resid, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="record"):
+        evaluate_settings(chat, INSTRUCTIONS, settings, max_new_tokens=0, record=("none", range(L), 2))
+
+
 def test_edit_damage_equals_edit_kl_and_cross_entropy(model):
     ids, mask = padded_batch(model, pads=(0, 3, 1, 5, 2, 0, 4))
     v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(5))

@@ -74,6 +74,14 @@ def test_separation_equals_a_hand_projection_of_the_test_prompts(run):
             p = cache[f"blocks.{l}.hook_resid_pre"][:, d["position"]].to(torch.float64) @ rhat
             assert math.isclose(g["separation"][f"{side}_mean"][l], float(p.mean()), rel_tol=1e-6, abs_tol=1e-6)
             assert math.isclose(g["separation"][f"{side}_sd"][l], float(p.std()), rel_tol=1e-5, abs_tol=1e-6)
+        # what the curve read: the evaluation step's unedited prefills of the same prompts, every layer
+        kept = load_vector(out / "vectors" / f"evaluation_test_resid_{side}.safetensors")[0]
+        assert kept.shape == (len(test[side]), model.cfg.n_layers, model.cfg.d_model)
+        want = torch.stack([cache[f"blocks.{l}.hook_resid_pre"][:, d["position"]] for l in range(model.cfg.n_layers)], 1)
+        torch.testing.assert_close(kept, want, rtol=1e-5, atol=1e-5)
+        proj = kept.to(torch.float64) @ rhat.to(torch.float64)  # [n, L]
+        for l in range(model.cfg.n_layers):
+            assert math.isclose(g["separation"][f"{side}_mean"][l], float(proj[:, l].mean()), rel_tol=1e-12, abs_tol=1e-12)
 
 
 def test_ablating_rhat_reproduces_the_direction_steps_bypass(run):
@@ -179,3 +187,21 @@ def test_the_heads_reads_and_paths_agree_with_the_heads_step_and_the_cache(run):
                    .to(torch.float64) for s, c in caches.items()}
             assert torch.allclose(torch.tensor(row["difference"][i], dtype=torch.float64),
                                   (att["harmful"] - att["harmless"]).mean(0), atol=1e-6)
+
+
+def test_without_the_evaluation_steps_residuals_the_step_runs_the_test_prompts(run, tmp_path):
+    """A run folder whose evaluation step kept no test residuals (an older run, or a deleted file):
+    the geometry step runs the test prompts itself and finds the same separation (to 1e-6)."""
+    import shutil
+
+    model, cfg, out, r = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    for side in ("harmful", "harmless"):
+        (copy / "vectors" / f"evaluation_test_resid_{side}.safetensors").unlink()
+    (copy / "steps" / "geometry.json").unlink()
+    pipeline.Pipeline(model, cfg, copy, progress=False).run()
+    again = json.loads((copy / "results.json").read_text())["geometry"]["separation"]
+    for key in ("harmful_mean", "harmless_mean", "harmful_sd", "harmless_sd"):
+        for a, b in zip(again[key], r["geometry"]["separation"][key]):
+            assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6), key

@@ -152,6 +152,7 @@ class HookEvaluation:
     completions: list[str] | None = None  # None without generation
     refused: list[bool] | None = None
     full_texts: int | None = None  # completions from this prompt index on may be cut once their verdict was settled
+    resid: torch.Tensor | None = None  # float64 [n, layers, d]: the recorded residuals (evaluate_settings' record)
 
     @property
     def n(self) -> int:
@@ -349,34 +350,42 @@ def _prefix_first(ids: torch.Tensor, mask: torch.Tensor, P: int) -> tuple[torch.
     return out_ids, out_mask
 
 
-def _prompt_prefills(model, ids, mask, settings: Mapping, shared: Sequence, split: int, record_kv: bool, P: int):
+def _prompt_prefills(model, ids, mask, settings: Mapping, shared: Sequence, split: int, record_kv: bool, P: int,
+                     watch=None, layers: Sequence[int] = ()):
     """``(key, Prefill)`` per setting: the batch's prompt prefill under that setting's hooks
     (last-column logits; with ``record_kv`` the keys and values of all its columns), one at a time.
 
     The ``shared`` settings (their edits at or above ``split``) start from one unedited prefill of
     the blocks below ``split``. With ``P`` (a batch laid out by :func:`_prefix_first`), the first
     ``P`` columns, the same tokens in every row, run once as a one-row prompt and the rest of every
-    row continues on their keys and values (equal to the whole prefill to rounding)."""
+    row continues on their keys and values (equal to the whole prefill to rounding). The ``watch``
+    setting's Prefill also caches ``blocks.{l}.hook_resid_pre`` of ``layers`` over the columns after
+    the first ``P`` (from the shared lower prefill below ``split``)."""
     b = ids.shape[0]
     head, tail = (ids[:1, :P], ids[:, P:]) if P else (None, ids)
+    names = [f"blocks.{l}.hook_resid_pre" for l in layers] if watch is not None else []
     head_lower = model.prefill(head, record_kv=True, stop_layer=split, logits="none") if P and split else None
     lower = None
     if split:
+        low_names = [f"blocks.{l}.hook_resid_pre" for l in layers if l < split] if watch in shared else []
         lower = model.prefill(tail, mask, kv_prefix=repeat_rows(head_lower.kv, b) if P else None, record_kv=record_kv,
-                              stop_layer=split, logits="none")
+                              stop_layer=split, logits="none", names=low_names or None)
     for key, hooks in settings.items():
         start = split if lower is not None and key in shared else 0
+        watched = key == watch and bool(names)
         kv = None
         if P:
             kv = model.prefill(head, fwd_hooks=hooks, record_kv=True, logits="none", start_layer=start,
                                resid=head_lower.resid if start else None).kv  # the blocks from start on
         if start:
+            up_names = [f"blocks.{l}.hook_resid_pre" for l in layers if l >= start] if watched else []
             up = model.prefill(tail, mask, fwd_hooks=hooks, kv_prefix=repeat_rows(kv, b), record_kv=record_kv,
-                               logits="last", start_layer=start, resid=lower.resid)
-            yield key, Prefill(up.logits, up.resid, None, {**lower.kv, **up.kv})
+                               logits="last", start_layer=start, resid=lower.resid, names=up_names or None)
+            cache = {**(lower.cache or {}), **(up.cache or {})} if watched else None
+            yield key, Prefill(up.logits, up.resid, cache, {**lower.kv, **up.kv})
         else:
             yield key, model.prefill(tail, mask, fwd_hooks=hooks, kv_prefix=repeat_rows(kv, b), record_kv=record_kv,
-                                     logits="last")
+                                     logits="last", names=(names or None) if watched else None)
 
 
 STACK_DECODING = True
@@ -391,9 +400,15 @@ K = TypeVar("K", bound=Hashable)
 def evaluate_settings(model, prompts: Sequence[str], settings: Mapping[K, Sequence], *, judge: Judge | None = None,
                       score: Callable[[torch.Tensor], torch.Tensor] | None = None, max_new_tokens: int = 24,
                       batch_size: int = 16, batches: Iterable[Batch] | None = None, bar=None,
-                      full_texts: int | Mapping[K, int] | None = None) -> dict[K, HookEvaluation]:
+                      full_texts: int | Mapping[K, int] | None = None,
+                      record: tuple[K, Sequence[int], int] | None = None) -> dict[K, HookEvaluation]:
     """:func:`evaluate_hooks` of each hook setting in ``settings`` (``{key: fwd_hooks}``) on the same
     prompts: ``{key: HookEvaluation}``, each equal to its own :func:`evaluate_hooks` run.
+
+    ``record = (key, layers, column)``: that setting's prompt prefill also keeps every prompt's
+    ``blocks.{l}.hook_resid_pre`` of ``layers`` at ``column`` (counted from the end, so the same
+    token of every left-padded prompt) in its :attr:`HookEvaluation.resid` — what a later step
+    would otherwise run the prompts again for.
 
     Per batch, the settings whose lowest edited layer (:func:`lowest_layer`) is above 0 share one
     prompt prefill of the blocks below the lowest of those layers. ``full_texts`` (one number or one
@@ -420,14 +435,26 @@ def evaluate_settings(model, prompts: Sequence[str], settings: Mapping[K, Sequen
     stacked = [k for k in settings if _rows_alike(settings[k])]
     if not (STACK_DECODING and len(stacked) > 1 and eos and set(eos) <= set(getattr(model.tokenizer, "all_special_ids", ()))):
         stacked = []
+    watch, rec_layers, rec_col = record if record is not None else (None, (), -1)
+    if record is not None and not (watch in settings and rec_col < 0):
+        raise ValueError("record needs a key of settings and a column counted from the end (< 0).")
+    resid = None
     for idx, ids, mask in batches:
         P = _shared_start(model, ids, mask, settings.values(), ids.shape[1] + max(max_new_tokens, 0)) if SHARE_PREFIX else 0
+        if P and record is not None and -rec_col > int(mask.sum(1).min()) - P:
+            P = 0  # the recorded column must lie after the shared beginning in every row
         if P:
             ids, mask = _prefix_first(ids, mask, P)
         firsts = {}
-        for key, first in _prompt_prefills(model, ids, mask, settings, shared, split, generate, P):
+        for key, first in _prompt_prefills(model, ids, mask, settings, shared, split, generate, P,
+                                           watch=watch, layers=list(rec_layers)):
             hooks = settings[key]
             scores[key][idx] = score(first.logits).reshape(-1).to(torch.float64).cpu()
+            if key == watch and rec_layers:
+                got = torch.stack([first.cache[f"blocks.{l}.hook_resid_pre"][:, rec_col] for l in rec_layers], 1)
+                if resid is None:
+                    resid = torch.zeros(len(prompts), len(rec_layers), got.shape[-1], dtype=torch.float64)
+                resid[idx] = got.to(torch.float64).cpu()
             tokens = None
             if generate and key in stacked:
                 firsts[key] = first
@@ -448,12 +475,12 @@ def evaluate_settings(model, prompts: Sequence[str], settings: Mapping[K, Sequen
                 if bar is not None:
                     bar.update(1)
     if not generate:
-        return {k: HookEvaluation(prompts, scores[k]) for k in settings}
+        return {k: HookEvaluation(prompts, scores[k], resid=resid if k == watch else None) for k in settings}
     out = {}
     for k in settings:
         refused = [bool(r) for r in judge(prompts, completions[k])]
         cut = keep[k] if _settled_stop(model, judge, range(len(prompts)), keep[k]) is not None else None
-        out[k] = HookEvaluation(prompts, scores[k], completions[k], refused, cut)
+        out[k] = HookEvaluation(prompts, scores[k], completions[k], refused, cut, resid=resid if k == watch else None)
     return out
 
 

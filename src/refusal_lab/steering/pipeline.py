@@ -188,8 +188,13 @@ def steering_step(model, s: SteeringSettings, direction: dict, direction_vector:
 # ----------------------------------------------------------------------------------- evaluation
 
 def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vector: torch.Tensor, alpha: float,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, record_resid: bool = False) -> dict:
     """Held-out test refusal rates with baselines, and KL / cross-entropy on harmless prompts.
+
+    ``record_resid``: the unedited prefill of each side's test prompts also keeps their
+    ``blocks.{l}.hook_resid_pre`` at every layer at the direction's column, returned (float64
+    ``[n, n_layers, d]``, prompt order) under ``"_test_resid"`` ``{side: tensor}`` for the caller
+    to store (the geometry step's separation curve reads them instead of running the prompts again).
 
     Each rate entry: ``value``, ``k`` (refusals counted), ``ci95`` (Wilson 95 % of ``value``), ``n``,
     ``baseline``, ``baseline_k``, ``baseline_ci95``, the refusal scores and the intervention. One
@@ -215,8 +220,11 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
         for side in ("harmless", "harmful"):  # a side's settings at once: one tokenization, shared lower blocks
             keys = [k for k, (sd, _) in settings.items() if sd == side]
             bar.set_description(f"evaluation: {side} {', '.join(k.split('_', 1)[1] for k in keys)}")
+            record = ((f"{side}_baseline", range(model.cfg.n_layers), direction["position"])
+                      if record_resid and direction["position"] < 0 else None)
             runs.update(evaluate_settings(model, test[side], {k: settings[k][1] for k in keys},
-                                          full_texts={k: n_shown if k in shown else 0 for k in keys}, **kw))
+                                          full_texts={k: n_shown if k in shown else 0 for k in keys}, record=record,
+                                          **kw))
         n_dmg = min(len(test["harmless"]), 16)
         ids, mask = build_instruction_prompts(model.tokenizer, test["harmless"][:n_dmg])
         bar.set_description(f"evaluation: damage of the {', '.join(damage_edits)}")
@@ -246,4 +254,5 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
                                                 f"subtract {alpha:g} x direction at blocks.{layer}.hook_resid_pre"),
         "damage": damage,
         "samples": samples,
-    }
+    } | ({"_test_resid": {side: runs[f"{side}_baseline"].resid for side in ("harmless", "harmful")}}
+         if record_resid and direction["position"] < 0 else {})

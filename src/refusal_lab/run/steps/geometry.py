@@ -8,9 +8,11 @@ module wires them to the run).
 
 Cost: what the step would recompute it reuses — the train prompts' residuals at the direction's
 site and the harmful val prompts' unedited and r̂-ablated log-odds come from the direction step
-(``vectors/direction_train_{side}``, the record's per-prompt scores), and every head computation
-shares two clean forwards of the object prompts. It runs: the test prompts once (every layer, the
-chat template's common beginning once), the harmful val prompts K times (the k-dimensional
+(``vectors/direction_train_{side}``, the record's per-prompt scores), the test prompts' residuals
+at every layer from the evaluation step's unedited prefills (``vectors/evaluation_test_resid_{side}``),
+and every head computation shares two clean forwards of the object prompts. It runs: the test
+prompts only where those are missing (every layer, the chat template's common beginning once), the
+harmful val prompts K times (the k-dimensional
 ablations), and on the object prompts the two clean forwards plus cone runs — a patched forward
 starts at the first head layer from the clean residual cached there, an ablation at the layer
 after the heads, and the heads -> direction patches stop at the direction's layer.
@@ -26,6 +28,7 @@ from refusal_lab.prompts import build_instruction_prompts
 from refusal_lab.run.folder import public
 from refusal_lab.run.step import RunContext, Step
 from refusal_lab.run.steps.direction import enabled
+from refusal_lab.run.steps.evaluation import TEST_RESID
 from refusal_lab.steering import geometry as geo
 from refusal_lab.steering.batching import instruction_sample, n_batches, progress_bar
 from refusal_lab.steering.interventions import unit
@@ -61,8 +64,14 @@ def compute(ctx: RunContext) -> dict:
     try:
         # 1. separation of the test prompts along r̂ at every layer (the direction's column)
         acts = {}
-        for side in ("harmful", "harmless"):
-            acts[side] = resid_at(model, enc["test", side], range(L), position)
+        for side in ("harmful", "harmless"):  # the evaluation step's unedited prefills recorded them
+            name = TEST_RESID.format(side=side)
+            kept = ctx.folder.load_vector(name) if ctx.folder.has_vector(name) else None
+            ev = ctx.records.get("evaluation") or {}
+            if kept is not None and tuple(kept.shape[:2]) == (len(test[side]), L) and ev.get("layer") == layer:
+                acts[side] = kept.to(torch.float64)
+            else:
+                acts[side] = resid_at(model, enc["test", side], range(L), position)
             bar.update(n_batches(len(test[side]), BATCH))
         curve = geo.separation_curve(acts["harmful"], acts["harmless"], r, seed=cfg.seed)
         proj = curve.pop("projections")
