@@ -309,6 +309,34 @@ def test_cli_optimize_writes_and_reloads(chat_folder, tmp_path, capsys):
     assert again["chosen"]["params"] == rec["chosen"]["params"]
 
 
+@pytest.mark.skipif(not __import__("shutil").which("chromium") and not __import__("os").environ.get("CI"),
+                    reason="chromium not installed (CI installs the Debian package and runs this)")
+def test_optimize_page_in_headless_chromium(chat_folder, tmp_path):
+    """optimize.html in a real browser: plotly draws the scatter offline with no console error, the
+    legend names the trial groups, the rate axis is [0, 1] (not plotly's [-1, 1] when every rate is 0),
+    and each rate cell shows its value, Wilson interval and count."""
+    from tests.test_report import CHROMIUM, chromium
+
+    assert CHROMIUM, "chromium is required in CI (apt-get install -y chromium)"
+    model = load_model(str(chat_folder), dtype="float32", device="cpu", progress=False)
+    rec = run_optimization(model, tmp_path / "opt", OptimizeSettings(n_trials=3, **SMALL), progress=False, save=False)
+    page = tmp_path / "opt" / "optimize.html"
+    doc = page.read_text()
+    data = json.loads(re.search(r'id="figure-data">(.*?)</script>', doc, re.S).group(1))
+    (fig,) = data.values() if isinstance(data, dict) else data
+    layout = fig["layout"] if isinstance(fig, dict) else fig[1]
+    assert layout["showlegend"] is True and layout["yaxis"]["range"] == [-0.03, 1.03]
+    n = rec["baseline"]["refusal"]["n"]
+    assert re.search(rf"<td>\d\.\d{{3}} \[\d\.\d\d, \d\.\d\d\] \(\d+/{n}\)</td>", doc), "a rate cell lacks its value"
+    proc = chromium(page.resolve().as_uri(), tmp_path / "profile", "--dump-dom", "--enable-logging=stderr", "--v=0")
+    dom = proc.stdout
+    assert "</html>" in dom, "chromium produced no DOM"
+    errors = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and ("Uncaught" in ln or "Error" in ln)]
+    assert not errors, errors
+    assert dom.count('class="main-svg"') >= 1 and "legendtext" in dom
+    assert "chosen" in dom.split('class="main-svg"', 1)[1]  # the chosen trial's legend entry is drawn
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--eval-set", "nosuchset"], "Unknown eval set"),
     (["--trials", "0"], "--trials must be at least 1"),

@@ -670,13 +670,15 @@ def write_optimize_html(record: dict, path: str | Path) -> Path:
     chart = Chart((f"Refusal rate vs first-token KL, {len(trials)} trials",
                    f"{s['eval_set']}, optimise split; dashed line: max KL {s['max_kl']:g}"),
                   series, xlabel="KL(original || edited), harmless", ylabel="refusal rate, harmful",
-                  rules=[Rule(s["max_kl"], axis="v", name=f"max KL {s['max_kl']:g}")])
+                  rules=[Rule(s["max_kl"], axis="v", name=f"max KL {s['max_kl']:g}")], ylim=(-0.03, 1.03),
+                  legend=True)
     js = plotly_js()
     plots = Plots(enabled=js is not None)
     c = record["chosen"]
 
-    def rate(r):
-        return rate_ci(r.get("ci95"), r.get("k"), r.get("n")) or fmt(r.get("rate"))
+    def rate(r):  # "0.125 [0.04, 0.31] (3/24)": the value, its Wilson interval and count
+        ci = rate_ci(r.get("ci95"), r.get("k"), r.get("n"))
+        return f"{fmt(r.get('rate'))} {ci}" if ci else fmt(r.get("rate"))
 
     rows = [["optimise split, original", rate(record["baseline"]["refusal"]), fmt(record["baseline"]["kl"], 4), "—"],
             ["optimise split, chosen (hooks)", rate(c["optimize"]["refusal"]), fmt(c["optimize"]["kl"], 4),

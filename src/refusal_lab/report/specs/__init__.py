@@ -120,6 +120,12 @@ class Chart:
     xticks: list[str] | None = None
     ylim: tuple[float, float] | None = None
     xlim: tuple[float, float] | None = None
+    legend: bool | None = None  # None: a legend when lines, bars or named rules need one (not for points alone)
+
+    def shows_legend(self) -> bool:
+        if self.legend is not None:
+            return self.legend
+        return sum(s.kind != "points" for s in self.series) + sum(bool(r.name) for r in self.rules) > 1
 
 
 @dataclass
