@@ -180,8 +180,10 @@ def test_top_k_covering_every_candidate_chooses_as_exhaustive(tiny):
             assert math.isnan(f["bypass"]) and not f["kept"] and "not scored" in f["reason"] or f["reason"] == "zero direction"
         elif f["reason"] != "zero direction":
             assert f["bypass"] == pytest.approx(e["bypass"], abs=1e-5)
-            if not math.isnan(f["kl"]):
+            if not math.isnan(f["kl"]) and f["kl_prompts"] == splits[3][0].shape[0]:
                 assert f["kl"] == pytest.approx(e["kl"], abs=1e-5) and f["kept"] == e["kept"]
+            elif not math.isnan(f["kl"]):  # stopped early: a lower bound that already fails
+                assert kw["kl_max"] <= f["kl"] <= e["kl"] + 1e-6 and not f["kept"] and not e["kept"]
     kept_fast = [r for r in fast.table if r["kept"]]
     assert len(kept_fast) <= 1 and all(r["bypass"] == fast.bypass for r in kept_fast)
 
@@ -198,6 +200,39 @@ def test_lazy_kl_chooses_as_the_policy_on_every_score(tiny, kl_max):
     assert ex.agreement["top_k_agrees"] is True
     n_kl = fast.agreement["n_scored"]["kl"]
     assert n_kl <= fast.agreement["n_scored"]["induce"] == fast.agreement["n_scored"]["bypass"]
+
+
+@pytest.mark.parametrize("kl_max", [0.05, 1e-3, 1e-12])
+def test_kl_stopped_once_its_sum_decides_chooses_as_every_prompt(tiny, kl_max, monkeypatch):
+    """The top_k mode's KL in chunks of KL_CHUNK prompts, stopped once the sum so far reaches
+    kl_max x n (KL >= 0): the same choice, stage and verdicts as scoring every prompt (KL_CHUNK
+    larger than the split); a stopped row's kl is a lower bound of the full mean that already fails,
+    with kl_prompts < n, and the forwards count only the prompts run."""
+    import refusal_lab.steering.selection as selection
+
+    splits = _splits(tiny)
+    n = splits[3][0].shape[0]
+    pol = DirectionPolicy(kl_max=kl_max, max_layer_frac=1.0, top_k=99)
+    monkeypatch.setattr(selection, "KL_CHUNK", 64)
+    whole = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=pol)
+    monkeypatch.setattr(selection, "KL_CHUNK", 1)
+    lazy = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=pol)
+    assert (lazy.layer, lazy.position, lazy.stage) == (whole.layer, whole.position, whole.stage)
+    stopped = 0
+    for a, b in zip(lazy.table, whole.table):
+        assert a["kept"] == b["kept"] and math.isnan(a["kl"]) == math.isnan(b["kl"])
+        if math.isnan(a["kl"]):
+            continue
+        assert b["kl_prompts"] == n and (a["kl"] < kl_max) == (b["kl"] < kl_max)
+        if a["kl_prompts"] < n:
+            stopped += 1
+            assert kl_max <= a["kl"] <= b["kl"] + 1e-7 and "a lower bound" in a["reason"]
+        else:
+            assert a["kl"] == pytest.approx(b["kl"], rel=1e-5, abs=1e-7)
+    if kl_max <= 1e-3:
+        assert stopped > 0  # the early stop fired
+    n_kl = sum(r["kl_prompts"] for r in lazy.table if not math.isnan(r["kl"]))
+    assert lazy.agreement["n_forwards"]["kl"] == n_kl
 
 
 def test_top_k_scores_only_the_top_k(tiny):

@@ -158,9 +158,11 @@ DirectionFilters = TypedDict("DirectionFilters", {"kl_max": Union[float, None], 
 SideCounts = TypedDict("SideCounts", {"harmful": int, "harmless": int})
 """Instructions used per side."""
 Candidate = TypedDict("Candidate", {"layer": int, "position": int, "norm": Real, "bypass": Real, "induce": Real,
-                                   "kl": Real, "kept": bool, "reason": str, "bypass_estimate": NotRequired[Real]})
+                                   "kl": Real, "kept": bool, "reason": str, "bypass_estimate": NotRequired[Real],
+                                   "kl_prompts": NotRequired[int]})
 """One difference-in-means candidate (layer x end-of-instruction column) scored on val (null: not
-scored, ``reason`` says why) and its first-order bypass estimate."""
+scored, ``reason`` says why), its first-order bypass estimate and, in the top_k mode, the harmless
+prompts its ``kl`` covers (fewer than all: ``kl`` is a lower bound that already fails ``kl_max``)."""
 SelectionForwards = TypedDict("SelectionForwards", {"bypass": Real, "kl": Real, "induce": Real, "estimate": Real,
                                                    "total": Real})
 """The scoring's model work in prompt-forwards (one prompt through every layer; the induce cones by

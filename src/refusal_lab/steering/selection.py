@@ -52,6 +52,13 @@ ON_EMPTY = ("best", "raise")
 """What :class:`DirectionPolicy` does when every candidate is filtered out: relax the filters
 (:data:`STAGES`) and say so, or raise."""
 
+KL_CHUNK = 4
+"""Prompts per forward of the top_k mode's KL scoring: KL >= 0 per prompt, so once the chunks run so
+far sum to ``kl_max × n`` the candidate fails ``kl < kl_max`` whatever the rest give, and the rest
+are not run (its row's ``kl`` is then that lower bound of the mean, ``kl_prompts`` the prompts it
+covers; the verdict, hence the choice, is exact). On the default model the ten candidates that fail
+have KL 0.16-0.93 against ``kl_max`` 0.1."""
+
 GRADIENT_BATCH = 4
 """Prompts per backward of the selection's first-order estimate: a backward holds the whole graph
 of its batch, so it sets the direction step's peak memory (default model, fp32: 4.66 GiB at 16
@@ -319,6 +326,8 @@ def select_direction(
         # addition in its cone from the unedited residuals of the layers that can be chosen
         shared_hf = SharedPrefix.split(hf_ids, hf_mask, batch_size, model.device)
         shared_hl = SharedPrefix.split(hl_ids, hl_mask, batch_size, model.device)
+        kl_split = SharedPrefix.split(hl_ids, hl_mask, KL_CHUNK, model.device)
+        kl_chunks = [(SharedPrefix(kl_split.prefix, [b], len(b[0])), b[0]) for b in kl_split.batches]
         base_hl_logits, hl_cone = shared_hl.record(model, [l for l in range(1, L) if l < layer_limit])
         base_hl_logits = _to64(base_hl_logits)
     base_hl_induce = float(refusal_log_odds(base_hl_logits, refusal_ids).mean())  # harmless val, unsteered
@@ -361,7 +370,16 @@ def select_direction(
         rows[k]["bypass"] = float(ablated_prompts[k].mean())
 
     def score_kl(k):
-        rows[k]["kl"] = float(next_token_kl(base_hl_logits, harmless(ablation_hooks(model, cands[k]))).mean())
+        if policy.exhaustive:
+            rows[k]["kl"] = float(next_token_kl(base_hl_logits, harmless(ablation_hooks(model, cands[k]))).mean())
+            return
+        hooks, n, total, m = ablation_hooks(model, cands[k]), len(base_hl_logits), 0.0, 0
+        for chunk, idx in kl_chunks:  # KL >= 0: stop once the sum so far decides kl >= kl_max
+            total += float(next_token_kl(base_hl_logits[idx], _to64(chunk.last_logits(model, hooks))).sum())
+            m += len(idx)
+            if total >= kl_max * n:
+                break
+        rows[k]["kl"], rows[k]["kl_prompts"] = total / n, m
 
     def score_induce(k):
         l, r = k[0], cands[k]
@@ -415,7 +433,10 @@ def select_direction(
                       "(induce below the filter, or a candidate of lower bypass passed)")
         else:
             if not row["kl"] < kl_max:
-                reasons.append(f"kl {row['kl']:.4g} >= kl_max {kl_max:g}")
+                m, n = row.get("kl_prompts"), hl_ids.shape[0]
+                reasons.append(f"kl {row['kl']:.4g} >= kl_max {kl_max:g}" if m is None or m == n else
+                               f"kl >= {row['kl']:.4g} >= kl_max {kl_max:g} (a lower bound: {m} of {n} prompts "
+                               f"already sum past kl_max x {n})")
             if not row["induce"] > 0:
                 reasons.append(f"induce {row['induce']:.4g} <= 0")
             if not l < layer_limit:
@@ -473,7 +494,7 @@ def _n_forwards(table: list[dict], n_harmful: int, n_harmless: int, n_layers: in
     layer; the top_k mode's shared chat-template beginning, which saves more, is not counted): the
     ablated forwards of bypass and kl, and induce counted by the layers its cone ran."""
     bypass = sum(1 for r in table if r["bypass"] == r["bypass"]) * n_harmful
-    kl = sum(1 for r in table if r["kl"] == r["kl"]) * n_harmless
+    kl = sum(r.get("kl_prompts", n_harmless) for r in table if r["kl"] == r["kl"])
     induce = sum((n_layers - r["layer"]) / n_layers for r in table if r["induce"] == r["induce"]) * n_harmless
     return {"bypass": bypass, "kl": kl, "induce": round(induce, 2), "estimate": 3 * n_harmful,
             "total": round(bypass + kl + induce + 3 * n_harmful, 2)}
