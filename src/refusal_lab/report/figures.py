@@ -156,7 +156,7 @@ def draw_chart(ax: Axes, c: Chart) -> None:
     ax.set_xlabel(mpl_text(c.xlabel))
     ax.set_ylabel(mpl_text(c.ylabel), fontsize=8)
     ax.set_title(mpl_lines(c.title), fontsize=9)
-    if ax.get_legend_handles_labels()[0] and (c.legend if c.legend is not None else any(s.kind != "points" for s in c.series)):
+    if ax.get_legend_handles_labels()[0] and c.shows_legend(any(s.kind != "points" for s in c.series)):
         ax.legend(fontsize=7)
 
 

@@ -170,10 +170,11 @@ def chart_figure(c: Chart, height: int = 420) -> tuple[list[dict], dict, int]:
     yaxis: dict[str, Any] = {"title": {"text": ptext(c.ylabel)}, "zeroline": False}
     if c.ylim:
         yaxis["range"] = list(c.ylim)
+    legend = sum(s.kind != "points" for s in c.series) + sum(bool(r.name) for r in c.rules) > 1
     layout = {"title": title, "margin": {"l": 70, "r": 30, "t": top, "b": 90}, "xaxis": xaxis, "yaxis": yaxis,
               "shapes": shapes, "legend": {"orientation": "h", "y": -0.25},
               "barmode": "group" if len(bars) > 1 and all(s.x == bars[0].x for s in bars) else "overlay",
-              "showlegend": c.shows_legend()}
+              "showlegend": c.shows_legend(legend)}
     return data, layout, height
 
 

@@ -215,13 +215,13 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
     total = sum(n_batches(len(test[side]), s.batch_size) for side, _ in settings.values()) + 2 * len(damage_edits)
     bar = progress_bar(total, "evaluation", progress)
     kw = dict(judge=s.judge, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, bar=bar)
+    recording = record_resid and direction["position"] < 0  # a column from the end: the same token in every row
     try:
         runs = {}
         for side in ("harmless", "harmful"):  # a side's settings at once: one tokenization, shared lower blocks
             keys = [k for k, (sd, _) in settings.items() if sd == side]
             bar.set_description(f"evaluation: {side} {', '.join(k.split('_', 1)[1] for k in keys)}")
-            record = ((f"{side}_baseline", range(model.cfg.n_layers), direction["position"])
-                      if record_resid and direction["position"] < 0 else None)
+            record = (f"{side}_baseline", range(model.cfg.n_layers), direction["position"]) if recording else None
             runs.update(evaluate_settings(model, test[side], {k: settings[k][1] for k in keys},
                                           full_texts={k: n_shown if k in shown else 0 for k in keys}, record=record,
                                           **kw))
@@ -254,5 +254,4 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
                                                 f"subtract {alpha:g} x direction at blocks.{layer}.hook_resid_pre"),
         "damage": damage,
         "samples": samples,
-    } | ({"_test_resid": {side: runs[f"{side}_baseline"].resid for side in ("harmless", "harmful")}}
-         if record_resid and direction["position"] < 0 else {})
+    } | ({"_test_resid": {side: runs[f"{side}_baseline"].resid for side in ("harmless", "harmful")}} if recording else {})

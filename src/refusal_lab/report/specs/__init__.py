@@ -120,12 +120,11 @@ class Chart:
     xticks: list[str] | None = None
     ylim: tuple[float, float] | None = None
     xlim: tuple[float, float] | None = None
-    legend: bool | None = None  # None: a legend when lines, bars or named rules need one (not for points alone)
+    legend: bool | None = None  # None: each renderer's own rule (a legend for lines, bars or named rules, not points alone)
 
-    def shows_legend(self) -> bool:
-        if self.legend is not None:
-            return self.legend
-        return sum(s.kind != "points" for s in self.series) + sum(bool(r.name) for r in self.rules) > 1
+    def shows_legend(self, default: bool) -> bool:
+        """:attr:`legend` where set, else the renderer's ``default``."""
+        return self.legend if self.legend is not None else default
 
 
 @dataclass

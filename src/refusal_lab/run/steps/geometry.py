@@ -64,11 +64,11 @@ def compute(ctx: RunContext) -> dict:
     try:
         # 1. separation of the test prompts along r̂ at every layer (the direction's column)
         acts = {}
+        same_direction = (ctx.records.get("evaluation") or {}).get("layer") == layer
         for side in ("harmful", "harmless"):  # the evaluation step's unedited prefills recorded them
             name = TEST_RESID.format(side=side)
-            kept = ctx.folder.load_vector(name) if ctx.folder.has_vector(name) else None
-            ev = ctx.records.get("evaluation") or {}
-            if kept is not None and tuple(kept.shape[:2]) == (len(test[side]), L) and ev.get("layer") == layer:
+            kept = ctx.folder.load_vector(name) if same_direction and ctx.folder.has_vector(name) else None
+            if kept is not None and tuple(kept.shape[:2]) == (len(test[side]), L):
                 acts[side] = kept.to(torch.float64)
             else:
                 acts[side] = resid_at(model, enc["test", side], range(L), position)
