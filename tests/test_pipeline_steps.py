@@ -52,3 +52,32 @@ def test_a_new_step_is_one_function_and_one_line(tiny, tmp_path, monkeypatch):
     assert "my_step" in first["timings"]
     again = pipeline.Pipeline(model, cfg, tmp_path / "run", progress=False).run()
     assert calls == [1] and again["my_step"] == first["my_step"]  # read back, not recomputed
+
+
+def test_resid_post_reuses_resid_pre_rows(tiny, tmp_path):
+    """resid_post at layer l is resid_pre at layer l + 1: after the resid_pre step, the resid_post
+    step computes only its last layer and takes the rest from resid_pre; the grid equals the whole
+    resid_post grid computed by the engine on its own (to fp32 rounding of other batch shapes)."""
+    import torch
+
+    from refusal_lab.patching.engine import patch_grid
+
+    folder, model = tiny
+    cfg = RunConfig(model=str(folder), **(CFG | {"grids": ["resid_pre", "resid_post"]}))
+    pipe = pipeline.Pipeline(model, cfg, tmp_path / "run", progress=False)
+    pipe.run()
+    ctx, L = pipe.ctx, model.cfg.n_layers
+    rec = ctx.records["patch_resid_post_sufficiency"]
+    assert rec["reused"] == {"from": "patch_resid_pre_sufficiency", "layers": list(range(L - 1))}
+    inputs = ctx.inputs
+    whole = patch_grid(model, inputs.receiver("harmless"), inputs.source_cache("harmful"), inputs.grid_spec("resid_post"),
+                       inputs.metric, progress=False)
+    got = torch.as_tensor(rec["per_pair"])
+    assert got.shape == whole.shape
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+    alone = pipeline.Pipeline(model, RunConfig(model=str(folder), **(CFG | {"grids": ["resid_post"]})),
+                              tmp_path / "alone", progress=False)
+    alone.run()
+    rec = alone.ctx.records["patch_resid_post_sufficiency"]
+    assert "reused" not in rec
+    torch.testing.assert_close(torch.as_tensor(rec["per_pair"]), whole, rtol=1e-5, atol=1e-5)

@@ -161,8 +161,8 @@ def test_exhaustive_reproduces_the_papers_loop(tiny, kl_max):
 
 
 def test_top_k_covering_every_candidate_chooses_as_exhaustive(tiny):
-    """With top_k >= the eligible candidates, the fast mode scores each one's bypass and chooses what
-    the exhaustive mode chooses; kl only until the first candidate (by bypass) passes."""
+    """With top_k >= the eligible candidates, the fast mode scores each one's kl, the bypass of those
+    that pass it, and chooses what the exhaustive mode chooses."""
     splits = _splits(tiny)
     kw = dict(kl_max=5.0, max_layer_frac=0.7)
     ex = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw, exhaustive=True))
@@ -179,9 +179,14 @@ def test_top_k_covering_every_candidate_chooses_as_exhaustive(tiny):
         if f["layer"] >= 0.7 * L:  # dropped by the layer filter: listed, not scored
             assert math.isnan(f["bypass"]) and not f["kept"] and "not scored" in f["reason"] or f["reason"] == "zero direction"
         elif f["reason"] != "zero direction":
-            assert f["bypass"] == pytest.approx(e["bypass"], abs=1e-5)
-            if not math.isnan(f["kl"]) and f["kl_prompts"] == splits[3][0].shape[0]:
-                assert f["kl"] == pytest.approx(e["kl"], abs=1e-5) and f["kept"] == e["kept"]
+            assert not math.isnan(f["kl"])
+            if math.isnan(f["bypass"]):  # rejected by kl: bypass and induce not scored
+                assert not e["kl"] < kw["kl_max"] and "not scored (the kl filter already rejects it)" in f["reason"]
+            else:
+                assert f["bypass"] == pytest.approx(e["bypass"], abs=1e-5)
+            if f["kl_prompts"] == splits[3][0].shape[0]:
+                assert f["kl"] == pytest.approx(e["kl"], abs=1e-5)
+                assert f["kept"] == e["kept"] or math.isnan(f["induce"])  # (past the choice: induce not asked)
             elif not math.isnan(f["kl"]):  # stopped early: a lower bound that already fails
                 assert kw["kl_max"] <= f["kl"] <= e["kl"] + 1e-6 and not f["kept"] and not e["kept"]
     kept_fast = [r for r in fast.table if r["kept"]]
@@ -198,8 +203,13 @@ def test_lazy_kl_chooses_as_the_policy_on_every_score(tiny, kl_max):
     fast = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw, top_k=99))
     assert (fast.layer, fast.position, fast.stage) == (ex.layer, ex.position, ex.stage)
     assert ex.agreement["top_k_agrees"] is True
-    n_kl = fast.agreement["n_scored"]["kl"]
-    assert n_kl <= fast.agreement["n_scored"]["induce"] == fast.agreement["n_scored"]["bypass"]
+    n = fast.agreement["n_scored"]
+    assert n["induce"] <= n["bypass"] <= n["kl"] == sum(1 for r in fast.table if r["reason"] != "zero direction")
+    for r in fast.table:  # induce only of candidates that pass kl; bypass of those, or of all at the last stage
+        if not math.isnan(r["induce"]):
+            assert r["kl"] < kl_max and not math.isnan(r["bypass"])
+        if not math.isnan(r["bypass"]) and fast.stage != "layer_only":
+            assert r["kl"] < kl_max
 
 
 @pytest.mark.parametrize("kl_max", [0.05, 1e-3, 1e-12])
@@ -239,14 +249,14 @@ def test_top_k_scores_only_the_top_k(tiny):
     splits = _splits(tiny)
     res = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL,
                            policy=DirectionPolicy(kl_max=5.0, max_layer_frac=1.0, top_k=2))
-    scored = [r for r in res.table if not math.isnan(r["bypass"])]
+    scored = [r for r in res.table if not math.isnan(r["kl"])]
     eligible = [r for r in res.table if r["reason"] != "zero direction"]
     by_est = sorted(eligible, key=lambda r: r["bypass_estimate"])
-    if any(r["kept"] for r in res.table):  # found among the top 2: nothing else was scored
-        assert len(scored) == min(2, len(eligible))
-        assert {(r["layer"], r["position"]) for r in scored} == {(r["layer"], r["position"]) for r in by_est[:2]}
-        assert res.agreement["chosen_in_top_k"] is True
-    assert res.agreement["n_scored"]["bypass"] == len(scored)
+    assert len(scored) == min(2, len(eligible))  # the top 2 by estimate, nothing else
+    assert {(r["layer"], r["position"]) for r in scored} == {(r["layer"], r["position"]) for r in by_est[:2]}
+    assert res.agreement["chosen_in_top_k"] is True
+    assert res.agreement["n_scored"]["kl"] == len(scored)
+    assert res.agreement["n_scored"]["bypass"] == sum(1 for r in res.table if not math.isnan(r["bypass"]))
     assert res.agreement["mode"] == "top_k" and res.agreement["top_k"] == 2
 
 
@@ -391,16 +401,15 @@ def test_shared_prefix_without_a_common_beginning(tiny):
 
 
 def test_top_k_fallback_relaxes_among_the_top_k(tiny):
-    """Nothing passes (kl_max ~ 0): the top_k mode scores kl and induce of its k candidates only and
-    the policy's fallback chooses among them; the exhaustive mode says whether that agrees."""
+    """Nothing passes (kl_max ~ 0): the top_k mode scores kl of its k candidates only, then (the
+    layer-only stage) their bypass, and the policy's fallback chooses among them; induce, which no
+    stage left can ask, is not scored; the exhaustive mode says whether that agrees."""
     splits = _splits(tiny)
     kw = dict(kl_max=1e-12, max_layer_frac=1.0, top_k=2)
     res = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw))
     scored = [r for r in res.table if not math.isnan(r["bypass"])]
-    assert len(scored) == 2 and all(not math.isnan(r["induce"]) for r in scored)
-    # kl only where a stage's induce filter passed (it failed there: nothing passes kl_max ~ 0)
-    low = min(0.0, res.baseline["harmless"])
-    assert all(math.isnan(r["kl"]) == (not r["induce"] > low) for r in scored)
+    assert len(scored) == 2 and all(not math.isnan(r["kl"]) and math.isnan(r["induce"]) for r in scored)
+    assert res.stage == "layer_only"
     assert res.fallback and "All 2 candidate directions" in res.fallback
     assert res.bypass == min(r["bypass"] for r in scored)
     ex = select_direction(tiny, *splits, positions=POS, refusal_ids=REFUSAL, policy=DirectionPolicy(**kw, exhaustive=True))
