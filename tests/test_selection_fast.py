@@ -49,15 +49,17 @@ def test_cone_needs_the_residual(tiny):
         tiny.prefill(ids, mask, start_layer=1)
 
 
+@pytest.mark.parametrize("common", [0, 4])
 @pytest.mark.parametrize("model_type,rel,abs_", [("qwen2", 1e-5, 1e-8), ("llama", 1e-5, 1e-8), ("mistral", 1e-5, 1e-8),
                                                 ("gemma2", 1e-3, 2e-5)])
-def test_first_order_estimate_equals_finite_difference(model_type, rel, abs_):
+def test_first_order_estimate_equals_finite_difference(model_type, rel, abs_, common):
     """d/dε of the mean refusal log-odds under partial ablation x -> x - ε (x·r̂) r̂ at every residual
     write, at ε = 0, equals the first-order estimate: central differences at ε = 1e-3 and 2e-3, Richardson-
     extrapolated (truncation error O(ε⁴)), on a float64 model whose RMSNorms compute in float64 too (HF casts them to float32, and
     Gemma 2's eager softmax stays float32: a smaller ε drowns in that rounding); tolerance 1e-5, and
     1e-3 (or 2e-5 absolute) for Gemma 2, whose float32 softmax leaves differences of a few 1e-6
-    whatever ε."""
+    whatever ε. With ``common`` leading tokens shared by every prompt, the estimate runs them once
+    per batch (their gradient summed over the rows); the finite differences run whole prompts."""
     from refusal_lab.models.hooked import HookedChatModel
     from tests.tiny_models import tiny_model
 
@@ -71,6 +73,18 @@ def test_first_order_estimate_equals_finite_difference(model_type, rel, abs_):
     model = HookedChatModel(hf)
     # (Gemma 2 in float64 turns left-padded rows to NaN in HF's own attention: unpadded there)
     ids, mask = random_batch(model, b=3, T=8, seed=7, pad=0 if model_type == "gemma2" else 2)
+    if common:  # every row begins with the same tokens, then 3 (Gemma 2: unpadded) or 2..4 of its own
+        g = torch.Generator().manual_seed(7)
+        head = torch.randint(0, model.cfg.d_vocab, (common,), generator=g)
+        own = [3] * 3 if model_type == "gemma2" else [2, 4, 3]
+        T = common + max(own)
+        ids, mask = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.long)
+        for i, k in enumerate(own):
+            ids[i, T - common - k:] = torch.cat([head, torch.randint(0, model.cfg.d_vocab, (k,), generator=g)])
+            mask[i, T - common - k:] = 1
+        from refusal_lab.models.shared_prefix import SharedPrefix
+
+        assert SharedPrefix.split(ids, mask, 2).prefix_len == common  # the estimate's shared path is taken
     dirs = torch.randn(4, model.cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     est, base = first_order_bypass(model, ids, mask, dirs, REFUSAL, batch_size=2)
 

@@ -27,9 +27,10 @@ class KVPrefix:
     """Duck-typed HF cache for one forward: prepends a cached key/value prefix per layer and/or
     records the full keys/values. HF attention modules only call ``update`` on it."""
 
-    def __init__(self, prefix: KV | None = None, record: bool = False):
+    def __init__(self, prefix: KV | None = None, record: bool = False, detach: bool = True):
         self.prefix = prefix or {}
         self.record = record
+        self.detach = detach  # False: the recorded keys/values keep the graph (a later forward's gradient reaches them)
         self.kv: KV = {}
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -38,7 +39,7 @@ class KVPrefix:
             key = torch.cat([pk.to(key.device, key.dtype), key], dim=2)
             value = torch.cat([pv.to(value.device, value.dtype), value], dim=2)
         if self.record:
-            self.kv[layer_idx] = (key.detach(), value.detach())
+            self.kv[layer_idx] = (key.detach(), value.detach()) if self.detach else (key, value)
         return key, value
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # some HF code paths ask

@@ -214,7 +214,8 @@ class HookedChatModel(nn.Module):
         """The one prompt forward: embed ``input_ids`` [b, q], run every block, final norm and unembedding.
 
         Hooks (``fwd_hooks`` and those of an enclosing :meth:`hooks`) apply at every site; ``names``
-        caches sites (a name, names, a filter or True for all; ``detach=False`` keeps the graph).
+        caches sites (a name, names, a filter or True for all; ``detach=False`` keeps the graph, in the
+        cached sites and in the keys/values of ``record_kv``).
         With ``kv_prefix`` (the ``kv`` of an earlier prefill with ``record_kv``) the tokens continue
         that prefix: they sit at columns P..P+q-1 after its P columns and attend over its keys and
         values; ``attention_mask`` [b, P + q] (default: all real) then covers prefix and tokens, and
@@ -245,7 +246,7 @@ class HookedChatModel(nn.Module):
         cols = torch.arange(k - q, k, device=input_ids.device)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)[:, k - q:]
-        kv = KVPrefix(prefix=kv_prefix, record=record_kv) if kv_prefix is not None or record_kv else None
+        kv = KVPrefix(prefix=kv_prefix, record=record_kv, detach=detach) if kv_prefix is not None or record_kv else None
         a = self.adapter
         dev = a.embed_tokens.weight.device
         if start_layer == 0:

@@ -33,7 +33,7 @@ import torch
 from refusal_lab.errors import ConfigError, RefusalLabError
 from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
 from refusal_lab.models.hooked import gradient_hooks
-from refusal_lab.models.shared_prefix import SharedPrefix
+from refusal_lab.models.shared_prefix import SharedPrefix, repeat_rows
 from refusal_lab.prompts import build_instruction_prompts, eoi_tokens
 from refusal_lab.steering.batching import instruction_sample, progress_bar, tensor_batches
 from refusal_lab.steering.damage import next_token_kl
@@ -178,6 +178,7 @@ def first_order_bypass(model, ids, mask, directions: torch.Tensor, refusal_ids: 
     it agrees with a finite difference for small ``ε``; for the full ablation (``ε = 1``) it is an
     estimate, used to rank candidates.
 
+    The prompts' common beginning (the chat template's) runs once per batch (:class:`SharedPrefix`).
     ``directions`` [C, d] (normalised here; zero rows give 0); returns ``(estimates [C], baseline)``:
     the estimated bypass of each candidate (baseline + change) and the unedited mean log-odds, float64.
     """
@@ -193,24 +194,38 @@ def _first_order_bypass(model, ids, mask, directions: torch.Tensor, refusal_ids:
     U = torch.where(norms > 0, D / norms.clamp_min(1e-300), torch.zeros_like(D))
     sites = ablation_sites(model)
     delta = torch.zeros(U.shape[0], dtype=torch.float64)
+    Ud = U.to(model.device)
+    a = model.adapter
+
+    def project(acts: dict) -> None:  # delta -= sum over sites, rows and columns of (x . u)(g . u)
+        for name in sites:
+            x, g = acts[name].detach(), acts[name].grad
+            if g is not None:
+                delta.sub_(((x.to(torch.float64) @ Ud.T) * (g.to(torch.float64) @ Ud.T)).sum((0, 1)).cpu())
+
+    # the prompts' common beginning runs once per batch as one row whose keys and values every row
+    # continues (SharedPrefix): its activations are every row's, so its gradient (the sum over the
+    # rows, through the expanded keys and values) gives the rows' summed terms exactly
+    split = SharedPrefix.split(ids, mask, batch_size, model.device)
     total, n, per_prompt = 0.0, 0, []
-    for i, m in tensor_batches(ids, mask, batch_size, model.device):
-        hooks, acts = gradient_hooks(sites)
+    for _, sid, smask, last in split.batches:
+        b = sid.shape[0]
+        kv, pre_acts = None, None
         with torch.enable_grad():
-            logits = model.prefill(i, m, fwd_hooks=hooks, logits="last").logits
-            values = refusal_log_odds(logits, refusal_ids)
+            if split.prefix_len:
+                pre_hooks, pre_acts = gradient_hooks(sites)
+                kv = model.prefill(split.prefix, fwd_hooks=pre_hooks, record_kv=True, detach=False, logits="none").kv
+            hooks, acts = gradient_hooks(sites)
+            resid = model.prefill(sid, smask, fwd_hooks=hooks, kv_prefix=repeat_rows(kv, b), logits="none").resid
+            final = resid[torch.arange(b, device=resid.device), last.to(resid.device)].to(a.final_norm.weight.device)
+            values = refusal_log_odds(a.final_logits(a.final_norm(final).to(a.lm_head.weight.device)), refusal_ids)
             values.sum().backward()
         total += float(values.detach().sum())
         per_prompt.append(values.detach().to(torch.float64).cpu())
-        n += i.shape[0]
-        Ud = U.to(model.device)
-        for name in sites:
-            x, g = acts[name].detach(), acts[name].grad
-            if g is None:
-                continue
-            xr = x.to(torch.float64) @ Ud.T  # [b, T, C]
-            gr = g.to(torch.float64) @ Ud.T
-            delta -= (xr * gr).sum((0, 1)).cpu()
+        n += b
+        project(acts)
+        if pre_acts is not None:
+            project(pre_acts)
     return total / n + delta / n, total / n, torch.cat(per_prompt)
 
 
