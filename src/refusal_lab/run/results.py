@@ -173,7 +173,8 @@ Selection = TypedDict("Selection", {"mode": str, "top_k": int, "n_candidates": i
                                    "chosen_estimate_rank": Union[int, None], "chosen_in_top_k": Union[bool, None],
                                    "top_k_agrees": NotRequired[Union[bool, None]]})
 """How the candidates were scored (``exhaustive`` or the ``top_k`` by the first-order estimate), what
-that cost, and how well the estimate ranks the exactly scored candidates (Spearman over them)."""
+that cost, and how well the estimate ranks the candidates whose exact bypass was scored (Spearman over
+them, null below 3: the top_k mode scores bypass only of the candidates that pass ``kl``)."""
 Direction = TypedDict("Direction", {"layer": int, "position": int, "position_token": Union[str, None],
                                    "site": str, "norm": Real, "bypass": Real, "induce": Real, "kl": Real,
                                    "baseline": DirectionBaseline, "filters": DirectionFilters,

@@ -27,8 +27,12 @@ def rate_name(key: str) -> str:
 
 def direction_heatmap(d: Direction) -> Heatmap:
     """The bypass score of every candidate (layer x end-of-instruction column); filtered ones crossed,
-    the selected one boxed; hover: induce, KL, norm, kept or why not."""
+    the selected one boxed; hover: the exact scores, norm, kept or why not. In the top_k mode, where
+    only the candidates that pass KL get an exact bypass, the colours are the first-order estimate
+    that ranked them all (the title says so; the exact scores are in the hover and the table)."""
     eoi, cols = d["eoi_tokens"], d["positions"]
+    estimated = d.get("selection", {}).get("mode") == "top_k" and any(
+        x.get("bypass_estimate") is not None for x in d["table"])
     layers = sorted({x["layer"] for x in d["table"]})
     li, ci = {v: i for i, v in enumerate(layers)}, {v: j for j, v in enumerate(cols)}
     z = np.full((len(layers), len(cols)), np.nan)
@@ -36,20 +40,27 @@ def direction_heatmap(d: Direction) -> Heatmap:
     filtered = []
     for x in d["table"]:
         i, j = li[x["layer"]], ci[x["position"]]
-        z[i, j] = np.nan if x["bypass"] is None else x["bypass"]
+        value = x.get("bypass_estimate") if estimated else x["bypass"]
+        z[i, j] = np.nan if value is None else value
         hover[i][j] = (f"layer {x['layer']}, column {eoi_label(x['position'], eoi)}", f"bypass {fmt(x['bypass'])}",
+                       *((f"bypass estimate {fmt(x.get('bypass_estimate'))}",) if estimated else ()),
                        f"induce {fmt(x['induce'])}", f"KL {fmt(x['kl'])}", f"norm {fmt(x['norm'])}",
                        "kept" if x["kept"] else f"filtered: {x['reason']}")
         if not x["kept"]:
             filtered.append((i, j))
-    title = ["Direction candidates: bypass score per layer and end-of-instruction column",
+    title = ["Direction candidates: first-order bypass estimate per layer and column" if estimated else
+             "Direction candidates: bypass score per layer and end-of-instruction column",
+             "(lower = stronger; x = filtered out or not scored, red box = selected)" if estimated else
              "(lower = stronger; x = filtered out, red box = selected)",
              f"selected: layer {d['layer']}, column {eoi_label(d['position'], eoi)}; bypass "
              f"{fmt(d['baseline']['harmful_val_log_odds'], 2)} → {fmt(d['bypass'], 2)}"]
+    if estimated:
+        title.append(f"(colours: the estimate that chose the top {d['selection']['top_k']}; exact scores: hover, table)")
     if d["fallback"]:
         title.append("FALLBACK: every candidate was filtered out")
     return Heatmap(z, layers, [eoi_label(c, eoi) for c in cols], tuple(title),
-                   ("bypass", "(harmful val", "refusal log-odds,", "ablated)"), xlabel="end-of-instruction column",
+                   ("bypass estimate" if estimated else "bypass", "(harmful val", "refusal log-odds,", "ablated)"),
+                   xlabel="end-of-instruction column",
                    scale="sequential", hover=hover,
                    marks=[Mark("filtered out", filtered, "x", FILTERED),
                           Mark("selected", [(li[d["layer"]], ci[d["position"]])], "box", SELECTED)])
