@@ -24,12 +24,20 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Cone", "SharedPrefix", "repeat_rows"]
+__all__ = ["Cone", "SharedPrefix", "repeat_rows", "row_logits"]
 
 
 def repeat_rows(kv: dict | None, b: int) -> dict | None:
     """A one-row prefill's keys and values as ``b`` rows (views, no copy)."""
     return None if kv is None else {l: (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for l, (k, v) in kv.items()}
+
+
+def row_logits(model, resid: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Logits [b, vocab] at each row's own last column ``last`` [b] of ``resid`` [b, S, d] (a
+    right-padded suffix batch): final norm and unembedding of those columns only."""
+    a = model.adapter
+    final = resid[torch.arange(resid.shape[0], device=resid.device), last.to(resid.device)]
+    return a.final_logits(a.final_norm(final.to(a.final_norm.weight.device)).to(a.lm_head.weight.device))
 
 
 @dataclass
@@ -160,7 +168,6 @@ class SharedPrefix:
             kv = pre.kv  # the blocks run: those from start_layer on
             if record:
                 prefix_resid = {l: pre.cache[n] for l, n in zip(record, names)}
-        a = model.adapter
         out, resid_cache = [], []
         for bi, (_, sid, smask, last) in enumerate(self.batches):
             b = sid.shape[0]
@@ -168,10 +175,7 @@ class SharedPrefix:
                                 start_layer=start_layer, resid=cone.resid[bi][start_layer] if start_layer else None)
             if record:
                 resid_cache.append({l: run.cache[n] for l, n in zip(record, names)})
-            resid = run.resid
-            final = resid[torch.arange(b, device=resid.device), last.to(resid.device)]
-            final = final.to(a.final_norm.weight.device)
-            out.append(a.final_logits(a.final_norm(final).to(a.lm_head.weight.device)))
+            out.append(row_logits(model, run.resid, last))
         logits = torch.cat(out)
         if record is None:
             return logits, None

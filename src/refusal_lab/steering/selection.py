@@ -33,7 +33,7 @@ import torch
 from refusal_lab.errors import ConfigError, RefusalLabError
 from refusal_lab.metrics import default_refusal_token_ids, refusal_log_odds
 from refusal_lab.models.hooked import gradient_hooks
-from refusal_lab.models.shared_prefix import SharedPrefix, repeat_rows
+from refusal_lab.models.shared_prefix import SharedPrefix, repeat_rows, row_logits
 from refusal_lab.prompts import build_instruction_prompts, eoi_tokens
 from refusal_lab.steering.batching import instruction_sample, progress_bar, tensor_batches
 from refusal_lab.steering.damage import next_token_kl
@@ -195,7 +195,6 @@ def _first_order_bypass(model, ids, mask, directions: torch.Tensor, refusal_ids:
     sites = ablation_sites(model)
     delta = torch.zeros(U.shape[0], dtype=torch.float64)
     Ud = U.to(model.device)
-    a = model.adapter
 
     def project(acts: dict) -> None:  # delta -= sum over sites, rows and columns of (x . u)(g . u)
         for name in sites:
@@ -217,8 +216,7 @@ def _first_order_bypass(model, ids, mask, directions: torch.Tensor, refusal_ids:
                 kv = model.prefill(split.prefix, fwd_hooks=pre_hooks, record_kv=True, detach=False, logits="none").kv
             hooks, acts = gradient_hooks(sites)
             resid = model.prefill(sid, smask, fwd_hooks=hooks, kv_prefix=repeat_rows(kv, b), logits="none").resid
-            final = resid[torch.arange(b, device=resid.device), last.to(resid.device)].to(a.final_norm.weight.device)
-            values = refusal_log_odds(a.final_logits(a.final_norm(final).to(a.lm_head.weight.device)), refusal_ids)
+            values = refusal_log_odds(row_logits(model, resid, last), refusal_ids)
             values.sum().backward()
         total += float(values.detach().sum())
         per_prompt.append(values.detach().to(torch.float64).cpu())
@@ -436,7 +434,7 @@ def select_direction(
                     score_bypass(k)
     bar.close()
 
-    scored_keys = {k for k, r in rows.items() if r["bypass"] == r["bypass"] or r["kl"] == r["kl"]}
+    scored_keys = set(to_score)  # every one got kl (top_k) or every score (exhaustive)
     table: list[dict] = []
     for k, row in rows.items():
         l = k[0]
@@ -473,8 +471,7 @@ def select_direction(
     agreement = {
         "mode": "exhaustive" if policy.exhaustive else "top_k",
         "top_k": policy.top_k, "n_candidates": L * P, "n_eligible": len(eligible),
-        "n_scored": {"bypass": sum(1 for r in table if r["bypass"] == r["bypass"]), "induce": sum(1 for r in table if r["induce"] == r["induce"]),
-                     "kl": sum(1 for r in table if r["kl"] == r["kl"])},
+        "n_scored": {key: sum(1 for r in table if r[key] == r[key]) for key in ("bypass", "induce", "kl")},
         "n_forwards": _n_forwards(table, hf_ids.shape[0], hl_ids.shape[0], L),
         "spearman_estimate_exact": _spearman([r["bypass_estimate"] for r in scored], [r["bypass"] for r in scored]),
         "n_spearman": len(scored),

@@ -41,8 +41,7 @@ def reused_rows(ctx: RunContext, grid: str, direction: str, spec: GridSpec) -> d
     if pre is None or list(pre["cols"]) != list(spec.cols):
         return {}
     per_pair, layers = torch.as_tensor(pre["per_pair"]), list(pre["layers"])
-    L = ctx.model.cfg.n_layers
-    return {a: per_pair[:, layers.index(l + 1)] for a, l in enumerate(spec.layers) if l + 1 < L and l + 1 in layers}
+    return {a: per_pair[:, layers.index(l + 1)] for a, l in enumerate(spec.layers) if l + 1 in layers}
 
 
 def compute(ctx: RunContext, grid: str, direction: str) -> dict:
