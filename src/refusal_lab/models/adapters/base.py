@@ -19,6 +19,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from refusal_lab.models.cpu_linear import linear
+
 
 @dataclass
 class Adapter:
@@ -142,7 +144,7 @@ class Adapter:
         bias = self.lm_head.bias
         if bias is not None and rows is not None:
             bias = bias[rows]
-        logits = torch.nn.functional.linear(normalized, weight, bias)
+        logits = linear(normalized, weight, bias)
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -1,0 +1,79 @@
+"""fp32 matrix products on the CPU through oneDNN instead of PyTorch's default BLAS.
+
+PyTorch's CPU wheels run ``nn.Linear`` in float32 through MKL's ``sgemm``. On the AMD EPYC (Zen 2)
+machines this project runs on, that reaches about half of the AVX2 peak at large row counts and a
+third of it at the 16-48 rows of a decoding step, while oneDNN's matmul, which ships in the same
+wheel, reaches the peak (``benchmarks/bench_linear.py`` measures both on every shape of the
+default model). Greedy decoding is matrix products at small row counts, so this is most of the
+steering steps' time.
+
+:func:`linear` is ``F.linear`` with that choice: oneDNN for float32 CPU products that need no
+gradient, ``F.linear`` for everything else (other dtypes and devices, and any product autograd must
+differentiate: the first-order estimates and attribution patching keep PyTorch's path). The two
+agree to float32 rounding (summation order), not bit for bit. :func:`use_onednn_linear` switches
+every ``nn.Linear`` of a model to it in place (:class:`OneDNNLinear`, a subclass: weights, hooks,
+``state_dict`` and ``isinstance`` checks are unchanged); :class:`~refusal_lab.models.hooked.HookedChatModel`
+does so on construction, and ``REFUSAL_LAB_LINEAR=torch`` in the environment turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ENV", "OneDNNLinear", "available", "linear", "use_onednn_linear"]
+
+ENV = "REFUSAL_LAB_LINEAR"
+"""Environment variable: ``torch`` keeps PyTorch's default matrix products (``onednn``, the default, uses oneDNN)."""
+
+NARROW = 512
+SMALL_ROWS = 64
+"""Products with fewer output columns than ``NARROW`` and fewer rows than ``SMALL_ROWS`` (the
+key/value projections while decoding) stay on ``F.linear``, which measured faster there."""
+
+
+def available() -> bool:
+    """Whether this PyTorch build has oneDNN's linear operator and the environment has not turned it off."""
+    if os.environ.get(ENV, "onednn").strip().lower() == "torch":
+        return False
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: through oneDNN for a float32 CPU product that needs no gradient
+    (equal to rounding), else ``F.linear`` itself."""
+    if (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and x.dim() >= 2 and not _needs_grad(x, weight, bias)
+            and (weight.shape[0] >= NARROW or x.numel() // max(x.shape[-1], 1) >= SMALL_ROWS)
+            and available()):
+        if bias is not None and bias.dtype is not torch.float32:
+            return F.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class OneDNNLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward is :func:`linear` (made by :func:`use_onednn_linear`, never built directly)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_onednn_linear(module: nn.Module) -> int:
+    """Switch every plain ``nn.Linear`` under ``module`` to :class:`OneDNNLinear` in place (the class
+    only: parameters, hooks and buffers stay); returns how many were switched. Subclasses of
+    ``nn.Linear`` (quantized or adapter layers) are left alone."""
+    n = 0
+    for mod in module.modules():
+        if type(mod) is nn.Linear:
+            mod.__class__ = OneDNNLinear
+            n += 1
+    return n
