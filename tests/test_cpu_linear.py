@@ -110,3 +110,49 @@ def test_model_forward_matches_torch_path(tiny, monkeypatch):
         ref = tiny(ids, mask)
         assert len(seen) == n
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_derivatives_pass_through(grad_mode):
+    """Forward-mode AD, torch.func's jvp / vmap / grad: the tangents and gradients are F.linear's
+    (oneDNN's operator has no derivative formulas and would drop them silently)."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(2)
+    w, x, t = torch.randn(600, 40, generator=g), torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
+    want = t @ w.T
+    with torch.set_grad_enabled(grad_mode):
+        torch.testing.assert_close(torch.func.jvp(lambda a: linear(a, w), (x,), (t,))[1], want, rtol=1e-5, atol=1e-4)
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(linear(fwAD.make_dual(x, t), w)).tangent
+        torch.testing.assert_close(tangent, want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(torch.vmap(lambda r: linear(r, w))(x), x @ w.T, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(torch.func.jacrev(lambda a: linear(a, w).sum())(x), w.sum(0).expand(3, 40),
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_atp_star_same_on_both_paths(tiny, monkeypatch):
+    """AtP*'s QK fix (forward-mode JVPs through the q/k projections) gives the same correction with
+    every product eligible for oneDNN as with PyTorch's products only."""
+    from refusal_lab.models.hooked import ActivationCache
+    from refusal_lab.patching.attribution import receiver_gradients_qk
+    from refusal_lab.patching.engine import Batch, GridSpec, LogitDiff, source_sites
+    from refusal_lab.patching.qk_fix import qk_fix_correction
+
+    monkeypatch.setattr(cpu_linear, "NARROW", 0)  # every product of the tiny model takes oneDNN where it may
+    g = torch.Generator().manual_seed(3)
+    rec = Batch(torch.randint(0, tiny.cfg.d_vocab, (2, 8), generator=g), torch.ones(2, 8, dtype=torch.long))
+    spec = GridSpec("heads", list(range(tiny.cfg.n_layers)), [5, 7], list(range(tiny.cfg.n_heads)))
+
+    def correction():
+        acts, _, attn = receiver_gradients_qk(tiny, rec, source_sites(tiny, spec), LogitDiff(3, 7))
+        gs = torch.Generator().manual_seed(4)
+        source = ActivationCache({s: acts[s] + 0.1 * torch.randn(acts[s].shape, generator=gs) for s in sorted(acts)})
+        return qk_fix_correction(tiny, acts, source, attn.records, attn.resid_pre, attn.position_ids,
+                                 spec.layers, spec.heads, spec.cols)[2]
+
+    fast = correction()
+    monkeypatch.setenv(cpu_linear.ENV, "torch")
+    ref = correction()
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

@@ -9,7 +9,8 @@ steering steps' time.
 
 :func:`linear` is ``F.linear`` with that choice: oneDNN for float32 CPU products that need no
 gradient, ``F.linear`` for everything else (other dtypes and devices, and any product autograd must
-differentiate: the first-order estimates and attribution patching keep PyTorch's path). The two
+differentiate, forward-mode and ``torch.func`` transforms included: the first-order estimates,
+attribution patching and AtP*'s JVPs keep PyTorch's path). The two
 agree to float32 rounding (summation order), not bit for bit. :func:`use_onednn_linear` switches
 every ``nn.Linear`` of a model to it in place (:class:`OneDNNLinear`, a subclass: weights, hooks,
 ``state_dict`` and ``isinstance`` checks are unchanged); :class:`~refusal_lab.models.hooked.HookedChatModel`
@@ -21,8 +22,11 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
+
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 __all__ = ["ENV", "OneDNNLinear", "available", "linear", "use_onednn_linear"]
 
@@ -42,16 +46,24 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad))
+def _needs_derivative(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether any automatic differentiation may need this product: autograd (a tensor requires a
+    gradient), forward-mode AD (a dual level is open) or a ``torch.func`` transform (``jvp``,
+    ``vmap``, ``grad``: wrapped tensors). oneDNN's operator has no derivative formulas, so under
+    those it would silently drop tangents."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    if fwAD._current_level >= 0:
+        return True
+    return any(_wrapped(t) for t in tensors)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``: through oneDNN for a float32 CPU product that needs no gradient
-    (equal to rounding), else ``F.linear`` itself."""
+    """``F.linear(x, weight, bias)``: through oneDNN for a float32 CPU product that no automatic
+    differentiation needs (equal to rounding), else ``F.linear`` itself."""
     if (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and x.dim() >= 2 and not _needs_grad(x, weight, bias)
+            and weight.device.type == "cpu" and x.dim() >= 2 and not _needs_derivative(x, weight, bias)
             and (weight.shape[0] >= NARROW or x.numel() // max(x.shape[-1], 1) >= SMALL_ROWS)
             and available()):
         if bias is not None and bias.dtype is not torch.float32:
