@@ -328,3 +328,26 @@ def test_edit_damage_equals_edit_kl_and_cross_entropy(model):
             assert fast[name]["n_tokens"] == ce["n_tokens"] < ids.shape[0] * n  # some rows ended early
             for key in ("ce_baseline", "ce_edited"):
                 assert fast[name][key] == pytest.approx(ce[key], rel=1e-5, abs=1e-7), (name, key)
+
+
+def test_edit_damage_shares_the_common_beginning(chat):
+    """Chat prompts share the template's beginning: edit_damage runs it once per setting (the
+    prompts laid out beginning first), and its KL and cross-entropies still equal the whole-prompt
+    edit_kl and completion_cross_entropy to rounding."""
+    from refusal_lab.prompts import build_instruction_prompts
+    from refusal_lab.steering.evaluation import _shared_start
+
+    ids, mask = build_instruction_prompts(chat.tokenizer, INSTRUCTIONS)
+    v = torch.randn(chat.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    edits = {"ablation": ablation_hooks(chat, v), "addition": addition_hooks(v, 1, 2.0, "all")}
+    horizon = ids.shape[1] + 5
+    windows = [chat.adapter.sliding_window(l) for l in range(chat.cfg.n_layers)]
+    if all(w is None or w >= horizon for w in windows):  # (a short sliding window forbids the layout)
+        assert _shared_start(chat, ids[:4], mask[:4], [[], *edits.values()], horizon) > 0  # it is used
+    fast = edit_damage(chat, ids, mask, edits, max_new_tokens=5, batch_size=4)
+    for name, hooks in edits.items():
+        ce = completion_cross_entropy(chat, ids, mask, hooks, max_new_tokens=5, batch_size=4)
+        assert fast[name]["kl"] == pytest.approx(edit_kl(chat, ids, mask, hooks, batch_size=4), rel=1e-4, abs=1e-6)
+        assert fast[name]["n_tokens"] == ce["n_tokens"]
+        for key in ("ce_baseline", "ce_edited"):
+            assert fast[name][key] == pytest.approx(ce[key], rel=1e-5, abs=1e-6), (name, key)

@@ -84,11 +84,15 @@ def run_blocks(
     kv: KVPrefix | None = None,
     start_layer: int = 0,
     stop_layer: int | None = None,
+    keys_only: bool = False,
 ) -> torch.Tensor:
     """Run blocks ``start_layer..stop_layer-1`` on ``resid`` [b, q, d] at columns ``cols``.
 
     ``key_valid`` [b, k] marks real (non-pad) keys over all k = prefix + q columns; ``kv``
     supplies the cached key/value prefix (columns before ``cols[0]``) and/or records keys.
+    ``keys_only``: the last block stops after its attention (which records its keys and values
+    into ``kv``), for columns whose only use at that layer is to be attended to by later columns;
+    what comes back is then that block's residual input (after its ``hook_resid_pre`` hooks).
     """
     a = model.adapter
     stop_layer = model.cfg.n_layers if stop_layer is None else stop_layer
@@ -117,6 +121,8 @@ def run_blocks(
         if run.wants(pre + "ln1.hook_normalized"):
             x = run.site(pre + "ln1.hook_normalized", l, x, cols)
         attn = _attention(model, l, x, masks[mkey], rotary[rkey], kv, run, cols)
+        if keys_only and l == stop_layer - 1:
+            return resid
         post = a.attn_post_norm(l)
         attn_out = run.site(pre + "hook_attn_out", l, post(attn) if post is not None else attn, cols)
         mid = run.site(pre + "hook_resid_mid", l, resid + attn_out, cols)

@@ -6,7 +6,9 @@ So for each patch we start the forward at layer l from the receiving run's cache
 compute the final norm and the metric at the last column only. Many patches share one batched
 forward: rows are grouped by their first patched column p (same query length) and sorted by their
 start layer; at layer k the rows that start at k join the batch, so each row costs exactly its
-cone, (L - l) layers × (T - p) columns.
+cone, (L - l) layers × (T - p) columns — less at the last layer, where only the last column reaches
+the metric: the other columns get that block's keys and values (all the last one attends to) but
+not its attention output or MLP.
 
 Cumulative grids (sites at layers 0..l patched together) reuse a trunk: the row that patches every
 layer is run once and each cumulative cell l branches off it at layer l + 1.
@@ -257,8 +259,16 @@ def _run_group(model, receiver: Receiver, rows: list[Row], p: int, metric, L: in
         k, v = receiver.kv[l]
         kv = KVPrefix(prefix={l: (k[prompt_idx.to(k.device), :, :p], v[prompt_idx.to(v.device), :, :p])})
         key_valid = receiver.batch.mask.bool()[prompt_idx.to(receiver.batch.mask.device)]
+        position_ids = receiver.position_ids[prompt_idx.to(receiver.position_ids.device)][:, p:]
+        if l == L - 1 and T - p > 1 and not any(rows[i].record_states for i in active):
+            # the last block: only the last column reaches the metric; the others are only attended
+            # to, so they need this block's keys and values, not its attention output or MLP
+            keys = KVPrefix(prefix=kv.prefix, record=True)
+            model.blocks(resid[:, :-1], run=run, cols=cols[:-1], position_ids=position_ids[:, :-1],
+                         key_valid=key_valid[:, :-1], kv=keys, start_layer=l, stop_layer=l + 1, keys_only=True)
+            resid, cols, position_ids, kv = resid[:, -1:], cols[-1:], position_ids[:, -1:], KVPrefix(prefix=keys.kv)
         resid = model.blocks(
-            resid, run=run, cols=cols, position_ids=receiver.position_ids[prompt_idx.to(receiver.position_ids.device)][:, p:],
+            resid, run=run, cols=cols, position_ids=position_ids,
             key_valid=key_valid, kv=kv, start_layer=l, stop_layer=l + 1,
         )
     for pos, i in enumerate(active):

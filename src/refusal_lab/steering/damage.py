@@ -12,7 +12,8 @@ and the evaluation step reports KL and cross-entropy of the edited model on harm
 * :func:`edit_damage`: both for several edits at once, the unedited work done once: the baseline
   completions, their log-probabilities and the unedited last-column logits all come from one
   greedy decode, and each edit costs one prompt prefill (its KL logits) continued over the
-  completions (its cross-entropy). Equal to the two functions above to float rounding.
+  completions (its cross-entropy), the prompts' common beginning once per setting. Equal to the
+  two functions above to float rounding.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from refusal_lab.models.generate import greedy_decode
 from refusal_lab.steering.batching import tensor_batches
+from refusal_lab.steering.evaluation import _prefix_first, _prompt_prefills, _shared_start
 
 __all__ = ["completion_cross_entropy", "edit_damage", "edit_kl", "next_token_kl"]
 
@@ -82,35 +84,49 @@ def edit_damage(model, ids: torch.Tensor, mask: torch.Tensor | None, edits: Mapp
     prompt logits are the unedited side of the KL and its token log-probabilities the baseline
     cross-entropy. Per edit, one prompt prefill under the edit gives its last-column logits, and
     the completions continue it over its keys/values (teacher-forced, keys after a row's first
-    eos masked as before). ``bar.update(2)`` after each edit."""
+    eos masked as before). Where every edit treats all columns alike, the beginning all prompts of
+    a batch share (the chat template's system turn) runs once per setting as a one-row prompt, as
+    in :func:`~refusal_lab.steering.evaluation.evaluate_settings` (equal to the whole prompts to
+    rounding). The cross-entropy's log-softmax runs one row at a time (a ``[rows, tokens, vocab]``
+    float64 tensor would be the step's largest allocation). ``bar.update(2)`` after each edit."""
     eos = torch.as_tensor(model.eos_ids() or [-1], device=model.device)
     kl = {k: 0.0 for k in edits}
     ce = {k: 0.0 for k in edits}
     ce_base, count, n = 0.0, 0, 0
-    batches = list(tensor_batches(ids, mask, batch_size, model.device))
-    gens = []
-    for i, m in batches:
-        gen = greedy_decode(model, i, m, max_new_tokens=max_new_tokens, drop_finished=True, logprobs=True)
+    base = object()  # the unedited setting's key (no edit name can equal it)
+    settings = {base: [], **{k: list(v) for k, v in edits.items()}}
+    batches = []
+    for i, m in tensor_batches(ids, mask, batch_size, model.device):
+        P = _shared_start(model, i, m, settings.values(), i.shape[1] + max(max_new_tokens, 0))
+        if P:
+            i, m = _prefix_first(i, m, P)
+        firsts = dict(_prompt_prefills(model, i, m, settings, [], 0, True, P))
+        gen = greedy_decode(model, i, m, max_new_tokens=max_new_tokens, drop_finished=True, logprobs=True,
+                            prefill=firsts.pop(base))
         new = gen.tokens
         is_eos = torch.isin(new, eos)
         keep = (is_eos.long().cumsum(1) - is_eos.long()) == 0
         ce_base += float((-gen.logprobs * keep.cpu()).sum())
         count += int(keep.sum())
         n += i.shape[0]
-        gens.append((gen, keep))
-    for name, hooks in edits.items():
-        hooks = list(hooks)
-        for (i, m), (gen, keep) in zip(batches, gens):
+        batches.append((m, gen, keep, firsts))
+    for name, hooks in settings.items():
+        if name is base:
+            continue
+        for m, gen, keep, firsts in batches:
             new = gen.tokens
-            first = model.prefill(i, m, fwd_hooks=hooks, record_kv=new.shape[1] > 1, logits="last")
+            first = firsts.pop(name)
             kl[name] += float(next_token_kl(gen.prompt_logits, first.logits).sum())
             logits = first.logits[:, None]
             if new.shape[1] > 1:
                 fmask = torch.cat([m, keep[:, :-1].long()], 1)
                 rest = model.prefill(new[:, :-1], fmask, fwd_hooks=hooks, kv_prefix=first.kv, logits="all").logits
                 logits = torch.cat([logits, rest], 1)
-            nll = -torch.log_softmax(logits.to(torch.float64), -1).gather(-1, new[..., None].to(logits.device))[..., 0]
-            ce[name] += float((nll * keep.to(nll.device)).sum())
+            del first
+            target = new[..., None].to(logits.device)
+            for r in range(logits.shape[0]):  # [tokens, vocab] float64 at a time
+                nll = -torch.log_softmax(logits[r].to(torch.float64), -1).gather(-1, target[r])[..., 0]
+                ce[name] += float((nll * keep[r].to(nll.device)).sum())
         if bar is not None:
             bar.update(2)
     return {k: {"kl": kl[k] / n, "ce_baseline": ce_base / max(count, 1), "ce_edited": ce[k] / max(count, 1),
