@@ -8,8 +8,11 @@ Every PNG is written atomically, like every other run artifact.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -228,10 +231,34 @@ def run_specs_by_file(r: Results) -> list[tuple[str, Spec]]:
     return out
 
 
-def write_figures(results: Results | Mapping[str, Any] | Path | str, out_dir: Path) -> list[Path]:
+_PENDING: list[tuple[Path, Spec]] = []
+"""The figures a forked worker of :func:`write_figures` renders (inherited from the parent, not pickled)."""
+
+
+def _render_pending(i: int) -> Path:
+    path, spec = _PENDING[i]
+    return save(render(spec), path)
+
+
+def write_figures(results: Results | Mapping[str, Any] | Path | str, out_dir: Path,
+                  processes: int | None = None) -> list[Path]:
     """Write every figure of a run (its results, a dict, a run folder or a ``results.json`` path,
-    checked by :func:`~refusal_lab.run.results.read_results`) as PNGs into ``out_dir``; their paths."""
+    checked by :func:`~refusal_lab.run.results.read_results`) as PNGs into ``out_dir``; their paths.
+
+    Drawing is CPU-bound Python (matplotlib's text layout most of it), so the figures are drawn by
+    ``processes`` forked workers (default: one per CPU core, at most 4; 1 draws them here), where
+    the platform forks; each PNG is still written atomically and an error in any is raised here."""
     r = read_results(results)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [save(render(spec), out_dir / f"{stem}.png") for stem, spec in run_specs_by_file(r)]
+    todo = [(out_dir / f"{stem}.png", spec) for stem, spec in run_specs_by_file(r)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = min(cores, 4) if processes is None else max(1, int(processes))
+    if n == 1 or len(todo) < 8 or "fork" not in multiprocessing.get_all_start_methods():
+        return [save(render(spec), path) for path, spec in todo]
+    _PENDING[:] = todo
+    try:
+        with ProcessPoolExecutor(min(n, len(todo)), mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(_render_pending, range(len(todo))))
+    finally:
+        _PENDING.clear()
