@@ -346,6 +346,21 @@ def test_shared_prefix_equals_whole_forward(tiny):
 
 
 @torch.no_grad()
+def test_shared_prefix_batch_by_batch_equals_last_logits(tiny):
+    """iter_last_logits (the edited prefix once, then batch by batch, as the KL scoring stops early)
+    gives last_logits' rows bit for bit, in batch order."""
+    from refusal_lab.models.shared_prefix import SharedPrefix
+
+    ids, mask = prefixed_batch(tiny)
+    sp = SharedPrefix.split(ids, mask, batch_size=2)
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(4))
+    for hooks in ([], ablation_hooks(tiny, v)):
+        got = list(sp.iter_last_logits(tiny, hooks))
+        assert [idx for idx, _ in got] == [[0, 1], [2, 3], [4]]
+        assert torch.equal(torch.cat([x for _, x in got]), sp.last_logits(tiny, hooks))
+
+
+@torch.no_grad()
 def test_shared_prefix_cone_equals_whole_forward(tiny):
     """An addition at layer l run only from l (the unedited residuals there recorded once, prefix and
     batches) gives the whole forward's last-column logits, at every layer; so does the recording

@@ -103,6 +103,19 @@ class SharedPrefix:
         from the unedited residuals there: right for edits at that layer or later."""
         return self._run(model, list(fwd_hooks), cone=cone, start_layer=start_layer)[0]
 
+    def iter_last_logits(self, model, fwd_hooks: Sequence = ()):
+        """``(row indices, last-column logits [b, vocab])`` batch by batch under ``fwd_hooks``
+        (column-independent edits only), the prefix run once before the first batch: a caller may
+        stop early (e.g. once a running sum decides) and pays only for the batches it took. The
+        same values as :meth:`last_logits`, bit for bit."""
+        hooks = list(fwd_hooks)
+        kv = None
+        if self.prefix_len:
+            kv = model.prefill(self.prefix, fwd_hooks=hooks, record_kv=True, logits="none").kv
+        for idx, sid, smask, last in self.batches:
+            run = model.prefill(sid, smask, fwd_hooks=hooks, kv_prefix=repeat_rows(kv, sid.shape[0]), logits="none")
+            yield idx, row_logits(model, run.resid, last)
+
     @torch.no_grad()
     def mean_resid(self, model, layers: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """Mean over rows of ``blocks.{l}.hook_resid_pre`` at each row's column ``p`` (negative:

@@ -342,7 +342,6 @@ def select_direction(
         shared_hf = SharedPrefix.split(hf_ids, hf_mask, batch_size, model.device)
         shared_hl = SharedPrefix.split(hl_ids, hl_mask, batch_size, model.device)
         kl_split = SharedPrefix.split(hl_ids, hl_mask, KL_CHUNK, model.device)
-        kl_chunks = [(SharedPrefix(kl_split.prefix, [b], len(b[0])), b[0]) for b in kl_split.batches]
         base_hl_logits, hl_cone = shared_hl.record(model, [l for l in range(1, L) if l < layer_limit])
         base_hl_logits = _to64(base_hl_logits)
     base_hl_induce = float(refusal_log_odds(base_hl_logits, refusal_ids).mean())  # harmless val, unsteered
@@ -389,8 +388,9 @@ def select_direction(
             rows[k]["kl"] = float(next_token_kl(base_hl_logits, harmless(ablation_hooks(model, cands[k]))).mean())
             return
         hooks, n, total, m = ablation_hooks(model, cands[k]), len(base_hl_logits), 0.0, 0
-        for chunk, idx in kl_chunks:  # KL >= 0: stop once the sum so far decides kl >= kl_max
-            total += float(next_token_kl(base_hl_logits[idx], _to64(chunk.last_logits(model, hooks))).sum())
+        # KL >= 0: stop once the sum so far decides kl >= kl_max (the edited prefix runs once per candidate)
+        for idx, logits in kl_split.iter_last_logits(model, hooks):
+            total += float(next_token_kl(base_hl_logits[idx], _to64(logits)).sum())
             m += len(idx)
             if total >= kl_max * n:
                 break
