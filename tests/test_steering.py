@@ -7,6 +7,8 @@ from refusal_lab.steering.damage import completion_cross_entropy, edit_kl, next_
 from refusal_lab.steering.evaluation import REFUSAL_SUBSTRINGS, Judge, SubstringJudge, is_refusal
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks, unit
 from refusal_lab.steering.vectors import (
+    cached_diff_in_means,
+    cached_head_vector,
     diff_in_means,
     diff_in_means_all_layers,
     head_vector,
@@ -134,6 +136,26 @@ def test_head_vector_of_all_heads_is_attn_out_difference(tiny):
     h0 = head_vector(tiny, a_ids, a_mask, b_ids, b_mask, heads[:1], position=-1)
     rest = head_vector(tiny, a_ids, a_mask, b_ids, b_mask, heads[1:], position=-1)
     torch.testing.assert_close(h0 + rest, hv, rtol=1e-5, atol=1e-6)
+
+
+def test_vectors_from_a_clean_runs_cache_equal_new_forwards(tiny):
+    """The steering step reads the object-prompt difference vector and the refusal heads' vector
+    from the grids' source caches: equal to diff_in_means / head_vector's own forwards (every
+    architecture, Gemma's post-attention norm included), at a column from the start and the end."""
+    a_ids, a_mask, b_ids, b_mask = _two_groups(tiny)
+    L = tiny.cfg.n_layers
+    keep = lambda n: n.endswith(("hook_resid_pre", "attn.hook_z"))  # noqa: E731
+    ca = tiny.run_with_cache(a_ids, a_mask, names=keep, logits="none")[1]
+    cb = tiny.run_with_cache(b_ids, b_mask, names=keep, logits="none")[1]
+    heads = [(0, 1), (L - 1, 0), (L - 1, tiny.cfg.n_heads - 1)]
+    for pos in (-1, 2):
+        for layer in range(L):
+            torch.testing.assert_close(cached_diff_in_means(ca, cb, layer, pos),
+                                       diff_in_means(tiny, a_ids, a_mask, b_ids, b_mask, layer, position=pos),
+                                       rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(cached_head_vector(tiny, ca, cb, heads, pos),
+                                   head_vector(tiny, a_ids, a_mask, b_ids, b_mask, heads, position=pos),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_vector_round_trip(tmp_path):

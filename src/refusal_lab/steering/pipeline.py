@@ -25,7 +25,7 @@ generate-and-judge loop (:func:`refusal_lab.steering.evaluation.evaluate_setting
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +37,7 @@ from refusal_lab.steering.evaluation import REFUSAL_SUBSTRINGS, Judge, Substring
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
 from refusal_lab.steering.selection import DirectionPolicy, select_refusal_direction
 from refusal_lab.steering.sweep import alpha_sweep, object_alpha_sweep, sweep_units
-from refusal_lab.steering.vectors import diff_in_means, head_vector
+from refusal_lab.steering.vectors import cached_diff_in_means, cached_head_vector, diff_in_means, head_vector
 
 __all__ = ["SteeringSettings", "choose_alpha", "direction_step", "evaluation_step", "steering_step"]
 
@@ -130,8 +130,13 @@ def choose_alpha(rows: Sequence[dict], target: float = 0.5) -> tuple[float, str]
 def steering_step(model, s: SteeringSettings, direction: dict, direction_vector: torch.Tensor, *,
                   object_batches: dict, objects: dict, metric_fn, harmful_mean: float, harmless_mean: float,
                   object_position: int, heads: Sequence[tuple[int, int]] = (), heads_position: int | None = None,
-                  save_vector: Callable[[str, torch.Tensor, dict], None], progress: bool = True) -> dict:
+                  save_vector: Callable[[str, torch.Tensor, dict], None], progress: bool = True,
+                  object_cache: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict:
     """Alpha sweeps of the selected direction (val instructions) and of the replication's vectors (objects).
+
+    ``object_cache``: ``{side: cache}`` of a clean run of each side's object prompts (the run's
+    patching sources hold ``blocks.{l}.hook_resid_pre`` and ``blocks.{l}.attn.hook_z`` of every
+    layer): the two vectors are read from it instead of four new forwards of the object prompts.
 
     One progress bar (stderr, ``progress=False`` silences it) over every unit: each batch of val
     prompts of the alpha sweep (forward + generation) and each (vector, alpha, side) of the object
@@ -160,14 +165,22 @@ def steering_step(model, s: SteeringSettings, direction: dict, direction_vector:
         # The replication's vectors, on its own object prompts, added at the selected layer.
         ids_h, mask_h = object_batches["harmful"]
         ids_s, mask_s = object_batches["harmless"]
-        vectors = {"difference": (diff_in_means(model, ids_h, mask_h, ids_s, mask_s, layer=layer,
-                                                position=object_position, batch_size=s.batch_size), layer,
-                                  f"object prompts, blocks.{layer}.hook_resid_pre at column {object_position}")}
+        cached = object_cache is not None and all(side in object_cache for side in ("harmful", "harmless"))
+        if cached:
+            diff = cached_diff_in_means(object_cache["harmful"], object_cache["harmless"], layer, object_position)
+        else:
+            diff = diff_in_means(model, ids_h, mask_h, ids_s, mask_s, layer=layer, position=object_position,
+                                 batch_size=s.batch_size)
+        vectors = {"difference": (diff, layer, f"object prompts, blocks.{layer}.hook_resid_pre at column {object_position}")}
         if heads:
             last_layer = max(l for l, _ in heads)
             add_layer = min(last_layer + 1, model.cfg.n_layers - 1)
-            hv = head_vector(model, ids_h, mask_h, ids_s, mask_s, heads=list(heads),
-                             position=heads_position if heads_position is not None else -1, batch_size=s.batch_size)
+            hpos = heads_position if heads_position is not None else -1
+            if cached:
+                hv = cached_head_vector(model, object_cache["harmful"], object_cache["harmless"], list(heads), hpos)
+            else:
+                hv = head_vector(model, ids_h, mask_h, ids_s, mask_s, heads=list(heads), position=hpos,
+                                 batch_size=s.batch_size)
             vectors["heads"] = (hv, add_layer, f"{len(heads)} refusal heads' summed outputs at column {heads_position}, "
                                                f"added at blocks.{add_layer}.hook_resid_pre")
         unsteered: dict = {}  # the alpha = 0 object runs, the same for every vector

@@ -23,6 +23,8 @@ from refusal_lab.errors import PromptError, SiteError
 from refusal_lab.steering.batching import tensor_batches
 
 __all__ = [
+    "cached_diff_in_means",
+    "cached_head_vector",
     "diff_in_means",
     "diff_in_means_all_layers",
     "head_vector",
@@ -178,6 +180,46 @@ def head_vector(
     a = _mean_head_sum(model, harmful_ids, harmful_mask, heads, position, batch_size)
     b = _mean_head_sum(model, harmless_ids, harmless_mask, heads, position, batch_size)
     return a - b
+
+
+def cached_diff_in_means(harmful_cache, harmless_cache, layer: int, position: int = -1,
+                         site: str = "hook_resid_pre") -> torch.Tensor:
+    """:func:`diff_in_means` from two clean runs' caches of the same prompts (``run_with_cache``
+    with ``blocks.{layer}.{site}``) instead of new forwards: float64 [d]."""
+    name = _site_name(layer, site)
+    means = []
+    for cache in (harmful_cache, harmless_cache):
+        act = cache[name]
+        col = _columns([position], act.shape[1])[0]
+        means.append(act[:, col].detach().to(torch.float64).sum(0).cpu() / act.shape[0])
+    return means[0] - means[1]
+
+
+def cached_head_vector(model, harmful_cache, harmless_cache, heads: Sequence[tuple[int, int]],
+                       position: int = -1) -> torch.Tensor:
+    """:func:`head_vector` from two clean runs' caches of the same prompts holding
+    ``blocks.{l}.attn.hook_z`` of the heads' layers (each head's contribution is its ``z`` at the
+    column through its slice of the output projection, after any post-norm, as
+    :meth:`HookedChatModel.head_results`): float64 [d]."""
+    heads = [(int(l), model.check_head(h)) for l, h in heads]
+    if not heads:
+        raise SiteError("Give at least one (layer, head) pair.")
+    d_head = model.cfg.d_head
+    out = []
+    for cache in (harmful_cache, harmless_cache):
+        total = None
+        for l in sorted({l for l, _ in heads}):
+            z = cache[f"blocks.{l}.attn.hook_z"]  # [b, T, h, dh]
+            col = _columns([position], z.shape[1])[0]
+            w = model.adapter.o_proj(l).weight
+            w = w.view(w.shape[0], model.cfg.n_heads, d_head).to(z.device)  # [d, h, dh]
+            result = torch.einsum("bqhe,dhe->bqhd", z[:, col:col + 1], w)  # attn.hook_result at the column
+            res = model.head_results({f"blocks.{l}.attn.hook_result": result}, l)[:, 0]  # [b, h, d]
+            hs = [h for ll, h in heads if ll == l]
+            s = res[:, hs].to(torch.float64).sum(1).sum(0).cpu()
+            total = s if total is None else total + s
+        out.append(total / z.shape[0])
+    return out[0] - out[1]
 
 
 # ----------------------------------------------------------------------------------- files

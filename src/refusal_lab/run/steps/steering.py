@@ -22,7 +22,8 @@ def compute(ctx: RunContext) -> dict:
         metric_fn=lambda logits: inputs.metric.from_logits(logits, None), harmful_mean=h_mean,
         harmless_mean=s_mean, object_position=inputs.prompts.resolve_positions(ctx.cfg.steering_object_position)[0],
         heads=[(x["layer"], x["head"]) for x in heads.get("selected") or []],
-        heads_position=(heads.get("cols") or [None])[0], save_vector=ctx.folder.save_vector, progress=ctx.progress)
+        heads_position=(heads.get("cols") or [None])[0], save_vector=ctx.folder.save_vector, progress=ctx.progress,
+        object_cache={side: inputs.source_cache(side) for side in inputs.batches})  # the grids' sources, reused
 
 
 def publish(ctx: RunContext) -> dict:
