@@ -85,8 +85,9 @@ def greedy_decode(
     key_valid = attention_mask.bool()
     last_pos = default_position_ids(attention_mask)[:, -1]
     n_steps = 0
+    greedy = None  # the next tokens straight from the step (logits="greedy") when no log-probabilities are wanted
     for t in range(max_new_tokens):
-        nxt = logits.argmax(-1).to(dev)  # lm_head may sit on another device
+        nxt = (logits.argmax(-1) if greedy is None else greedy).to(dev)  # lm_head may sit on another device
         nxt = torch.where(done, fill, nxt)
         if lp is not None:
             chosen = torch.log_softmax(logits.to(torch.float64), -1).gather(-1, nxt.to(logits.device)[:, None])[:, 0]
@@ -108,8 +109,12 @@ def greedy_decode(
         last_pos = last_pos + 1
         key_valid = torch.cat([key_valid, torch.ones(key_valid.shape[0], 1, dtype=torch.bool, device=key_valid.device)], 1)
         step = model.prefill(nxt[:, None], key_valid, fwd_hooks=hooks_for(active), kv_prefix=kv, record_kv=True,
-                             position_ids=last_pos[:, None], logits="last")
-        kv, logits = step.kv, step.logits
+                             position_ids=last_pos[:, None], logits="last" if logprobs else "greedy")
+        kv = step.kv
+        if logprobs:
+            logits = step.logits
+        else:
+            greedy = step.logits
     return Generation(out[:, :n_steps], prompt_logits, None if lp is None else lp[:, :n_steps])
 
 

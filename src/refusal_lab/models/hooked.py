@@ -99,6 +99,7 @@ class HookedChatModel(nn.Module):
         self.tokenizer = tokenizer
         self.adapter = adapter or get_adapter(hf_model)
         use_onednn_linear(hf_model)  # fp32 CPU products through oneDNN (2x on AMD Zen; equal to rounding)
+        self._greedy_head: tuple | None = None  # (weight identity, CertifiedArgmax), built on first use
         a = self.adapter
         p = next(hf_model.parameters())
         self.cfg = ModelConfig(
@@ -222,15 +223,16 @@ class HookedChatModel(nn.Module):
         that prefix: they sit at columns P..P+q-1 after its P columns and attend over its keys and
         values; ``attention_mask`` [b, P + q] (default: all real) then covers prefix and tokens, and
         ``position_ids`` [b, q] default to the mask's (left padding ignored). ``logits``: 'all' columns, the 'last'
-        one, or 'none' (no final norm: ``resid`` is what a caller wants).
+        one, 'greedy' (the last column's greedy token ids [b] instead of logits, :meth:`greedy_tokens`)
+        or 'none' (no final norm: ``resid`` is what a caller wants).
 
         ``stop_layer`` (with ``logits='none'``) ends the forward before that block: ``resid`` is then
         what enters it, and ``kv`` holds the blocks run. ``start_layer`` with ``resid`` (what enters
         that block, e.g. an earlier prefill's with that ``stop_layer``) runs only the blocks from it
         on, so several edits at or above one layer share the computation below it; merging the two
         prefills' ``kv`` gives every layer's, bit for bit those of one whole forward."""
-        if logits not in ("all", "last", "none"):
-            raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}.")
+        if logits not in ("all", "last", "none", "greedy"):
+            raise ValueError(f"logits must be 'all', 'last', 'greedy' or 'none', not {logits!r}.")
         n_layers = self.cfg.n_layers
         stop = n_layers if stop_layer is None else int(stop_layer)
         if not 0 <= start_layer <= stop <= n_layers:
@@ -257,12 +259,15 @@ class HookedChatModel(nn.Module):
                             start_layer=start_layer, stop_layer=stop)
         out = None
         if logits != "none":
-            at = slice(-1, None) if logits == "last" else slice(None)
+            at = slice(None) if logits == "all" else slice(-1, None)
             final = resid[:, at].to(a.final_norm.weight.device)
             normed = run.site("ln_final.hook_normalized", None, a.final_norm(final), cols[at].to(final.device))
-            out = a.final_logits(normed.to(a.lm_head.weight.device))
-            if logits == "last":
-                out = out[:, -1]
+            if logits == "greedy":
+                out = self.greedy_tokens(normed[:, -1])
+            else:
+                out = a.final_logits(normed.to(a.lm_head.weight.device))
+                if logits == "last":
+                    out = out[:, -1]
         return Prefill(out, resid, run.cache, kv.kv if kv is not None else {})
 
     def forward(
@@ -298,6 +303,22 @@ class HookedChatModel(nn.Module):
     blocks = run_blocks
 
     # ------------------------------------------------------------------ derived quantities
+    def greedy_tokens(self, normed: torch.Tensor) -> torch.Tensor:
+        """The greedy token ids [b] of ``ln_final`` outputs [b, d]: ``argmax`` of the logits, through
+        :class:`~refusal_lab.models.greedy_head.CertifiedArgmax` where it applies (float32 on a CPU
+        with native bfloat16: the unembedding bounded in bfloat16, float32 logits of the tokens that
+        can still win; the same tokens to float32 rounding)."""
+        from refusal_lab.models.greedy_head import CertifiedArgmax
+
+        a = self.adapter
+        w = a.lm_head.weight
+        if CertifiedArgmax.applicable(a):
+            key = (w.data_ptr(), w._version, tuple(w.shape))  # rebuilt if the weights were edited
+            if self._greedy_head is None or self._greedy_head[0] != key:
+                self._greedy_head = (key, CertifiedArgmax(w))
+            return self._greedy_head[1](normed.to(w.device))
+        return a.final_logits(normed.to(w.device)).argmax(-1)
+
     def head_results(self, cache: ActivationCache, layer: int, after_post_norm: bool = True) -> torch.Tensor:
         """Each head's contribution to ``hook_attn_out`` [b, p, h, d].
 
