@@ -136,6 +136,13 @@ def run_blocks(
     return resid
 
 
+def head_result(o_proj_weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``attn.hook_result`` [b, q, h, d]: each head's ``attn.hook_z`` [b, q, h, dh] through its slice
+    of the output projection's weight [d, h * dh] (no bias, before any post-norm)."""
+    w = o_proj_weight.view(o_proj_weight.shape[0], z.shape[-2], z.shape[-1]).to(z.device)  # [d, h, dh]
+    return torch.einsum("bqhe,dhe->bqhd", z, w)
+
+
 def _attention(model: HookedChatModel, l, x, mask, rot, kv, run: HookRun, cols) -> torch.Tensor:
     """The HF attention module of layer ``l``, with ``attn.hook_z`` / ``attn.hook_result`` taken at
     the input of its output projection (a torch pre-hook, only while a site there is watched) and
@@ -153,8 +160,7 @@ def _attention(model: HookedChatModel, l, x, mask, rot, kv, run: HookRun, cols) 
             z = z_flat.view(*z_flat.shape[:-1], n_heads, d_head)
             z = run.site(zname, l, z, cols)
             if run.wants(rname):
-                w = module.weight.view(module.weight.shape[0], n_heads, d_head)  # [d, h, dh]
-                run.site(rname, l, torch.einsum("bqhe,dhe->bqhd", z, w), cols)
+                run.site(rname, l, head_result(module.weight, z), cols)
             return (z.reshape(z_flat.shape),)
 
         handle = a.o_proj(l).register_forward_pre_hook(pre_hook)

@@ -20,7 +20,6 @@ keeps the extra work to two passes over the bfloat16 logits; it is taken twice o
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -68,7 +67,7 @@ class CertifiedArgmax:
         head = adapter.lm_head
         return (head.weight.dtype == torch.float32 and head.weight.device.type == "cpu" and head.bias is None
                 and not getattr(adapter.config, "final_logit_softcapping", None) and cpu_linear.available()
-                and os.environ.get(cpu_linear.ENV, "").strip().lower() != "torch" and native_bf16())
+                and native_bf16())
 
     @torch.no_grad()
     def __call__(self, normed: torch.Tensor) -> torch.Tensor:
@@ -78,11 +77,11 @@ class CertifiedArgmax:
         d = self.weight.shape[1]
         bound = SAFETY * ((2 * U + U * U + d * 2.0 ** -24) * h.norm(dim=1) * self.max_norm
                           + U * torch.maximum(hi.abs(), lo.abs()) * (1 + U))
+        if not bool(torch.isfinite(bound).all()):
+            return self._full(h).reshape(normed.shape[:-1])
         # a token below max - 2B cannot win: its logit < its bf16 value + B < max - B <= the best logit
         floor = hi - 2 * bound
         floor = (floor - floor.abs() * 2 * U).to(torch.bfloat16)  # rounding to bfloat16 may not raise it
-        if not bool(torch.isfinite(bound).all()):
-            return self._full(h).reshape(normed.shape[:-1])
         rows, ids = (approx >= floor[:, None]).nonzero(as_tuple=True)
         if rows.numel() > MAX_CANDIDATES:
             return self._full(h).reshape(normed.shape[:-1])

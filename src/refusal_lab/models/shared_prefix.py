@@ -108,13 +108,8 @@ class SharedPrefix:
         (column-independent edits only), the prefix run once before the first batch: a caller may
         stop early (e.g. once a running sum decides) and pays only for the batches it took. The
         same values as :meth:`last_logits`, bit for bit."""
-        hooks = list(fwd_hooks)
-        kv = None
-        if self.prefix_len:
-            kv = model.prefill(self.prefix, fwd_hooks=hooks, record_kv=True, logits="none").kv
-        for idx, sid, smask, last in self.batches:
-            run = model.prefill(sid, smask, fwd_hooks=hooks, kv_prefix=repeat_rows(kv, sid.shape[0]), logits="none")
-            yield idx, row_logits(model, run.resid, last)
+        for idx, logits, _ in self._iter_run(model, list(fwd_hooks)):
+            yield idx, logits
 
     @torch.no_grad()
     def mean_resid(self, model, layers: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
@@ -171,25 +166,34 @@ class SharedPrefix:
 
     def _run(self, model, hooks: list, *, cone: Cone | None = None, start_layer: int = 0,
              record: tuple[int, ...] | None = None):
-        if start_layer and (cone is None or start_layer not in cone.layers):
-            raise ValueError(f"start_layer {start_layer} needs a cone recorded at that layer.")
-        names = [f"blocks.{l}.hook_resid_pre" for l in record] if record else None
-        kv, prefix_resid = None, {}
-        if self.prefix_len:
-            pre = model.prefill(self.prefix, fwd_hooks=hooks, record_kv=True, logits="none", names=names,
-                                start_layer=start_layer, resid=cone.prefix_resid[start_layer] if start_layer else None)
-            kv = pre.kv  # the blocks run: those from start_layer on
-            if record:
-                prefix_resid = {l: pre.cache[n] for l, n in zip(record, names)}
+        prefix_resid: dict = {}
         out, resid_cache = [], []
-        for bi, (_, sid, smask, last) in enumerate(self.batches):
-            b = sid.shape[0]
-            run = model.prefill(sid, smask, fwd_hooks=hooks, kv_prefix=repeat_rows(kv, b), logits="none", names=names,
-                                start_layer=start_layer, resid=cone.resid[bi][start_layer] if start_layer else None)
-            if record:
-                resid_cache.append({l: run.cache[n] for l, n in zip(record, names)})
-            out.append(row_logits(model, run.resid, last))
+        for _, logits, resid in self._iter_run(model, hooks, cone=cone, start_layer=start_layer, record=record,
+                                               prefix_resid=prefix_resid):
+            out.append(logits)
+            resid_cache.append(resid)
         logits = torch.cat(out)
         if record is None:
             return logits, None
         return logits, Cone(record, prefix_resid, resid_cache)
+
+    def _iter_run(self, model, hooks: list, *, cone: Cone | None = None, start_layer: int = 0,
+                  record: tuple[int, ...] | None = None, prefix_resid: dict | None = None):
+        """``(row indices, last-column logits, {layer: resid_pre} of the batch or None)`` batch by
+        batch, the prefix run once first (its recorded residuals put into ``prefix_resid``)."""
+        if start_layer and (cone is None or start_layer not in cone.layers):
+            raise ValueError(f"start_layer {start_layer} needs a cone recorded at that layer.")
+        names = [f"blocks.{l}.hook_resid_pre" for l in record] if record else None
+        kv = None
+        if self.prefix_len:
+            pre = model.prefill(self.prefix, fwd_hooks=hooks, record_kv=True, logits="none", names=names,
+                                start_layer=start_layer, resid=cone.prefix_resid[start_layer] if start_layer else None)
+            kv = pre.kv  # the blocks run: those from start_layer on
+            if record and prefix_resid is not None:
+                prefix_resid.update({l: pre.cache[n] for l, n in zip(record, names)})
+        for bi, (idx, sid, smask, last) in enumerate(self.batches):
+            b = sid.shape[0]
+            run = model.prefill(sid, smask, fwd_hooks=hooks, kv_prefix=repeat_rows(kv, b), logits="none", names=names,
+                                start_layer=start_layer, resid=cone.resid[bi][start_layer] if start_layer else None)
+            yield idx, row_logits(model, run.resid, last), ({l: run.cache[n] for l, n in zip(record, names)}
+                                                              if record else None)

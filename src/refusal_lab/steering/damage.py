@@ -110,9 +110,8 @@ def edit_damage(model, ids: torch.Tensor, mask: torch.Tensor | None, edits: Mapp
         count += int(keep.sum())
         n += i.shape[0]
         batches.append((m, gen, keep, firsts))
-    for name, hooks in settings.items():
-        if name is base:
-            continue
+    for name in edits:
+        hooks = settings[name]
         for m, gen, keep, firsts in batches:
             new = gen.tokens
             first = firsts.pop(name)

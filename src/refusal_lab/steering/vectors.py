@@ -20,6 +20,7 @@ import torch
 
 from refusal_lab.artifacts import load_tensors, save_tensors
 from refusal_lab.errors import PromptError, SiteError
+from refusal_lab.models.forward import head_result
 from refusal_lab.steering.batching import tensor_batches
 
 __all__ = [
@@ -204,16 +205,13 @@ def cached_head_vector(model, harmful_cache, harmless_cache, heads: Sequence[tup
     heads = [(int(l), model.check_head(h)) for l, h in heads]
     if not heads:
         raise SiteError("Give at least one (layer, head) pair.")
-    d_head = model.cfg.d_head
     out = []
     for cache in (harmful_cache, harmless_cache):
         total = None
         for l in sorted({l for l, _ in heads}):
             z = cache[f"blocks.{l}.attn.hook_z"]  # [b, T, h, dh]
             col = _columns([position], z.shape[1])[0]
-            w = model.adapter.o_proj(l).weight
-            w = w.view(w.shape[0], model.cfg.n_heads, d_head).to(z.device)  # [d, h, dh]
-            result = torch.einsum("bqhe,dhe->bqhd", z[:, col:col + 1], w)  # attn.hook_result at the column
+            result = head_result(model.adapter.o_proj(l).weight, z[:, col:col + 1])  # attn.hook_result there
             res = model.head_results({f"blocks.{l}.attn.hook_result": result}, l)[:, 0]  # [b, h, d]
             hs = [h for ll, h in heads if ll == l]
             s = res[:, hs].to(torch.float64).sum(1).sum(0).cpu()
