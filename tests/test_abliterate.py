@@ -162,13 +162,21 @@ def test_gemma_sublayer_write_is_rescaled_hook_ablation(arch):
             for s in ("hook_resid_pre", "hook_resid_mid")}
     pin_hooks = [(n, (lambda t: lambda act, hook: t)(t)) for n, t in pins.items()]
 
+    def unpacked(o):  # the MLP runs on the real columns only, as one [1, n, d] sequence (forward.packed)
+        if o.shape[:2] == mask.shape:
+            return o
+        full = o.new_zeros(mask.numel(), o.shape[-1])
+        full[mask.reshape(-1).bool()] = o[0]
+        return full.view(*mask.shape, -1)
+
     def run(model):
         raw = {}
         handles = []
         for l in range(L):
             layer = model.hf_model.model.layers[l]
             for key, mod in ((f"{l}.attn", layer.self_attn.o_proj), (f"{l}.mlp", layer.mlp.down_proj)):
-                handles.append(mod.register_forward_hook(lambda m, i, o, key=key: raw.__setitem__(key, o.detach())))
+                handles.append(mod.register_forward_hook(
+                    lambda m, i, o, key=key: raw.__setitem__(key, unpacked(o.detach()))))
         try:
             names = [f"blocks.{l}.{s}" for l in range(L) for s in ("hook_attn_out", "hook_mlp_out")]
             with torch.no_grad():

@@ -324,7 +324,8 @@ def test_edit_damage_equals_edit_kl_and_cross_entropy(model):
         for name, hooks in edits.items():
             ce = completion_cross_entropy(model, ids, mask, hooks, max_new_tokens=n, batch_size=3)
             kl = edit_kl(model, ids, mask, hooks, batch_size=3)
-            assert fast[name]["kl"] == kl  # the same forwards: bit for bit
+            # the same prompts, other batches (the MLP's product over the real columns of each): to rounding
+            assert fast[name]["kl"] == pytest.approx(kl, rel=1e-6, abs=1e-9)
             assert fast[name]["n_tokens"] == ce["n_tokens"] < ids.shape[0] * n  # some rows ended early
             for key in ("ce_baseline", "ce_edited"):
                 assert fast[name][key] == pytest.approx(ce[key], rel=1e-5, abs=1e-7), (name, key)

@@ -22,12 +22,26 @@ that; a changed computation (another site, token, position or normalisation) mov
 orders of magnitude more."""
 
 
+NOISE_NORM = 1e-4
+"""A direction-table candidate whose difference in means is shorter than this is rounding noise
+(the tiny Gemma 2's layer-1 last-column candidate: 1.2e-6, beside O(1) norms; both sides' means
+equal to float32 rounding): its direction, and so its ablation scores, move with the last bits of
+any product (seen: bypass 0.015 and kl 0.0016 apart after a change of matrix-product row counts
+alone, the candidate itself 8e-8 apart). Its norm and everything else are still compared."""
+NOISE_SCORES = ("bypass", "kl", "induce", "bypass_estimate")
+
+
 def assert_reference_holds(new, ref, path: str = "$") -> None:
     if isinstance(ref, dict):
         assert isinstance(new, dict), (path, type(new))
         missing = sorted(set(ref) - set(new))
         assert not missing, (path, missing)
+        noise = path.startswith("$.direction.table[") and isinstance(ref.get("norm"), float) and ref["norm"] < NOISE_NORM
         for k in ref:
+            if noise and k in NOISE_SCORES:
+                scored = [v is not None and not (isinstance(v, float) and math.isnan(v)) for v in (new[k], ref[k])]
+                assert scored[0] == scored[1], (path, k, new[k], ref[k])  # scored (or not) in both
+                continue
             assert_reference_holds(new[k], ref[k], f"{path}.{k}")
     elif isinstance(ref, list):
         assert isinstance(new, list) and len(new) == len(ref), (path, len(ref), new if not isinstance(new, list) else len(new))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from refusal_lab.models.pattern import watching
 from refusal_lab.models.sites import HookRun
@@ -98,6 +99,7 @@ def run_blocks(
     stop_layer = model.cfg.n_layers if stop_layer is None else stop_layer
     masks: dict[tuple, torch.Tensor] = {}
     rotary: dict[tuple, tuple] = {}
+    real: dict[str, torch.Tensor | None] = {}  # per device: the flat indices of the real query columns (packed MLP)
     for l in range(start_layer, stop_layer):
         dev = a.ln1(l).weight.device
         if resid.device != dev:  # device_map: the residual follows the layers
@@ -129,11 +131,42 @@ def run_blocks(
         y = a.ln2(l)(mid)
         if run.wants(pre + "ln2.hook_normalized"):
             y = run.site(pre + "ln2.hook_normalized", l, y, cols)
-        m = a.mlp(l)(y)
+        dkey = str(dev)
+        if dkey not in real:
+            real[dkey] = real_columns(key_valid.to(dev), resid)
+        m = a.mlp(l)(y) if real[dkey] is None else packed(a.mlp(l), y, real[dkey])
         post = a.mlp_post_norm(l)
         mlp_out = run.site(pre + "hook_mlp_out", l, post(m) if post is not None else m, cols)
         resid = run.site(pre + "hook_resid_post", l, mid + mlp_out, cols)
     return resid
+
+
+def real_columns(key_valid: torch.Tensor, resid: torch.Tensor) -> torch.Tensor | None:
+    """The flat indices (into ``b * q``) of the query columns of ``resid`` [b, q, d] that are real
+    tokens (the last ``q`` columns of ``key_valid`` [b, k]), or None when every one is real or when
+    a forward-mode or ``torch.func`` derivative runs (their in-place-free path is the plain one).
+
+    A padding column's MLP output is never read by a real token (its key is masked and its residual
+    reaches no later column), so :func:`run_blocks` runs the MLP on the real columns only (about a
+    quarter of a length-sorted instruction batch's columns are padding) and leaves zeros in the
+    others: the real columns' values are those of the whole batch to rounding (matrix products of
+    another row count), padding columns' residuals differ from Hugging Face's (which computes noise
+    there)."""
+    q = resid.shape[1]
+    if q < 2 or fwAD._current_level >= 0 or torch._C._functorch.is_functorch_wrapped_tensor(resid):
+        return None
+    valid = key_valid[:, -q:].reshape(-1)
+    if bool(valid.all()):
+        return None
+    return valid.nonzero().flatten()
+
+
+def packed(fn, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``fn`` (a token-wise module: an MLP) applied to the flat rows ``rows`` of ``x`` [b, q, d] only,
+    as one [1, n, d] sequence; zeros elsewhere. Differentiable (out-of-place index ops)."""
+    b, q, d = x.shape
+    out = fn(x.reshape(b * q, d).index_select(0, rows)[None])[0]
+    return out.new_zeros(b * q, out.shape[-1]).index_copy(0, rows, out).view(b, q, -1)
 
 
 def head_result(o_proj_weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
