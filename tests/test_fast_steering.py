@@ -189,16 +189,27 @@ def common_substring(completions) -> str:
     return c.most_common(1)[0][0]
 
 
-@pytest.mark.parametrize("stack", [True, False])
-def test_evaluate_settings_equals_the_plain_loop(chat, stack, monkeypatch):
+@pytest.mark.parametrize("stack,stack_rows", [(True, 1), (True, 160), (False, 160)])
+def test_evaluate_settings_equals_the_plain_loop(chat, stack, stack_rows, monkeypatch):
+    """Every setting's scores, completions and verdicts are the plain loop's, whether each length
+    batch decodes its settings alone (no stacking), stacked per batch (STACK_ROWS = 1) or stacked
+    across every batch (the batches' keys and values left-padded to the longest prompt)."""
     import refusal_lab.steering.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "STACK_DECODING", stack)
+    monkeypatch.setattr(evaluation, "STACK_ROWS", stack_rows)
     monkeypatch.setattr(evaluation, "SHARE_PREFIX", False)  # bit for bit; the shared beginning is tested below
     settings = settings_of(chat)
     n = 6
     ref = {k: plain_loop(chat, INSTRUCTIONS, h, SubstringJudge(), n, 3) for k, h in settings.items()}
+    rows = []
+    real = evaluation.greedy_decode
+    monkeypatch.setattr(evaluation, "greedy_decode", lambda model, ids, mask, **kw: rows.append(ids.shape[0]) or
+                        real(model, ids, mask, **kw))
     fast = evaluate_settings(chat, INSTRUCTIONS, settings, max_new_tokens=n, batch_size=3)
+    n_stacked = sum(1 for h in settings.values() if evaluation._rows_alike(h))
+    if stack:  # one decode of every stacked row, or one per batch
+        assert (max(rows) == n_stacked * len(INSTRUCTIONS)) == (stack_rows > n_stacked * len(INSTRUCTIONS) / 2)
     for k, (scores, completions, refused) in ref.items():
         assert torch.equal(fast[k].scores, scores), k  # bit for bit
         assert fast[k].completions == completions, k
@@ -208,11 +219,12 @@ def test_evaluate_settings_equals_the_plain_loop(chat, stack, monkeypatch):
     assert torch.equal(alone.scores, fast["add2"].scores) and alone.completions == fast["add2"].completions
 
 
-@pytest.mark.parametrize("stack", [True, False])
-def test_settled_verdicts_stop_early_but_verdicts_and_shown_texts_stay(chat, stack, monkeypatch):
+@pytest.mark.parametrize("stack,stack_rows", [(True, 1), (True, 160), (False, 160)])
+def test_settled_verdicts_stop_early_but_verdicts_and_shown_texts_stay(chat, stack, stack_rows, monkeypatch):
     import refusal_lab.steering.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "STACK_DECODING", stack)
+    monkeypatch.setattr(evaluation, "STACK_ROWS", stack_rows)
     monkeypatch.setattr(evaluation, "SHARE_PREFIX", False)
     settings = settings_of(chat)
     n = 8
