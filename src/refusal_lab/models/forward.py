@@ -26,16 +26,29 @@ KV = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (keys, values) [b,
 
 class KVPrefix:
     """Duck-typed HF cache for one forward: prepends a cached key/value prefix per layer and/or
-    records the full keys/values. HF attention modules only call ``update`` on it."""
+    records the full keys/values. HF attention modules only call ``update`` on it.
 
-    def __init__(self, prefix: KV | None = None, record: bool = False, detach: bool = True):
+    With ``buffer`` (per layer, keys/values [b, kv_heads, capacity, d_head] whose first ``length``
+    columns are the cache) the forward's keys and values are written into the buffer in place after
+    those columns and attention reads a view of it: a decoding step copies one column, not the
+    whole cache (:func:`~refusal_lab.models.generate.greedy_decode`)."""
+
+    def __init__(self, prefix: KV | None = None, record: bool = False, detach: bool = True,
+                 buffer: KV | None = None, length: int = 0):
         self.prefix = prefix or {}
         self.record = record
         self.detach = detach  # False: the recorded keys/values keep the graph (a later forward's gradient reaches them)
+        self.buffer, self.length = buffer or {}, length
         self.kv: KV = {}
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if layer_idx in self.prefix:
+        if layer_idx in self.buffer:  # decoding: columns 0..length-1 are cached, the new ones written after them
+            bk, bv = self.buffer[layer_idx]
+            end = self.length + key.shape[2]
+            bk[:, :, self.length:end] = key
+            bv[:, :, self.length:end] = value
+            key, value = bk[:, :, :end], bv[:, :, :end]
+        elif layer_idx in self.prefix:
             pk, pv = self.prefix[layer_idx]
             key = torch.cat([pk.to(key.device, key.dtype), key], dim=2)
             value = torch.cat([pv.to(value.device, value.dtype), value], dim=2)

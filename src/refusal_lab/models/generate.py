@@ -62,7 +62,8 @@ def greedy_decode(
     removes finished rows from the batch (and their keys/values), so hooks then see only the running
     rows: use it with hooks that treat every row alike (no ``batch=`` rows). ``prefill``: the prompt
     prefill already run (``record_kv=True``, ``logits='last'``, the same hooks), e.g. assembled from a
-    shared lower-layer prefill. ``logprobs``: also the float64 log-probability of each emitted token
+    shared lower-layer prefill; its keys and values move into the decoding's buffers (its ``kv``
+    dict is emptied). ``logprobs``: also the float64 log-probability of each emitted token
     under the logits it was chosen from. ``fwd_hooks`` may also be a function of the running rows
     (their batch indices) returning the hooks for them, so that rows can carry different edits and
     still leave the batch."""
@@ -84,6 +85,18 @@ def greedy_decode(
     done = torch.zeros(b, dtype=torch.bool, device=dev)  # over the rows in the computation
     key_valid = attention_mask.bool()
     last_pos = default_position_ids(attention_mask)[:, -1]
+    # every layer's keys/values in a buffer with room for the new columns: a step writes its column
+    # in place instead of copying the whole cache (and holding it twice)
+    length = key_valid.shape[1]
+    room = max(max_new_tokens - 1, 0)
+    buffers = {}
+    for l in list(kv):  # moved out of the prefill's kv dict (emptied), so each layer is held once
+        k, v = kv.pop(l)
+        bk = k.new_empty(k.shape[0], k.shape[1], length + room, k.shape[3])
+        bv = v.new_empty(v.shape[0], v.shape[1], length + room, v.shape[3])
+        bk[:, :, :length], bv[:, :, :length] = k, v
+        buffers[l] = (bk, bv)
+    kv = None
     n_steps = 0
     greedy = None  # the next tokens straight from the step (logits="greedy") when no log-probabilities are wanted
     for t in range(max_new_tokens):
@@ -105,12 +118,13 @@ def greedy_decode(
             keep = (~done).nonzero().flatten()
             active, nxt, done = active[keep], nxt[keep], done[keep]
             key_valid, last_pos = key_valid[keep], last_pos[keep]
-            kv = {l: (k[keep.to(k.device)], v[keep.to(v.device)]) for l, (k, v) in kv.items()}
+            for l, (k, v) in buffers.items():  # layer by layer, so the old buffers go as the new ones come
+                buffers[l] = (k[keep.to(k.device)], v[keep.to(v.device)])
         last_pos = last_pos + 1
         key_valid = torch.cat([key_valid, torch.ones(key_valid.shape[0], 1, dtype=torch.bool, device=key_valid.device)], 1)
-        step = model.prefill(nxt[:, None], key_valid, fwd_hooks=hooks_for(active), kv_prefix=kv, record_kv=True,
+        step = model.prefill(nxt[:, None], key_valid, fwd_hooks=hooks_for(active), kv_buffer=(buffers, length),
                              position_ids=last_pos[:, None], logits="last" if logprobs else "greedy")
-        kv = step.kv
+        length += 1
         if logprobs:
             logits = step.logits
         else:

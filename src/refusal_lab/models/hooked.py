@@ -213,6 +213,7 @@ class HookedChatModel(nn.Module):
         start_layer: int = 0,
         stop_layer: int | None = None,
         resid: torch.Tensor | None = None,
+        kv_buffer: tuple[KV, int] | None = None,
     ) -> Prefill:
         """The one prompt forward: embed ``input_ids`` [b, q], run every block, final norm and unembedding.
 
@@ -230,7 +231,12 @@ class HookedChatModel(nn.Module):
         what enters it, and ``kv`` holds the blocks run. ``start_layer`` with ``resid`` (what enters
         that block, e.g. an earlier prefill's with that ``stop_layer``) runs only the blocks from it
         on, so several edits at or above one layer share the computation below it; merging the two
-        prefills' ``kv`` gives every layer's, bit for bit those of one whole forward."""
+        prefills' ``kv`` gives every layer's, bit for bit those of one whole forward.
+
+        ``kv_buffer = (buffers, n)`` instead of ``kv_prefix``: per layer, keys/values with room for
+        more columns whose first ``n`` are the prefix; this forward's keys and values are written
+        into them in place after those (:class:`~refusal_lab.models.forward.KVPrefix`), and ``kv``
+        holds views of the buffers' first ``n + q`` columns."""
         if logits not in ("all", "last", "none", "greedy"):
             raise ValueError(f"logits must be 'all', 'last', 'greedy' or 'none', not {logits!r}.")
         n_layers = self.cfg.n_layers
@@ -241,8 +247,11 @@ class HookedChatModel(nn.Module):
             raise ValueError("A forward that stops before the last block has no logits; pass logits='none'.")
         if (resid is None) != (start_layer == 0):
             raise ValueError("Give resid (what enters start_layer) exactly when start_layer > 0.")
+        if kv_buffer is not None and kv_prefix is not None:
+            raise ValueError("Give kv_prefix or kv_buffer, not both.")
         if attention_mask is None:  # every prefix and token column is real
-            prefix = next(iter(kv_prefix.values()))[0].shape[2] if kv_prefix else 0
+            prefix = (kv_buffer[1] if kv_buffer is not None else
+                      next(iter(kv_prefix.values()))[0].shape[2] if kv_prefix else 0)
             attention_mask = torch.ones(input_ids.shape[0], prefix + input_ids.shape[1], dtype=input_ids.dtype,
                                         device=input_ids.device)
         run = self._make_run(fwd_hooks, names, detach=detach)
@@ -250,7 +259,10 @@ class HookedChatModel(nn.Module):
         cols = torch.arange(k - q, k, device=input_ids.device)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)[:, k - q:]
-        kv = KVPrefix(prefix=kv_prefix, record=record_kv, detach=detach) if kv_prefix is not None or record_kv else None
+        if kv_buffer is not None:
+            kv = KVPrefix(record=record_kv, detach=detach, buffer=kv_buffer[0], length=kv_buffer[1])
+        else:
+            kv = KVPrefix(prefix=kv_prefix, record=record_kv, detach=detach) if kv_prefix is not None or record_kv else None
         a = self.adapter
         dev = a.embed_tokens.weight.device
         if start_layer == 0:

@@ -287,23 +287,25 @@ def _decode_stacked(model, parts: Sequence[tuple], keys: Sequence, settings, jud
 
     layers = list(parts[0][3][keys[0]].kv)
     ids_rows, mask_rows, logits, order = [], [], [], {}
-    kv: dict[int, tuple[list, list]] = {l: ([], []) for l in layers}
     bounds, r0 = [], 0
     for k in keys:
         order[k] = []
         for ids, mask, idx, firsts in parts:
-            first = firsts[k]
             ids_rows.append(left(ids, 1))
             mask_rows.append(left(mask, 1))
-            logits.append(first.logits)
-            for l in layers:
-                kv[l][0].append(left(first.kv[l][0], 2))
-                kv[l][1].append(left(first.kv[l][1], 2))
+            logits.append(firsts[k].logits)
             order[k] += list(idx)
         bounds.append((r0, r0 + len(order[k])))
         r0 += len(order[k])
-    prefill = Prefill(torch.cat(logits), None, None, {l: (torch.cat(ks), torch.cat(vs)) for l, (ks, vs) in kv.items()})
+    kv = {}
+    for l in layers:  # layer by layer out of the parts' prefills, so each layer is held once
+        got = [firsts[k].kv.pop(l) for k in keys for _, _, _, firsts in parts]
+        kv[l] = (torch.cat([left(x[0], 2) for x in got]), torch.cat([left(x[1], 2) for x in got]))
+        del got
+    prefill = Prefill(torch.cat(logits), None, None, kv)
     del kv, logits
+    for *_, firsts in parts:  # the parts' prefills (logits, residuals) are not needed any more
+        firsts.clear()
 
     def hooks_for(rows: torch.Tensor) -> list:
         out = []
@@ -419,13 +421,16 @@ def _prompt_prefills(model, ids, mask, settings: Mapping, shared: Sequence, spli
 
 STACK_DECODING = True
 """Decode the row-alike settings of one batch together (one bigger batch per step)."""
-STACK_ROWS = 160
-"""Length batches join one stacked decode until it holds at least this many rows (settings x
-prompts): a decoding step is matrix products of as many rows as the batch holds, and on a CPU they
-run at ~65 % of the float32 peak at 48 rows, ~82 % at 144 (default model, Zen 4: a 16-token decode
-of 3 x 48 rows 18.3 s, of the same rows at once 14.4 s). The cost is memory: the rows' keys and
-values (24 KiB per token on the default model) are held until the decode, padded to the longest
-prompt of the group."""
+STACK_ROWS = 96
+"""Length batches (sorted by length) join one stacked decode until it holds at least this many rows
+(settings x prompts): a decoding step is matrix products of as many rows as the batch holds, and on
+a CPU they run at ~65 % of the float32 peak at 48 rows, ~82 % at 144. The cost is memory and
+padding: the rows' keys and values (24 KiB per token on the default model) are held until the
+decode, padded to the group's longest prompt. The default model's 3 settings x 50 harmful test
+prompts (4 batches of 16), 16 new tokens, Zen 4, 2 cores: 34.7 s and 2.92 GiB peak decoded batch
+by batch; 28.5 / 28.5 / 29.7 s and 3.0 GiB with 96 (two groups); 29.8 / 26.7 / 27.6 s and 3.4 GiB
+with 160 (one group, every row padded to the longest prompt). 96 keeps the whole run's peak under
+2x the weights."""
 SHARE_PREFIX = True
 """Run the beginning every prompt of a batch shares once per setting (:func:`_shared_start`)."""
 
