@@ -364,3 +364,32 @@ def test_edit_damage_shares_the_common_beginning(chat):
         assert fast[name]["n_tokens"] == ce["n_tokens"]
         for key in ("ce_baseline", "ce_edited"):
             assert fast[name][key] == pytest.approx(ce[key], rel=1e-5, abs=1e-6), (name, key)
+
+
+def test_evaluate_many_equals_each_job_alone(chat, monkeypatch):
+    """Jobs whose rows decode together (evaluate_many: a sweep's two sides, the evaluation's two
+    splits) give each job's own evaluate_settings result: scores bit for bit (the same prefills),
+    completions and verdicts equal; their row-alike settings did share decodes."""
+    import refusal_lab.steering.evaluation as evaluation
+    from refusal_lab.steering.evaluation import evaluate_many
+
+    settings = settings_of(chat)
+    first = {k: settings[k] for k in list(settings)[:3]}
+    second = {k: settings[k] for k in list(settings)[1:]}
+    jobs = [dict(prompts=INSTRUCTIONS[:5], settings=first, batch_size=2, full_texts=1),
+            dict(prompts=INSTRUCTIONS[3:], settings=second, batch_size=3, full_texts={k: 2 for k in second})]
+    alone = [evaluate_settings(chat, j["prompts"], j["settings"], max_new_tokens=6, batch_size=j["batch_size"],
+                               full_texts=j["full_texts"]) for j in jobs]
+    rows = []
+    real = evaluation.greedy_decode
+    monkeypatch.setattr(evaluation, "greedy_decode", lambda model, ids, mask, **kw: rows.append(ids.shape[0]) or
+                        real(model, ids, mask, **kw))
+    together = evaluate_many(chat, jobs, max_new_tokens=6)
+    stacked = [sum(evaluation._rows_alike(h) for h in j["settings"].values()) * len(j["prompts"]) for j in jobs]
+    assert max(rows) == sum(stacked)  # one decode held both jobs' row-alike rows
+    for got, want in zip(together, alone):
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k].scores, want[k].scores), k
+            assert got[k].completions == want[k].completions and got[k].refused == want[k].refused, k
+            assert got[k].full_texts == want[k].full_texts, k

@@ -52,6 +52,7 @@ __all__ = [
     "Judge",
     "SubstringJudge",
     "evaluate_hooks",
+    "evaluate_many",
     "evaluate_settings",
     "is_refusal",
     "lowest_layer",
@@ -267,70 +268,93 @@ class _OnRows:
         return out
 
 
-def _decode_stacked(model, parts: Sequence[tuple], keys: Sequence, settings, judge, keep,
-                    max_new_tokens) -> dict:
-    """Greedy completions of several settings' rows, over one or more length batches, decoded as one
-    batch: ``parts`` are ``(ids, mask, idx, firsts)`` per length batch (``firsts[key]`` its prompt
-    prefill under setting ``key``), left-padded to the longest (padding keys are masked, positions
-    come from the mask, and column distances between real tokens are unchanged); setting ``j``'s
-    rows are one contiguous block, its hooks act on those rows only, and finished rows leave.
-    ``{key: (prompt indices, tokens [n, new])}``."""
-    T = max(ids.shape[1] for ids, _, _, _ in parts)
+@dataclass
+class _Block:
+    """One setting's rows of one length batch, prefilled, waiting for a stacked decode."""
 
-    def left(t: torch.Tensor, dim: int) -> torch.Tensor:  # left-pad columns (dim) to T with zeros
-        pad = T - t.shape[dim]
-        if not pad:
-            return t
-        shape = list(t.shape)
-        shape[dim] = pad
-        return torch.cat([t.new_zeros(shape), t], dim)
+    ids: torch.Tensor
+    mask: torch.Tensor
+    idx: list[int]  # which prompts of its job the rows are
+    first: Prefill | None  # the rows' prompt prefill under the setting (its keys/values move into the decode)
+    hooks: list
+    keep: int | None  # full_texts of the setting
+    sink: Callable[[list[int], torch.Tensor], None]  # takes (idx, tokens [n, new]) once decoded
 
-    layers = list(parts[0][3][keys[0]].kv)
-    ids_rows, mask_rows, logits, order = [], [], [], {}
-    bounds, r0 = [], 0
-    for k in keys:
-        order[k] = []
-        for ids, mask, idx, firsts in parts:
-            ids_rows.append(left(ids, 1))
-            mask_rows.append(left(mask, 1))
-            logits.append(firsts[k].logits)
-            order[k] += list(idx)
-        bounds.append((r0, r0 + len(order[k])))
-        r0 += len(order[k])
-    kv = {}
-    for l in layers:  # layer by layer out of the parts' prefills, so each layer is held once
-        got = [firsts[k].kv.pop(l) for k in keys for _, _, _, firsts in parts]
-        kv[l] = (torch.cat([left(x[0], 2) for x in got]), torch.cat([left(x[1], 2) for x in got]))
-        del got
-    prefill = Prefill(torch.cat(logits), None, None, kv)
-    del kv, logits
-    for *_, firsts in parts:  # the parts' prefills (logits, residuals) are not needed any more
-        firsts.clear()
 
-    def hooks_for(rows: torch.Tensor) -> list:
-        out = []
-        for (a, b), k in zip(bounds, keys):
-            if settings[k]:
-                pos = ((rows >= a) & (rows < b)).nonzero().flatten()
-                if pos.numel():
-                    out += [(name, _OnRows(fn, pos)) for name, fn in settings[k]]
-        return out
+class _StackedDecoder:
+    """Collects :class:`_Block` s (of one or several :func:`evaluate_settings` jobs) and decodes them
+    together once they hold :data:`STACK_ROWS` rows (and at :meth:`flush`): one greedy decode whose
+    rows are the blocks', left-padded to the longest prompt (padding keys are masked, positions come
+    from the mask, column distances between real tokens are unchanged); each block's hooks act on
+    its rows only and finished rows leave."""
 
-    stops = [_settled_stop(model, judge, order[k], keep[k]) for k in keys]
+    def __init__(self, model, judge, max_new_tokens: int, bar=None):
+        self.model, self.judge, self.max_new_tokens, self.bar = model, judge, max_new_tokens, bar
+        self.blocks: list[_Block] = []
 
-    def stop(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(rows.shape[0], dtype=torch.bool)
-        rows_cpu = rows.cpu()
-        for (a, b), fn in zip(bounds, stops):
-            sel = ((rows_cpu >= a) & (rows_cpu < b)).nonzero().flatten()
-            if fn is not None and sel.numel():
-                out[sel] = fn(rows[sel.to(rows.device)] - a, tokens[sel.to(tokens.device)])
-        return out
+    def add(self, block: _Block) -> None:
+        self.blocks.append(block)
+        if sum(len(b.idx) for b in self.blocks) >= STACK_ROWS:
+            self.flush()
 
-    gen = greedy_decode(model, torch.cat(ids_rows), torch.cat(mask_rows), max_new_tokens=max_new_tokens,
-                        fwd_hooks=hooks_for, prefill=prefill, drop_finished=True,
-                        stop=stop if any(f is not None for f in stops) else None)
-    return {k: (order[k], gen.tokens[a:b]) for (a, b), k in zip(bounds, keys)}
+    def flush(self) -> None:
+        blocks, self.blocks = self.blocks, []
+        if not blocks:
+            return
+        T = max(b.ids.shape[1] for b in blocks)
+
+        def left(t: torch.Tensor, dim: int) -> torch.Tensor:  # left-pad columns (dim) to T with zeros
+            pad = T - t.shape[dim]
+            if not pad:
+                return t
+            shape = list(t.shape)
+            shape[dim] = pad
+            return torch.cat([t.new_zeros(shape), t], dim)
+
+        bounds, r0 = [], 0
+        for b in blocks:
+            bounds.append((r0, r0 + len(b.idx)))
+            r0 += len(b.idx)
+        ids = torch.cat([left(b.ids, 1) for b in blocks])
+        mask = torch.cat([left(b.mask, 1) for b in blocks])
+        logits = torch.cat([b.first.logits for b in blocks])
+        kv = {}
+        for l in list(blocks[0].first.kv):  # layer by layer out of the blocks' prefills: each layer held once
+            got = [b.first.kv.pop(l) for b in blocks]
+            kv[l] = (torch.cat([left(x[0], 2) for x in got]), torch.cat([left(x[1], 2) for x in got]))
+            del got
+        for b in blocks:
+            b.first = None  # its logits and residuals are not needed any more
+        prefill = Prefill(logits, None, None, kv)
+        del kv, logits
+
+        def hooks_for(rows: torch.Tensor) -> list:
+            out = []
+            for (a, z), b in zip(bounds, blocks):
+                if b.hooks:
+                    pos = ((rows >= a) & (rows < z)).nonzero().flatten()
+                    if pos.numel():
+                        out += [(name, _OnRows(fn, pos)) for name, fn in b.hooks]
+            return out
+
+        stops = [_settled_stop(self.model, self.judge, b.idx, b.keep) for b in blocks]
+
+        def stop(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(rows.shape[0], dtype=torch.bool)
+            rows_cpu = rows.cpu()
+            for (a, z), fn in zip(bounds, stops):
+                sel = ((rows_cpu >= a) & (rows_cpu < z)).nonzero().flatten()
+                if fn is not None and sel.numel():
+                    out[sel] = fn(rows[sel.to(rows.device)] - a, tokens[sel.to(tokens.device)])
+            return out
+
+        gen = greedy_decode(self.model, ids, mask, max_new_tokens=self.max_new_tokens, fwd_hooks=hooks_for,
+                            prefill=prefill, drop_finished=True,
+                            stop=stop if any(f is not None for f in stops) else None)
+        for (a, z), b in zip(bounds, blocks):
+            b.sink(b.idx, gen.tokens[a:z])
+        if self.bar is not None:
+            self.bar.update(len(blocks))
 
 
 def _column_free(fwd_hooks) -> bool:
@@ -457,84 +481,114 @@ def evaluate_settings(model, prompts: Sequence[str], settings: Mapping[K, Sequen
     samples); with the substring judge the others stop once a refusal substring occurred (their
     verdicts cannot change; :attr:`HookEvaluation.full_texts` records it). ``bar.update(1)`` after
     each batch of each setting."""
-    prompts = list(prompts)
-    score = score or refusal_log_odds_score(model)
-    judge = judge or SubstringJudge()
-    batches = list(batches) if batches is not None else list(length_batches(model, prompts, batch_size))
-    settings = {k: list(v) for k, v in settings.items()}
-    keep = {k: (full_texts.get(k) if isinstance(full_texts, Mapping) else full_texts) for k in settings}
-    generate = max_new_tokens > 0
-    low = {k: lowest_layer(model, h) for k, h in settings.items()}
-    shared = [k for k in settings if low[k] > 0]
-    split = min(low[k] for k in shared) if len(shared) > 1 else 0
-    if split >= model.cfg.n_layers:  # only hook-free settings: nothing to split (a split at the end is untested)
-        split = 0
-    scores = {k: torch.zeros(len(prompts), dtype=torch.float64) for k in settings}
-    completions: dict[K, list] = {k: [None] * len(prompts) for k in settings}
-    # decode row-alike settings as one batch, where the longer run's extra eos ids vanish in decoding
-    eos = model.eos_ids()
-    stacked = [k for k in settings if _rows_alike(settings[k])]
-    if not (STACK_DECODING and len(stacked) > 1 and eos and set(eos) <= set(getattr(model.tokenizer, "all_special_ids", ()))):
-        stacked = []
-    watch, rec_layers, rec_col = record if record is not None else (None, (), -1)
-    if record is not None and not (watch in settings and rec_col < 0):
-        raise ValueError("record needs a key of settings and a column counted from the end (< 0).")
-    resid = None
-    pending: list[tuple] = []  # length batches waiting for one stacked decode: (ids, mask, idx, firsts)
+    decoder = _StackedDecoder(model, judge or SubstringJudge(), max_new_tokens, bar)
+    job = _Job(model, prompts, settings, judge=decoder.judge, score=score, max_new_tokens=max_new_tokens,
+               batch_size=batch_size, batches=batches, bar=bar, full_texts=full_texts, record=record)
+    job.run(decoder)
+    decoder.flush()
+    return job.result()
 
-    def flush():
-        if not pending:
-            return
-        keys = list(pending[0][3])
-        for key, (order, tokens) in _decode_stacked(model, pending, keys, settings, judge, keep,
-                                                    max_new_tokens).items():
-            for i, text in zip(order, model.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)):
-                completions[key][i] = text
-        if bar is not None:
-            bar.update(len(keys) * len(pending))
-        pending.clear()
 
-    for idx, ids, mask in batches:
-        P = _shared_start(model, ids, mask, settings.values(), ids.shape[1] + max(max_new_tokens, 0)) if SHARE_PREFIX else 0
-        if P and record is not None and -rec_col > int(mask.sum(1).min()) - P:
-            P = 0  # the recorded column must lie after the shared beginning in every row
-        if P:
-            ids, mask = _prefix_first(ids, mask, P)
-        firsts = {}
-        for key, first in _prompt_prefills(model, ids, mask, settings, shared, split, generate, P,
-                                           watch=watch, layers=list(rec_layers)):
-            hooks = settings[key]
-            scores[key][idx] = score(first.logits).reshape(-1).to(torch.float64).cpu()
-            if key == watch and rec_layers:
-                got = torch.stack([first.cache[f"blocks.{l}.hook_resid_pre"][:, rec_col] for l in rec_layers], 1)
-                if resid is None:
-                    resid = torch.zeros(len(prompts), len(rec_layers), got.shape[-1], dtype=torch.float64)
-                resid[idx] = got.to(torch.float64).cpu()
-            tokens = None
-            if generate and key in stacked:
-                firsts[key] = first
-            elif generate:
-                tokens = greedy_decode(model, ids, mask, max_new_tokens=max_new_tokens, fwd_hooks=hooks, prefill=first,
-                                       drop_finished=_rows_alike(hooks),
-                                       stop=_settled_stop(model, judge, idx, keep[key])).tokens
-            if tokens is not None:
-                for i, text in zip(idx, model.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)):
-                    completions[key][i] = text
-            if bar is not None and key not in firsts:
-                bar.update(1)
-        if firsts:
-            pending.append((ids, mask, list(idx), firsts))
-            if sum(len(p[2]) for p in pending) * len(firsts) >= STACK_ROWS:
-                flush()
-    flush()
-    if not generate:
-        return {k: HookEvaluation(prompts, scores[k], resid=resid if k == watch else None) for k in settings}
-    out = {}
-    for k in settings:
-        refused = [bool(r) for r in judge(prompts, completions[k])]
-        cut = keep[k] if _settled_stop(model, judge, range(len(prompts)), keep[k]) is not None else None
-        out[k] = HookEvaluation(prompts, scores[k], completions[k], refused, cut, resid=resid if k == watch else None)
-    return out
+@torch.no_grad()
+def evaluate_many(model, jobs: Sequence[Mapping], *, judge: Judge | None = None, max_new_tokens: int = 24,
+                  bar=None) -> list[dict]:
+    """:func:`evaluate_settings` of several jobs (each a mapping of its keyword arguments: ``prompts``,
+    ``settings`` and optionally ``score``, ``batch_size``, ``batches``, ``full_texts``, ``record``)
+    with one judge and one generation length, whose row-alike settings decode together: the rows of
+    every job join the same stacked decodes (:data:`STACK_ROWS`), so small jobs (a sweep's two sides,
+    7 object prompts per setting) decode in batches big enough for the matrix products. Each job's
+    result equals its own :func:`evaluate_settings` run (completions to the same rounding as
+    stacking within one job)."""
+    decoder = _StackedDecoder(model, judge or SubstringJudge(), max_new_tokens, bar)
+    runs = [_Job(model, judge=decoder.judge, max_new_tokens=max_new_tokens, bar=bar, **dict(job)) for job in jobs]
+    for job in runs:
+        job.run(decoder)
+    decoder.flush()
+    return [job.result() for job in runs]
+
+
+class _Job:
+    """One :func:`evaluate_settings` call: prefills its batches under each setting (scores, recorded
+    residuals), decodes the settings that cannot stack at once, and hands the stackable ones to a
+    :class:`_StackedDecoder` (possibly shared with other jobs); :meth:`result` once it flushed."""
+
+    def __init__(self, model, prompts, settings, *, judge, score=None, max_new_tokens: int = 24, batch_size: int = 16,
+                 batches=None, bar=None, full_texts=None, record=None):
+        self.model, self.judge, self.bar, self.max_new_tokens = model, judge, bar, max_new_tokens
+        self.prompts = prompts = list(prompts)
+        self.score = score or refusal_log_odds_score(model)
+        self.batches = list(batches) if batches is not None else list(length_batches(model, prompts, batch_size))
+        self.settings = settings = {k: list(v) for k, v in settings.items()}
+        self.keep = {k: (full_texts.get(k) if isinstance(full_texts, Mapping) else full_texts) for k in settings}
+        self.generate = max_new_tokens > 0
+        low = {k: lowest_layer(model, h) for k, h in settings.items()}
+        self.shared = [k for k in settings if low[k] > 0]
+        split = min(low[k] for k in self.shared) if len(self.shared) > 1 else 0
+        if split >= model.cfg.n_layers:  # only hook-free settings: nothing to split (a split at the end is untested)
+            split = 0
+        self.split = split
+        self.scores = {k: torch.zeros(len(prompts), dtype=torch.float64) for k in settings}
+        self.completions: dict = {k: [None] * len(prompts) for k in settings}
+        # decode row-alike settings as one batch, where the longer run's extra eos ids vanish in decoding
+        eos = model.eos_ids()
+        stacked = [k for k in settings if _rows_alike(settings[k])]
+        if not (STACK_DECODING and len(stacked) > 1 and eos
+                and set(eos) <= set(getattr(model.tokenizer, "all_special_ids", ()))):
+            stacked = []
+        self.stacked = stacked
+        self.record = record
+        watch, rec_col = (record[0], record[2]) if record is not None else (None, -1)
+        if record is not None and not (watch in settings and rec_col < 0):
+            raise ValueError("record needs a key of settings and a column counted from the end (< 0).")
+        self.resid = None
+
+    def _texts(self, key, idx, tokens) -> None:
+        for i, text in zip(idx, self.model.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)):
+            self.completions[key][i] = text
+
+    def run(self, decoder: _StackedDecoder) -> None:
+        model, settings, record = self.model, self.settings, self.record
+        watch, rec_layers, rec_col = record if record is not None else (None, (), -1)
+        for idx, ids, mask in self.batches:
+            P = (_shared_start(model, ids, mask, settings.values(), ids.shape[1] + max(self.max_new_tokens, 0))
+                 if SHARE_PREFIX else 0)
+            if P and record is not None and -rec_col > int(mask.sum(1).min()) - P:
+                P = 0  # the recorded column must lie after the shared beginning in every row
+            if P:
+                ids, mask = _prefix_first(ids, mask, P)
+            for key, first in _prompt_prefills(model, ids, mask, settings, self.shared, self.split, self.generate, P,
+                                               watch=watch, layers=list(rec_layers)):
+                hooks = settings[key]
+                self.scores[key][idx] = self.score(first.logits).reshape(-1).to(torch.float64).cpu()
+                if key == watch and rec_layers:
+                    got = torch.stack([first.cache[f"blocks.{l}.hook_resid_pre"][:, rec_col] for l in rec_layers], 1)
+                    if self.resid is None:
+                        self.resid = torch.zeros(len(self.prompts), len(rec_layers), got.shape[-1], dtype=torch.float64)
+                    self.resid[idx] = got.to(torch.float64).cpu()
+                if self.generate and key in self.stacked:
+                    decoder.add(_Block(ids, mask, list(idx), first, hooks, self.keep[key],
+                                       lambda i, t, key=key: self._texts(key, i, t)))
+                    continue
+                if self.generate:
+                    tokens = greedy_decode(model, ids, mask, max_new_tokens=self.max_new_tokens, fwd_hooks=hooks,
+                                           prefill=first, drop_finished=_rows_alike(hooks),
+                                           stop=_settled_stop(model, self.judge, idx, self.keep[key])).tokens
+                    self._texts(key, idx, tokens)
+                if self.bar is not None:
+                    self.bar.update(1)
+
+    def result(self) -> dict:
+        prompts, watch = self.prompts, self.record[0] if self.record is not None else None
+        if not self.generate:
+            return {k: HookEvaluation(prompts, self.scores[k], resid=self.resid if k == watch else None)
+                    for k in self.settings}
+        out = {}
+        for k in self.settings:
+            refused = [bool(r) for r in self.judge(prompts, self.completions[k])]
+            cut = self.keep[k] if _settled_stop(self.model, self.judge, range(len(prompts)), self.keep[k]) is not None else None
+            out[k] = HookEvaluation(prompts, self.scores[k], self.completions[k], refused, cut,
+                                    resid=self.resid if k == watch else None)
+        return out
 
 
 @torch.no_grad()

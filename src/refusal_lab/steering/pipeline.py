@@ -20,7 +20,7 @@ Vectors are saved as safetensors under ``vectors/``. Each step shows one progres
 (``progress=False`` silences it). The direction is chosen by the package's one policy
 (:func:`refusal_lab.steering.selection.select_refusal_direction`, also behind
 ``refusal-lab abliterate --select``); the sweeps and the evaluation judge completions with the one
-generate-and-judge loop (:func:`refusal_lab.steering.evaluation.evaluate_settings`).
+generate-and-judge loop (:func:`refusal_lab.steering.evaluation.evaluate_many`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from refusal_lab.prompts import build_instruction_prompts
 from refusal_lab.steering.batching import instruction_sample, n_batches, progress_bar
 from refusal_lab.steering.damage import edit_damage
-from refusal_lab.steering.evaluation import REFUSAL_SUBSTRINGS, Judge, SubstringJudge, evaluate_settings
+from refusal_lab.steering.evaluation import REFUSAL_SUBSTRINGS, Judge, SubstringJudge, evaluate_many
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
 from refusal_lab.steering.selection import DirectionPolicy, select_refusal_direction
 from refusal_lab.steering.sweep import alpha_sweep, object_alpha_sweep, sweep_units
@@ -227,17 +227,18 @@ def evaluation_step(model, s: SteeringSettings, direction: dict, direction_vecto
     damage_edits = {"ablation": abl, "addition": add}
     total = sum(n_batches(len(test[side]), s.batch_size) for side, _ in settings.values()) + 2 * len(damage_edits)
     bar = progress_bar(total, "evaluation", progress)
-    kw = dict(judge=s.judge, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, bar=bar)
     recording = record_resid and direction["position"] < 0  # a column from the end: the same token in every row
     try:
-        runs = {}
+        runs, jobs = {}, []
         for side in ("harmless", "harmful"):  # a side's settings at once: one tokenization, shared lower blocks
             keys = [k for k, (sd, _) in settings.items() if sd == side]
-            bar.set_description(f"evaluation: {side} {', '.join(k.split('_', 1)[1] for k in keys)}")
             record = (f"{side}_baseline", range(model.cfg.n_layers), direction["position"]) if recording else None
-            runs.update(evaluate_settings(model, test[side], {k: settings[k][1] for k in keys},
-                                          full_texts={k: n_shown if k in shown else 0 for k in keys}, record=record,
-                                          **kw))
+            jobs.append(dict(prompts=test[side], settings={k: settings[k][1] for k in keys},
+                             full_texts={k: n_shown if k in shown else 0 for k in keys}, record=record,
+                             batch_size=s.batch_size))
+        bar.set_description("evaluation: harmless baseline, added; harmful baseline, ablated, subtracted")
+        for got in evaluate_many(model, jobs, judge=s.judge, max_new_tokens=s.max_new_tokens, bar=bar):
+            runs.update(got)  # both sides' rows decoded together
         n_dmg = min(len(test["harmless"]), 16)
         ids, mask = build_instruction_prompts(model.tokenizer, test["harmless"][:n_dmg])
         bar.set_description(f"evaluation: damage of the {', '.join(damage_edits)}")

@@ -10,8 +10,9 @@ choose alpha on validation prompts.
   metric, normalised so that 0 = the harmless baseline and 1 = the harmful one (:func:`refusal_lab.metrics.normalise`),
   with standard errors, and the refusal fraction of their completions.
 
-Both run their settings through :func:`refusal_lab.steering.evaluation.evaluate_settings` (every
-alpha of one side at once, sharing the blocks below the steered layer) and take
+Both run their settings through :func:`refusal_lab.steering.evaluation.evaluate_many` (every
+alpha of one side at once, sharing the blocks below the steered layer; both sides' rows decoded
+together) and take
 ``bar``: anything with ``update(n)`` (a ``tqdm`` bar), advanced by one per batch of prompts;
 :func:`sweep_units` gives :func:`alpha_sweep`'s total, so a caller can run one bar over several sweeps.
 """
@@ -25,7 +26,7 @@ import torch
 
 from refusal_lab.metrics import normalise
 from refusal_lab.steering.batching import n_batches
-from refusal_lab.steering.evaluation import HookEvaluation, Judge, evaluate_settings, refusal_log_odds_score
+from refusal_lab.steering.evaluation import HookEvaluation, Judge, evaluate_many, refusal_log_odds_score
 from refusal_lab.steering.interventions import ablation_hooks, addition_hooks
 from refusal_lab.stats import mean_se
 
@@ -57,16 +58,16 @@ def alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence[float]
     rate beside it and samples hold the first ``n_samples`` completions of each setting. ``bar``
     advances by one per batch (:func:`sweep_units` in all).
     """
-    kw = dict(judge=judge, score=refusal_log_odds_score(model, refusal_ids), max_new_tokens=max_new_tokens,
-              batch_size=batch_size, bar=bar, full_texts=n_samples)
+    kw = dict(score=refusal_log_odds_score(model, refusal_ids), batch_size=batch_size, full_texts=n_samples)
     alphas = [float(a) for a in alphas]
-    induce = evaluate_settings(model, harmless_instructions,
-                               {i: addition_hooks(vector, layer, a, positions) if a else [] for i, a in enumerate(alphas)},
-                               **kw)
+    harmless = {i: addition_hooks(vector, layer, a, positions) if a else [] for i, a in enumerate(alphas)}
     harmful = {i: addition_hooks(vector, layer, -a, positions) if a else [] for i, a in enumerate(alphas)}
     if ablate:
         harmful["ablate"] = ablation_hooks(model, vector)
-    suppress = evaluate_settings(model, harmful_instructions, harmful, **kw)
+    # both sides' settings decode together (evaluate_many)
+    induce, suppress = evaluate_many(model, [dict(prompts=harmless_instructions, settings=harmless, **kw),
+                                             dict(prompts=harmful_instructions, settings=harmful, **kw)],
+                                     judge=judge, max_new_tokens=max_new_tokens, bar=bar)
     rows, samples = [], []
     for i, alpha in enumerate(alphas):
         ind, sup = induce[i], suppress[i]
@@ -114,16 +115,20 @@ def object_alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence
         return metric_fn(logits.float())
 
     alphas = [float(a) for a in alphas]
-    runs = {}
-    for side, sign in (("harmless", 1.0), ("harmful", -1.0)):
+    sides = (("harmless", 1.0), ("harmful", -1.0))
+    jobs = []
+    for side, sign in sides:
         ids, mask = object_batches[side]
         cached = unsteered is not None and side in unsteered
         settings = {i: addition_hooks(vector, layer, sign * a) if a else [] for i, a in enumerate(alphas)
                     if a or not cached}
-        runs[side] = evaluate_settings(model, objects[side], settings, judge=judge, score=metric_of_logits,
-                                       max_new_tokens=max_new_tokens,
-                                       batches=[(list(range(ids.shape[0])), ids, mask)], bar=bar,
-                                       full_texts=n_samples)
+        jobs.append(dict(prompts=objects[side], settings=settings, score=metric_of_logits,
+                         batches=[(list(range(ids.shape[0])), ids, mask)], full_texts=n_samples))
+    # both sides' settings decode together (7 object prompts per setting are too few rows alone)
+    runs = dict(zip((side for side, _ in sides),
+                    evaluate_many(model, jobs, judge=judge, max_new_tokens=max_new_tokens, bar=bar)))
+    for side, sign in sides:
+        cached = unsteered is not None and side in unsteered
         for i, a in enumerate(alphas):
             if not a:
                 if cached:
