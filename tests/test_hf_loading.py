@@ -460,3 +460,28 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path
     monkeypatch.delenv("REFUSAL_LAB_CACHE")
     assert default_cache_dir() == Path.home() / ".cache" / "refusal_lab"
+
+
+def test_read_ahead_advises_every_weight_file_and_never_fails(tmp_path, monkeypatch):
+    """read_ahead asks the kernel to read each *.safetensors file of a local folder (WILLNEED),
+    skips other files, and a platform without posix_fadvise or an unreadable file is no error."""
+    import os
+
+    from refusal_lab.models import hf_loading
+
+    (tmp_path / "model-00001.safetensors").write_bytes(b"x" * 4096)
+    (tmp_path / "model-00002.safetensors").write_bytes(b"y" * 4096)
+    (tmp_path / "config.json").write_text("{}")
+    seen = []
+    real = getattr(os, "posix_fadvise", None)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: seen.append((os.fstat(fd).st_size, advice)),
+                        raising=False)
+    hf_loading.read_ahead(tmp_path)
+    assert seen == [(4096, getattr(os, "POSIX_FADV_WILLNEED", seen[0][1]))] * 2
+    monkeypatch.delattr(os, "posix_fadvise")
+    hf_loading.read_ahead(tmp_path)  # no posix_fadvise: nothing happens
+    if real is not None:
+        monkeypatch.setattr(os, "posix_fadvise", real, raising=False)
+        hf_loading.read_ahead(tmp_path)  # the real call
+    (tmp_path / "model-00001.safetensors").chmod(0)
+    hf_loading.read_ahead(tmp_path)

@@ -87,6 +87,28 @@ def load_hf(
         )
 
 
+def read_ahead(folder: Path) -> None:
+    """Ask the kernel to start reading a local model folder's weight files now
+    (``posix_fadvise(WILLNEED)``, asynchronous): the weights are memory-mapped and would otherwise
+    come from disk page fault by page fault in the first forward, long after the loader started —
+    on a machine whose page cache has dropped the files since the last run, the first step of a
+    run stalled 7-18 s of wall time that way. A no-op where the platform has no ``posix_fadvise``."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def _load(
     spec: str | os.PathLike[str] | None,
     *,
@@ -110,6 +132,7 @@ def _load(
 
     if local:
         _check_local_folder(Path(source), name)
+        read_ahead(Path(source))
     with mapped_errors(name, "configuration", revision):
         config = AutoConfig.from_pretrained(source, **hub_kwargs)
     model_type = getattr(config, "model_type", None) or "unknown"
