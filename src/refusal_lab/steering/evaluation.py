@@ -14,15 +14,17 @@ its result.
   its next-token logits for a "yes" and a "no" answer.
 * :func:`evaluate_hooks` -> :class:`HookEvaluation`: per-prompt scores, completions, verdicts,
   ``k`` / ``n`` / ``rate`` / ``ci95`` and labelled samples; :func:`evaluate_settings` runs several hook
-  settings on the same prompts at once (each batch tokenized once).
+  settings on the same prompts at once (each batch tokenized once); :func:`evaluate_many` runs several
+  such jobs (other prompts, other settings) whose rows share the stacked decodes.
 
 The loop does no work twice: the score is taken from the generation's own prompt prefill (not a
 separate forward), settings whose edits all sit at or above one layer share the prompt computation
 below it (:func:`lowest_layer`), the beginning that every prompt of a batch shares (the chat
 template's system turn and the user turn's opening) runs once per setting as a one-row prompt when
 every edit treats all columns alike (:data:`SHARE_PREFIX`; scores then equal to rounding, not bit for
-bit), the settings that edit every row alike decode their completions
-as one batch (each setting's hooks on its own rows), finished rows leave the batch, and with the substring judge a row
+bit), the settings that edit every row alike decode their completions as one batch (each setting's
+hooks on its own rows; the rows of several length batches and jobs together, up to
+:data:`STACK_ROWS`), finished rows leave the batch, and with the substring judge a row
 whose verdict is already settled (a refusal substring occurred) stops early unless its text is one
 of the ``full_texts`` shown as samples. Scores (to rounding where a beginning is shared), verdicts,
 ``k`` and the shown completions are those of the plain loop.
