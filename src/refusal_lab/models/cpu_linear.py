@@ -29,7 +29,7 @@ from torch import nn
 
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
-__all__ = ["ENV", "OneDNNLinear", "available", "linear", "use_onednn_linear"]
+__all__ = ["ENV", "OneDNNLinear", "available", "linear", "under_transform", "use_onednn_linear"]
 
 ENV = "REFUSAL_LAB_LINEAR"
 """Environment variable: ``torch`` keeps PyTorch's default matrix products (``onednn``, the default, uses oneDNN)."""
@@ -55,9 +55,13 @@ def _needs_derivative(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return True
-    if fwAD._current_level >= 0:
-        return True
-    return any(_wrapped(t) for t in tensors)
+    return under_transform(*tensors)
+
+
+def under_transform(*tensors: torch.Tensor) -> bool:
+    """Whether forward-mode AD (a dual level is open) or a ``torch.func`` transform (any of
+    ``tensors`` is wrapped) is running: code paths they cannot follow keep the plain computation."""
+    return fwAD._current_level >= 0 or any(_wrapped(t) for t in tensors)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

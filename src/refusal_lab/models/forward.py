@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
+from refusal_lab.models.cpu_linear import under_transform
 from refusal_lab.models.pattern import watching
 from refusal_lab.models.sites import HookRun
 
@@ -166,7 +166,7 @@ def real_columns(key_valid: torch.Tensor, resid: torch.Tensor) -> torch.Tensor |
     another row count), padding columns' residuals differ from Hugging Face's (which computes noise
     there)."""
     q = resid.shape[1]
-    if q < 2 or fwAD._current_level >= 0 or torch._C._functorch.is_functorch_wrapped_tensor(resid):
+    if q < 2 or under_transform(resid):
         return None
     valid = key_valid[:, -q:].reshape(-1)
     if bool(valid.all()):

@@ -483,12 +483,9 @@ def evaluate_settings(model, prompts: Sequence[str], settings: Mapping[K, Sequen
     samples); with the substring judge the others stop once a refusal substring occurred (their
     verdicts cannot change; :attr:`HookEvaluation.full_texts` records it). ``bar.update(1)`` after
     each batch of each setting."""
-    decoder = _StackedDecoder(model, judge or SubstringJudge(), max_new_tokens, bar)
-    job = _Job(model, prompts, settings, judge=decoder.judge, score=score, max_new_tokens=max_new_tokens,
-               batch_size=batch_size, batches=batches, bar=bar, full_texts=full_texts, record=record)
-    job.run(decoder)
-    decoder.flush()
-    return job.result()
+    job = dict(prompts=prompts, settings=settings, score=score, batch_size=batch_size, batches=batches,
+               full_texts=full_texts, record=record)
+    return evaluate_many(model, [job], judge=judge, max_new_tokens=max_new_tokens, bar=bar)[0]
 
 
 @torch.no_grad()

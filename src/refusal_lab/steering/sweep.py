@@ -116,22 +116,21 @@ def object_alpha_sweep(model, vector: torch.Tensor, layer: int, alphas: Sequence
 
     alphas = [float(a) for a in alphas]
     sides = (("harmless", 1.0), ("harmful", -1.0))
+    cached = {side: unsteered is not None and side in unsteered for side, _ in sides}
     jobs = []
     for side, sign in sides:
         ids, mask = object_batches[side]
-        cached = unsteered is not None and side in unsteered
         settings = {i: addition_hooks(vector, layer, sign * a) if a else [] for i, a in enumerate(alphas)
-                    if a or not cached}
+                    if a or not cached[side]}
         jobs.append(dict(prompts=objects[side], settings=settings, score=metric_of_logits,
                          batches=[(list(range(ids.shape[0])), ids, mask)], full_texts=n_samples))
     # both sides' settings decode together (7 object prompts per setting are too few rows alone)
     runs = dict(zip((side for side, _ in sides),
                     evaluate_many(model, jobs, judge=judge, max_new_tokens=max_new_tokens, bar=bar)))
-    for side, sign in sides:
-        cached = unsteered is not None and side in unsteered
+    for side, _ in sides:
         for i, a in enumerate(alphas):
             if not a:
-                if cached:
+                if cached[side]:
                     runs[side][i] = unsteered[side]
                     if bar is not None:
                         bar.update(1)
